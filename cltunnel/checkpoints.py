@@ -1,0 +1,114 @@
+"""Per-task checkpoints: body layer by layer, every head, optimizer, resolved config and metrics.
+
+Layers are stored by name (``layers[name] = layer.state_dict()``) so that surgery can pick layer k of one
+checkpoint and layer k+1 of another without knowing the architecture. Files are written to a temporary
+name and renamed, so a run killed mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, parse_config
+from .models import LayeredModel, build_model
+
+CHECKPOINT_PATTERN = "task{}.pt"
+
+
+class CheckpointMismatch(RuntimeError):
+    """A run directory holds checkpoints made with a different configuration."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_state(model: LayeredModel) -> dict[str, Any]:
+    return {
+        "layer_names": model.layer_names,
+        "layers": {name: _cpu(layer.state_dict()) for name, layer in model.body.named_children()},
+        "heads": {key: _cpu(head.state_dict()) for key, head in model.heads.items()},
+    }
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def load_model_state(model: LayeredModel, state: dict[str, Any]) -> LayeredModel:
+    if state["layer_names"] != model.layer_names:
+        raise CheckpointMismatch(f"checkpoint layers {state['layer_names']} != model layers {model.layer_names}")
+    for name, layer in model.body.named_children():
+        layer.load_state_dict(state["layers"][name])
+    for key, head in model.heads.items():
+        head.load_state_dict(state["heads"][key])
+    return model
+
+
+def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimizer: torch.optim.Optimizer,
+                         cfg: RunConfig, seed: int, metrics: dict[str, Any], model_spec: dict[str, Any]) -> Path:
+    path = run_dir / CHECKPOINT_PATTERN.format(task)
+    atomic_save({"task": task, "seed": seed, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+                 "model_spec": model_spec, "optimizer": optimizer.state_dict(), "metrics": metrics,
+                 **model_state(model)}, path)
+    return path
+
+
+def finished_tasks(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem[4:]) for p in run_dir.glob("task*.pt") if p.stem[4:].isdigit())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The last finished task's checkpoint, refused when it was made from another configuration."""
+    done = finished_tasks(run_dir)
+    if not done:
+        return None
+    state = load_checkpoint(run_dir / CHECKPOINT_PATTERN.format(done[-1]))
+    if state["fingerprint"] != cfg.fingerprint():
+        diffs = _config_diff(state["config"], cfg.to_dict())
+        raise CheckpointMismatch(
+            f"{run_dir} holds checkpoints from a different configuration ({'; '.join(diffs[:5])}). "
+            "Use another output_dir, or delete that directory to start over.")
+    return state
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b and key not in ("seeds", "device", "output_dir", "analyses", "name"):
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> LayeredModel:
+    """Rebuild the trained model from a checkpoint alone (architecture, heads and weights)."""
+    state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state)
+    spec = state["model_spec"]
+    model = build_model(spec["name"], spec["head_sizes"], tuple(spec["in_shape"]), spec["width"], **spec["args"])
+    return load_model_state(model, state)
+
+
+def config_from_checkpoint(state: dict[str, Any]) -> RunConfig:
+    return parse_config(state["config"])

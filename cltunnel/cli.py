@@ -1,0 +1,87 @@
+"""``cltunnel run | list | table``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .config import ConfigError
+
+warnings.filterwarnings("ignore", message="no QP solver found")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .checkpoints import CheckpointMismatch
+    from .config import load_config
+    from .data import DataNotFoundError
+    from .runs import run_scenario
+
+    overrides = {}
+    if args.seed is not None:
+        overrides["seeds"] = [args.seed]
+    if args.device:
+        overrides["device"] = args.device
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    try:
+        cfg = load_config(args.scenario, overrides)
+        out = run_scenario(cfg, progress=not args.no_progress)
+    except (ConfigError, DataNotFoundError, CheckpointMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .tables import render
+
+    print(render(out / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else out))
+    print(f"results: {out}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .models import MODELS
+    from .strategies import STRATEGIES
+
+    scenarios = sorted(Path(args.scenarios).glob("*.yaml")) if Path(args.scenarios).is_dir() else []
+    print("scenarios:", ", ".join(str(p) for p in scenarios) or f"(none in {args.scenarios})")
+    print("models:", ", ".join(sorted(MODELS)))
+    print("strategies:", ", ".join(STRATEGIES), "(or strategy: {class: 'package.module:ClassName'})")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from .tables import render
+
+    try:
+        print(render(args.run_dir))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cltunnel", description="Continual-learning layer surgery benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train a scenario (resumes after the last finished task)")
+    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("--seed", type=int, help="run only this seed (overrides 'seeds')")
+    run.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (overrides 'device')")
+    run.add_argument("--output-dir", help="where run directories go (overrides 'output_dir')")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+    lst = sub.add_parser("list", help="scenarios, models and strategies")
+    lst.add_argument("--scenarios", default="scenarios", help="directory of scenario files")
+    lst.set_defaults(func=_cmd_list)
+    tab = sub.add_parser("table", help="re-render the tables of a run or scenario directory")
+    tab.add_argument("run_dir")
+    tab.set_defaults(func=_cmd_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

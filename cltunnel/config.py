@@ -1,0 +1,245 @@
+"""Scenario YAML -> typed, validated configuration.
+
+Every section is a dataclass; unknown keys are refused with the closest valid name, values are coerced
+to the field's type (YAML 1.1 reads ``1e-4`` as a string), and each error names its key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A scenario file that cannot be run, with the key that is wrong."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str | None = None  # npz directory; default $CLTUNNEL_DATA
+    source: str = "auto"  # auto | npz | torchvision
+    download: bool = False  # let torchvision download when online
+    cache_dir: str | None = None
+    test_rows: str = "all"  # all | lossless: which test rows the accuracy matrix uses
+    train_per_class: int | None = None  # cap on training images per class (CPU-sized runs)
+    test_per_class: int | None = None  # cap on test images per class (taken among the chosen rows)
+
+
+@dataclass
+class ScenarioConfig:
+    tasks: list[int] | None = None  # classes per task, e.g. [5, 5], [3, 7]
+    n_tasks: int | None = None  # or: equal split into n tasks
+    class_order: list[int] | None = None  # default: 0..C-1
+    mode: str = "task"  # task: one head per task (task-incremental) | class: one shared head
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vgg19"
+    width: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # extra builder arguments (depth, conv_layers, ...)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 30  # per task
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: list[int] = field(default_factory=list)  # epochs (within a task) where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    augment: bool = True  # random crop (4 px padding) + horizontal flip, on the device
+    temperature: float = 1.0  # logits divided by T in the training loss
+    eval_batch_size: int = 1000
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str = "auto"  # auto (on CUDA) | on | off
+    compile: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    name: str | None = "naive"  # a registered name (cltunnel list)
+    cls: str | None = None  # or "package.module:ClassName" (YAML key: class)
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str = "scenario"
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+    output_dir: str = "runs"
+    analyses: dict[str, Any] = field(default_factory=dict)  # post-training analyses, by name
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["strategy"]["class"] = out["strategy"].pop("cls")
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of what determines a run's numbers, so a checkpoint from another config is refused.
+
+        The seed list, device, output place and post-training analyses do not change a run's training.
+        """
+        d = self.to_dict()
+        for key in ("seeds", "device", "output_dir", "analyses", "name"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Names users bring from other frameworks, suggested when spelling alone finds nothing close.
+SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "epochs_per_task": "epochs", "batch": "batch_size",
+            "dataset": "data", "arch": "model", "architecture": "model", "seed": "seeds", "classes": "tasks",
+            "n_experiences": "n_tasks", "per_exp_classes": "tasks", "fixed_class_order": "class_order"}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    if SYNONYMS.get(key) in valid:
+        return f" (did you mean '{SYNONYMS[key]}'?)"
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if hint is type(None) or type(None) in args:
+            return None
+        raise ConfigError(f"{path}: must not be empty")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {[f.name for f in dataclasses.fields(hint)]}, got {value!r}")
+        return _build(hint, value, path)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is Any:
+        if origin is dict and not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (hint is int and not number.is_integer()):
+            raise ConfigError(f"{path}: expected {'an integer' if hint is int else 'a number'}, got {value!r}")
+        return hint(number)
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    aliases = {"class": "cls"} if cls is StrategyConfig else {}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        attr = aliases.get(key, key)
+        where = f"{path}.{key}" if path else str(key)
+        if attr not in names or attr in aliases.values() and key not in aliases:
+            valid = [k for k in names if k not in aliases.values()] + list(aliases)
+            raise ConfigError(f"unknown key '{where}'{_closest(str(key), valid)}; valid keys here: {', '.join(valid)}")
+        kwargs[attr] = _coerce(value, hints[attr], where)
+    return cls(**kwargs)
+
+
+def _normalise_strategy(raw: dict[str, Any]) -> None:
+    """Accept ``strategy: ewc`` as shorthand for ``strategy: {name: ewc}``; a class overrides the name."""
+    strategy = raw.get("strategy")
+    if isinstance(strategy, str):
+        raw["strategy"] = {"name": strategy}
+    elif isinstance(strategy, dict) and "class" in strategy and "name" not in strategy:
+        raw["strategy"] = {**strategy, "name": None}
+
+
+def parse_config(raw: dict[str, Any], default_name: str = "scenario") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a scenario must be a YAML mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    raw.setdefault("name", default_name)
+    _normalise_strategy(raw)
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"scenario file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return parse_config(raw, default_name=path.stem)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+CHOICES = {
+    "data.source": ("source", ("auto", "npz", "torchvision")),
+    "data.test_rows": ("test_rows", ("all", "lossless")),
+    "scenario.mode": ("mode", ("task", "class")),
+    "training.amp": ("amp", ("auto", "bf16", "off")),
+    "training.channels_last": ("channels_last", ("auto", "on", "off")),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need more than one field; split sizes are checked against the dataset in scenarios."""
+    sections = {"data": cfg.data, "scenario": cfg.scenario, "training": cfg.training}
+    for where, (attr, allowed) in CHOICES.items():
+        value = getattr(sections[where.split(".")[0]], attr)
+        if value not in allowed:
+            raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
+    if cfg.scenario.tasks is None and cfg.scenario.n_tasks is None:
+        raise ConfigError("scenario: give either 'tasks' (classes per task, e.g. [5, 5]) or 'n_tasks'")
+    if cfg.scenario.tasks is not None and cfg.scenario.n_tasks is not None:
+        raise ConfigError("scenario: give 'tasks' or 'n_tasks', not both")
+    if not cfg.seeds:
+        raise ConfigError("seeds: give at least one seed")
+    if cfg.strategy.name is None and cfg.strategy.cls is None:
+        raise ConfigError("strategy: give a 'name' (see `cltunnel list`) or a 'class' (module:Class)")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg.training, key) < 1:
+            raise ConfigError(f"training.{key}: must be at least 1, got {getattr(cfg.training, key)}")
+    if cfg.training.temperature <= 0:
+        raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")

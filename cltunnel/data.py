@@ -1,0 +1,243 @@
+"""Datasets as uint8 tensors, loaded once, normalised and augmented on the training device.
+
+Two sources feed one in-memory format (:class:`ImageData`):
+
+* ``npz``: a local directory (``$CLTUNNEL_DATA`` or ``data.root`` in YAML) with ``.npz`` files in the
+  layout documented in the README (CIFAR-10 train may come in parts ``cifar10-train-part{k}.npz``).
+* ``torchvision``: torchvision's own dataset classes, downloaded into a cache directory when online.
+
+Augmentation (random crop with zero padding, horizontal flip) works on whole batches of device tensors:
+per-sample Python in the hot loop is what makes stock pipelines slow on a GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_ENV = "CLTUNNEL_DATA"
+CACHE_ENV = "CLTUNNEL_CACHE"
+
+# name -> (torchvision class name, number of classes)
+DATASETS: dict[str, tuple[str, int]] = {
+    "cifar10": ("CIFAR10", 10),
+    "cifar100": ("CIFAR100", 100),
+    "mnist": ("MNIST", 10),
+    "fashion_mnist": ("FashionMNIST", 10),
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Raised when neither the npz directory nor torchvision can provide a dataset."""
+
+
+@dataclass
+class ImageData:
+    """A whole dataset as uint8 NCHW tensors plus the facts training needs about it."""
+
+    name: str
+    x_train: torch.Tensor  # uint8 (N, C, H, W)
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    # True where a test row holds exact pixels (CIFAR-10 here: rows 0..999; see the data README).
+    test_lossless: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.test_lossless is None:
+            self.test_lossless = torch.ones(len(self.y_test), dtype=torch.bool)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def has_lossy_test_rows(self) -> bool:
+        return not bool(self.test_lossless.all())
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the training images on the [0, 1] scale."""
+        x = self.x_train.to(torch.float64) / 255.0
+        return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+
+
+def default_data_dir() -> Path | None:
+    value = os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "cltunnel")).expanduser()
+
+
+def _to_nchw(x: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC or NHW arrays -> contiguous uint8 NCHW tensor."""
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8))
+
+
+def _npz_candidates(name: str) -> dict[str, list[str]]:
+    """File names the npz source accepts for a dataset, in order of preference."""
+    return {
+        "train": [f"{name}.npz", f"{name}-train.npz", f"{name}-train-part0.npz"],
+        "test": [f"{name}.npz", f"{name}-test.npz"],
+    }
+
+
+def _load_split(root: Path, name: str, split: str) -> dict[str, np.ndarray] | None:
+    for fname in _npz_candidates(name)[split]:
+        path = root / fname
+        if not path.exists():
+            continue
+        if "-part0" in fname:
+            return _load_parts(root, name)
+        with np.load(path) as f:
+            if f"x_{split}" in f:
+                return {k: f[k] for k in f.files}
+    return None
+
+
+def _load_parts(root: Path, name: str) -> dict[str, np.ndarray]:
+    parts = sorted(root.glob(f"{name}-train-part*.npz"), key=lambda p: int(p.stem.rsplit("part", 1)[1]))
+    loaded = [np.load(p) for p in parts]
+    order = np.argsort([int(f["index_offset"]) if "index_offset" in f else i for i, f in enumerate(loaded)])
+    out = {
+        "x_train": np.concatenate([loaded[i]["x_train"] for i in order]),
+        "y_train": np.concatenate([loaded[i]["y_train"] for i in order]),
+    }
+    if "classes" in loaded[0]:
+        out["classes"] = loaded[0]["classes"]
+    return out
+
+
+def load_npz(name: str, root: Path) -> ImageData:
+    """Read a dataset from ``root`` in the npz layout; raise DataNotFoundError naming what was looked for."""
+    train, test = _load_split(root, name, "train"), _load_split(root, name, "test")
+    if train is None or test is None:
+        missing = [s for s, d in (("train", train), ("test", test)) if d is None]
+        looked = sorted({f for s in missing for f in _npz_candidates(name)[s]})
+        raise DataNotFoundError(
+            f"dataset '{name}': no {' and no '.join(missing)} split in {root} "
+            f"(looked for {', '.join(looked)} holding x_{missing[0]}/y_{missing[0]})."
+        )
+    classes = test.get("classes", train.get("classes"))
+    n_classes = DATASETS[name][1] if name in DATASETS else int(train["y_train"].max()) + 1
+    lossless = test.get("test_lossless_mask")
+    return ImageData(
+        name=name,
+        x_train=_to_nchw(train["x_train"]),
+        y_train=torch.from_numpy(train["y_train"].astype(np.int64)),
+        x_test=_to_nchw(test["x_test"]),
+        y_test=torch.from_numpy(test["y_test"].astype(np.int64)),
+        classes=[str(c) for c in classes] if classes is not None else [str(i) for i in range(n_classes)],
+        test_lossless=torch.from_numpy(lossless.astype(bool)) if lossless is not None else None,
+        source=f"npz:{root}",
+    )
+
+
+def from_torchvision(name: str, train_set, test_set) -> ImageData:
+    """Convert torchvision dataset objects (anything with ``.data``/``.targets``) to ImageData."""
+
+    def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+        targets = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else np.asarray(ds.targets)
+        return _to_nchw(data), torch.from_numpy(targets.astype(np.int64))
+
+    x_train, y_train = arrays(train_set)
+    x_test, y_test = arrays(test_set)
+    return ImageData(name, x_train, y_train, x_test, y_test, [str(c) for c in train_set.classes],
+                     source=f"torchvision:{getattr(train_set, 'root', '?')}")
+
+
+def load_torchvision(name: str, cache_dir: Path, download: bool) -> ImageData:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, DATASETS[name][0])
+    try:
+        train = cls(str(cache_dir), train=True, download=download)
+        test = cls(str(cache_dir), train=False, download=download)
+    except (RuntimeError, OSError) as err:  # torchvision says "Dataset not found" or a network error
+        raise DataNotFoundError(f"dataset '{name}': torchvision could not load it from {cache_dir}: {err}") from err
+    return from_torchvision(name, train, test)
+
+
+def load_dataset(name: str, root: str | Path | None = None, source: str = "auto",
+                 download: bool = False, cache_dir: str | Path | None = None) -> ImageData:
+    """One entry point for every dataset; ``source`` is ``auto``, ``npz`` or ``torchvision``.
+
+    ``auto`` prefers the npz directory (exact, offline) and falls back to torchvision's cache.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+    root_path = Path(root).expanduser() if root else default_data_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    errors: list[str] = []
+    if source in ("auto", "npz"):
+        if root_path is None:
+            errors.append(f"no npz directory given (set ${DATA_ENV} or data.root)")
+        else:
+            try:
+                return load_npz(name, root_path)
+            except DataNotFoundError as err:
+                errors.append(str(err))
+    if source in ("auto", "torchvision"):
+        try:
+            return load_torchvision(name, cache, download)
+        except DataNotFoundError as err:
+            errors.append(str(err) + ("" if download else " (download is off)"))
+    raise DataNotFoundError(
+        "; ".join(errors)
+        + f". To provide it: put the npz files in a directory and set ${DATA_ENV}=/that/dir (format in the "
+        "README), or set `data: {download: true}` in the scenario to let torchvision download it when online."
+    )
+
+
+class DeviceAugment:
+    """Random crop (zero padding) and horizontal flip of a uint8 batch, on whatever device it lives on."""
+
+    def __init__(self, pad: int = 4, flip: bool = True) -> None:
+        self.pad, self.flip = pad, flip
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        dev = x.device
+        if self.pad:
+            padded = torch.nn.functional.pad(x, (self.pad,) * 4)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator, device=dev)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator, device=dev)
+            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+            batch = torch.arange(n, device=dev)[:, None, None, None]
+            chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        if self.flip:
+            flip = torch.rand(n, generator=generator, device=dev) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+class Normalise:
+    """uint8 -> standardised float, per channel, in one fused step on the device."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+        self.shift = (-mean / std).view(1, -1, 1, 1)
+
+    def to(self, device: torch.device) -> "Normalise":
+        self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale + self.shift

@@ -1,0 +1,147 @@
+"""Accuracy matrices and forgetting tables (CSV + markdown + LaTeX via pandas/tabulate) and their figures.
+
+A run directory holds ``metrics.json``; a scenario directory holds one ``seed<k>/`` run per seed and gets
+the same tables as mean ± std over seeds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+METRICS_FILE = "metrics.json"
+
+
+def accuracy_frame(acc: list[list[float]]) -> pd.DataFrame:
+    """Row i: after training task i; column j: accuracy (%) on task j."""
+    a = 100 * np.asarray(acc, dtype=float)
+    return pd.DataFrame(a, index=[f"after task {i}" for i in range(len(a))],
+                        columns=[f"task {j}" for j in range(a.shape[1])])
+
+
+def forgetting_frame(acc: list[list[float]], class_lists: list[list[int]] | None = None) -> pd.DataFrame:
+    """Per task: accuracy right after learning it, after the last task, and their difference (forgetting)."""
+    a = 100 * np.asarray(acc, dtype=float)
+    last = len(a) - 1
+    rows = []
+    for j in range(a.shape[1]):
+        rows.append({"task": f"task {j}" + (f" {class_lists[j]}" if class_lists else ""),
+                     "just trained": a[j, j], "after last task": a[last, j],
+                     "forgetting": a[j, j] - a[last, j] if j < last else np.nan})
+    rows.append({"task": "average", "just trained": np.mean(np.diag(a)), "after last task": a[last].mean(),
+                 "forgetting": np.mean([a[j, j] - a[last, j] for j in range(last)]) if last else np.nan})
+    return pd.DataFrame(rows).set_index("task")
+
+
+def run_frames(metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Every table of one run; the exact-pixel test rows get their own tables when the data has lossy rows."""
+    frames = {"accuracy_matrix": accuracy_frame(metrics["acc"]),
+              "forgetting": forgetting_frame(metrics["acc"], metrics.get("classes"))}
+    if metrics.get("acc_lossless"):
+        frames["accuracy_matrix_exact_rows"] = accuracy_frame(metrics["acc_lossless"])
+        frames["forgetting_exact_rows"] = forgetting_frame(metrics["acc_lossless"], metrics.get("classes"))
+    return frames
+
+
+def aggregate(frames: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cell-wise mean and (sample) std over seeds; std is 0 for a single seed."""
+    stack = np.stack([f.to_numpy(dtype=float) for f in frames])
+    mean = pd.DataFrame(stack.mean(0), index=frames[0].index, columns=frames[0].columns)
+    std = pd.DataFrame(stack.std(0, ddof=1) if len(frames) > 1 else np.zeros_like(stack[0]),
+                       index=frames[0].index, columns=frames[0].columns)
+    return mean, std
+
+
+def format_mean_std(mean: pd.DataFrame, std: pd.DataFrame, n: int) -> pd.DataFrame:
+    def cell(m: float, s: float) -> str:
+        if np.isnan(m):
+            return "–"
+        return f"{m:.2f}" if n == 1 else f"{m:.2f} ± {s:.2f}"
+
+    return pd.DataFrame([[cell(m, s) for m, s in zip(rm, rs)] for rm, rs in zip(mean.to_numpy(), std.to_numpy())],
+                        index=mean.index, columns=mean.columns)
+
+
+def write_table(mean: pd.DataFrame, std: pd.DataFrame, n_seeds: int, stem: Path, title: str,
+                notes: list[str] = ()) -> str:
+    """Write ``stem``.csv (mean and std columns), .md and .tex; return the markdown."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat({"mean": mean, "std": std}, axis=1).to_csv(stem.with_suffix(".csv"))
+    shown = format_mean_std(mean, std, n_seeds)
+    md = f"### {title}\n\n" + shown.to_markdown() + "\n"
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".tex").write_text(shown.to_latex(escape=True, caption=title))
+    return md
+
+
+def load_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: not a finished cltunnel run")
+    return json.loads(path.read_text())
+
+
+def seed_dirs(scenario_dir: Path) -> list[Path]:
+    return sorted(p for p in scenario_dir.glob("seed*") if (p / METRICS_FILE).exists())
+
+
+def render(directory: str | Path) -> str:
+    """(Re)write the tables and figure of a run directory or of a scenario directory (all its seeds)."""
+    directory = Path(directory)
+    runs = [directory] if (directory / METRICS_FILE).exists() else seed_dirs(directory)
+    if not runs:
+        raise FileNotFoundError(f"{directory}: no {METRICS_FILE} here or in seed*/ subdirectories")
+    all_metrics = [load_metrics(r) for r in runs]
+    per_run = [run_frames(m) for m in all_metrics]
+    names = [k for k in per_run[0] if all(k in f for f in per_run)]
+    seeds = [m.get("seed") for m in all_metrics]
+    out = []
+    for name in names:
+        mean, std = aggregate([f[name] for f in per_run])
+        out.append(write_table(mean, std, len(runs), directory / name, _title(name, all_metrics[0], seeds),
+                               _notes(name, all_metrics[0])))
+    plot_accuracy_curves(all_metrics, directory / "accuracy.png")
+    return "\n".join(out)
+
+
+def _title(name: str, metrics: dict[str, Any], seeds: list) -> str:
+    label = name.replace("_", " ")
+    return f"{metrics.get('scenario', '')}: {label} (%, seeds {seeds})"
+
+
+def _notes(name: str, metrics: dict[str, Any]) -> list[str]:
+    key = "n_test_lossless" if name.endswith("exact_rows") else "n_test"
+    notes = [f"test images per task: {metrics.get(key)} (test rows: "
+             f"{'exact-pixel rows only' if name.endswith('exact_rows') else metrics.get('test_rows', 'all')})"]
+    if metrics.get("acc_lossless") and not name.endswith("exact_rows"):
+        notes.append("this dataset's test set mixes exact and JPEG-decoded rows; see the *_exact_rows tables")
+    return notes
+
+
+def plot_accuracy_curves(all_metrics: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy on each task (line) after each training task (x), mean over seeds with a std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = 100 * np.stack([np.asarray(m["acc"], dtype=float) for m in all_metrics])
+    mean, std = acc.mean(0), acc.std(0)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    steps = np.arange(mean.shape[0])
+    for j in range(mean.shape[1]):
+        ax.plot(steps[j:], mean[j:, j], marker="o", label=f"task {j}")
+        ax.fill_between(steps[j:], (mean - std)[j:, j], (mean + std)[j:, j], alpha=0.2)
+    ax.set_xticks(steps, [f"after {i}" for i in steps])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(all_metrics[0].get("scenario", ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

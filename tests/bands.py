@@ -1,0 +1,12 @@
+"""The CPU-sized real-data scenario behind the accuracy bands (shared by the tests and the calibration script)."""
+
+BAND_SCENARIO = {
+    "name": "band",
+    "data": {"name": "cifar10", "train_per_class": 500, "test_per_class": 200},
+    "scenario": {"tasks": [5, 5], "mode": "task"},
+    "model": {"name": "vgg11", "width": 0.125},
+    "training": {"epochs": 4, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+    "strategy": "naive",
+    "seeds": [0],
+    "device": "cpu",
+}

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real data directory ($CLTUNNEL_DATA, else ../shared/data beside the checkout)."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message="no QP solver found")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    env = os.environ.get("CLTUNNEL_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    d = data_dir()
+    if not (d / "cifar10-test.npz").exists():
+        pytest.skip(f"real data not found in {d} (set CLTUNNEL_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cifar10(real_data_dir):
+    from cltunnel.data import load_dataset
+
+    return load_dataset("cifar10", real_data_dir)
+
+
+@pytest.fixture(scope="session")
+def mnist(real_data_dir):
+    from cltunnel.data import load_dataset
+
+    return load_dataset("mnist", real_data_dir)

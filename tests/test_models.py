@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cltunnel.models import LayeredModel, build_model, wrap_model
+
+
+@pytest.mark.parametrize("name,depth,convs", [("vgg11", 11, 8), ("vgg13", 13, 10), ("vgg16", 16, 13),
+                                              ("vgg19", 19, 16)])
+def test_vgg_layer_counts_follow_the_thesis(name, depth, convs):
+    m = build_model(name, [5, 5], (3, 32, 32), width=0.125)
+    assert m.depth == depth and len(m.body) == depth - 1
+    assert sum(isinstance(x, nn.Conv2d) for x in m.body.modules()) == convs
+    assert m.layer_names[-2:] == ["fc1", "fc2"]
+    assert m(torch.randn(2, 3, 32, 32), 1).shape == (2, 5)
+
+
+@pytest.mark.parametrize("k", [4, 8, 12])
+def test_shallow_vgg19_keeps_the_first_k_conv_layers(k):
+    m = build_model("vgg19", [5, 5], (3, 32, 32), width=0.125, conv_layers=k)
+    assert sum(isinstance(x, nn.Conv2d) for x in m.body.modules()) == k and len(m.body) == k + 2
+    assert sum(isinstance(x, nn.MaxPool2d) for x in m.body.modules()) == 5
+    assert m(torch.randn(2, 3, 32, 32), 0).shape == (2, 5)
+
+
+def test_resnet_and_mlp_layer_counts():
+    r18 = build_model("resnet18", [10], (3, 32, 32), width=0.125)
+    assert r18.layer_names[0] == "stem" and r18.layer_names[-1] == "pool" and len(r18.body) == 10
+    assert len(build_model("resnet34", [10], (3, 32, 32), width=0.125).body) == 18
+    noskip = build_model("resnet18_noskip", [10], (3, 32, 32), width=0.125)
+    assert not any(b.skip for b in noskip.body if hasattr(b, "skip"))
+    mlp = build_model("mlp", [2] * 5, (1, 28, 28), depth=12)
+    assert mlp.depth == 12 and mlp.body[0][1].out_features == 1024
+
+
+def test_layer_outputs_are_the_sequential_forward():
+    m = build_model("vgg11", [5, 5], (3, 32, 32), width=0.125).eval()
+    x = torch.randn(3, 3, 32, 32)
+    outs = m.layer_outputs(x)
+    h = x
+    for k, layer in enumerate(m.body, start=1):
+        h = layer(h)
+        assert torch.equal(outs[k], h)
+    assert torch.equal(m.features(x, upto=4), outs[4])
+    assert torch.equal(m(x, 1), m.heads["1"](outs[len(m.body)]))
+
+
+def test_mixed_task_batch_routes_each_row_to_its_head():
+    m = build_model("mlp", [3, 7], (1, 28, 28), depth=3).eval()
+    x = torch.randn(4, 1, 28, 28)
+    out = m(x, torch.tensor([0, 1, 0, 1]))
+    assert torch.allclose(out[0, :3], m(x[:1], 0)[0]) and torch.allclose(out[1], m(x[1:2], 1)[0])
+
+
+def test_wrap_a_timm_resnet_with_cifar_stem():
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("resnet18", num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    names = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4", "global_pool"]
+    x = torch.randn(2, 3, 32, 32)
+    wrapped = wrap_model(net, names, "fc", [10], example=x)
+    assert isinstance(wrapped, LayeredModel) and wrapped.layer_names[4] == "layer1"
+    net.eval()
+    wrapped.heads["0"].load_state_dict(net.fc.state_dict())
+    wrapped.eval()
+    assert torch.allclose(wrapped(x, 0), net(x), atol=1e-5)
+
+
+def test_wrap_refuses_a_model_whose_forward_is_not_the_chain():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.a(x) + x)
+
+    with pytest.raises(ValueError, match="does not reproduce"):
+        wrap_model(Skip(), ["a"], "fc", [2], example=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="'b' is not a submodule"):
+        wrap_model(Skip(), ["b"], "fc", [2])
