@@ -59,6 +59,34 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .experiments import aggregate_seeds, run_analyses
+
+    target = Path(args.run_dir)
+    runs = [target] if list(target.glob("task*.pt")) else sorted(p for p in target.glob("seed*") if p.is_dir())
+    if not runs:
+        print(f"error: {target}: no task checkpoints here or in seed*/ subdirectories", file=sys.stderr)
+        return 2
+    names = args.analyses.split(",") if args.analyses else None
+    try:
+        for run in runs:
+            options = None
+            if args.tunnel_start:
+                from .checkpoints import config_from_checkpoint, finished_tasks, load_checkpoint
+
+                cfg = config_from_checkpoint(load_checkpoint(run / f"task{finished_tasks(run)[-1]}.pt"))
+                options = cfg.analyses
+                options.tunnel_start = str(args.tunnel_start)
+            run_analyses(run, names, args.device, options, progress=not args.no_progress)
+            print(f"analysed {run}")
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    scenario_dir = target if runs[0] != target else target.parent
+    print("\n".join(aggregate_seeds(scenario_dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cltunnel", description="Continual-learning layer surgery benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="scenarios, models and strategies")
     lst.add_argument("--scenarios", default="scenarios", help="directory of scenario files")
     lst.set_defaults(func=_cmd_list)
+    ana = sub.add_parser("analyze", help="tunnel / swap / substitution / cka analyses of finished runs")
+    ana.add_argument("run_dir", help="a run directory (seed<k>) or a scenario directory (all seeds)")
+    ana.add_argument("--analyses", help="comma-separated: tunnel,swap,substitution,cka (default: the YAML's, else all)")
+    ana.add_argument("--tunnel-start", type=int, help="extractor = layers 1..k (default: from probes)")
+    ana.add_argument("--device", default="auto")
+    ana.add_argument("--no-progress", action="store_true")
+    ana.set_defaults(func=_cmd_analyze)
     tab = sub.add_parser("table", help="re-render the tables of a run or scenario directory")
     tab.add_argument("run_dir")
     tab.set_defaults(func=_cmd_table)

@@ -72,6 +72,19 @@ class StrategyConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka")  # implemented in cltunnel.experiments
+
+
+@dataclass
+class AnalysesConfig:
+    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka
+    tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
+    tunnel_threshold: float = 0.95  # tunnel starts where probe accuracy reaches this share of the last layer's
+    probe: dict[str, Any] = field(default_factory=dict)  # ProbeConfig overrides (epochs, lr, batch_size, ...)
+    rank_samples: int = 2000  # training rows whose representations give the numerical rank
+    rank_threshold: float = 1e-3  # singular values above sigma_1 * this count towards the rank
+
+
 @dataclass
 class RunConfig:
     name: str = "scenario"
@@ -83,7 +96,7 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"
     output_dir: str = "runs"
-    analyses: dict[str, Any] = field(default_factory=dict)  # post-training analyses, by name
+    analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -241,5 +254,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key}: must be at least 1, got {getattr(cfg.training, key)}")
+    unknown = [n for n in cfg.analyses.run if n not in ANALYSIS_NAMES]
+    if unknown:
+        raise ConfigError(f"analyses.run: unknown {unknown}; valid: {', '.join(ANALYSIS_NAMES)}")
+    if cfg.analyses.tunnel_start != "auto" and not cfg.analyses.tunnel_start.isdigit():
+        raise ConfigError(f"analyses.tunnel_start: 'auto' or a layer number, got {cfg.analyses.tunnel_start!r}")
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")

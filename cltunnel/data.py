@@ -47,6 +47,7 @@ class ImageData:
     # True where a test row holds exact pixels (CIFAR-10 here: rows 0..999; see the data README).
     test_lossless: torch.Tensor = field(default=None)  # type: ignore[assignment]
     source: str = ""
+    _stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.test_lossless is None:
@@ -65,9 +66,20 @@ class ImageData:
         return not bool(self.test_lossless.all())
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std of the training images on the [0, 1] scale."""
-        x = self.x_train.to(torch.float64) / 255.0
-        return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+        """Per-channel mean and std of the training images on the [0, 1] scale (computed once).
+
+        From a 256-bin histogram per channel: exact, and far cheaper than a float copy of the set.
+        """
+        if self._stats is None:
+            values = torch.arange(256, dtype=torch.float64) / 255.0
+            means, stds = [], []
+            for c in range(self.x_train.shape[1]):
+                counts = torch.bincount(self.x_train[:, c].flatten(), minlength=256).double()
+                n, mean = counts.sum(), (counts * values).sum() / counts.sum()
+                means.append(mean)
+                stds.append(((counts * (values - mean) ** 2).sum() / (n - 1)).sqrt())
+            self._stats = (torch.stack(means).float(), torch.stack(stds).float())
+        return self._stats
 
 
 def default_data_dir() -> Path | None:

@@ -88,6 +88,10 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
     if len(metrics["acc"]) == len(scenario.tasks):
         (run_dir / tables.METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         tables.render(run_dir)
+        if cfg.analyses.run:
+            from .experiments import run_analyses
+
+            run_analyses(run_dir, cfg.analyses.run, cfg.device, cfg.analyses, progress, data)
     return run_dir
 
 
@@ -140,4 +144,8 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
     scenario_dir = Path(cfg.output_dir) / cfg.name
     if len(cfg.seeds) > 1:
         tables.render(scenario_dir)
+    if cfg.analyses.run:
+        from .experiments import aggregate_seeds
+
+        aggregate_seeds(scenario_dir)
     return scenario_dir

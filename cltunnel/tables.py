@@ -59,7 +59,7 @@ def format_mean_std(mean: pd.DataFrame, std: pd.DataFrame, n: int) -> pd.DataFra
     def cell(m: float, s: float) -> str:
         if np.isnan(m):
             return "–"
-        return f"{m:.2f}" if n == 1 else f"{m:.2f} ± {s:.2f}"
+        return f"{m:.2f}" if n == 1 or np.isnan(s) else f"{m:.2f} ± {s:.2f}"
 
     return pd.DataFrame([[cell(m, s) for m, s in zip(rm, rs)] for rm, rs in zip(mean.to_numpy(), std.to_numpy())],
                         index=mean.index, columns=mean.columns)

