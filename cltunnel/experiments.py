@@ -43,6 +43,7 @@ class LoadedRun:
     data: DeviceData
     options: AnalysesConfig
     progress: bool = True
+    profile: pd.DataFrame | None = None  # tunnel profile of the model after task 1, computed once
 
     @property
     def n_layers(self) -> int:
@@ -87,6 +88,8 @@ def load_run(run_dir: str | Path, device: str = "auto", options: AnalysesConfig 
 # ----------------------------------------------------------------------------------------- tunnel
 def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.DataFrame:
     """Probe accuracy and numerical rank per body layer of model ``model_index`` on ``task``'s data."""
+    if (model_index, task) == (0, 0) and run.profile is not None:
+        return run.profile
     model = run.models[model_index]
     t = run.data.scenario.tasks[task]
     acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
@@ -95,8 +98,12 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
     for k in range(1, run.n_layers + 1):
         feats, _ = layer_features(model, run.data, t, "eval_train", [k], rows=rows)
         ranks[k] = numerical_rank(feats[k], run.options.rank_threshold)
-    return pd.DataFrame({"layer": list(acc), "name": model.layer_names, "probe_acc": [100 * a for a in acc.values()],
-                         "rank": [ranks[k] for k in acc]}).set_index("layer")
+    profile = pd.DataFrame({"layer": list(acc), "name": model.layer_names,
+                            "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc]})
+    profile = profile.set_index("layer")
+    if (model_index, task) == (0, 0):
+        run.profile = profile
+    return profile
 
 
 def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
@@ -130,7 +137,9 @@ def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> N
     ax2.plot(x, profile["rank"], marker="s", color="C3", label="numerical rank")
     ax2.set_ylabel("numerical rank", color="C3")
     ax.set_xticks(x)
-    ax.legend(loc="lower center", fontsize=8)
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

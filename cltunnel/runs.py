@@ -142,7 +142,7 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
     for seed in cfg.seeds:
         run_seed(cfg, seed, data, progress)
     scenario_dir = Path(cfg.output_dir) / cfg.name
-    if len(cfg.seeds) > 1:
+    if len(tables.seed_dirs(scenario_dir)) > 1:  # every finished seed so far, also from earlier invocations
         tables.render(scenario_dir)
     if cfg.analyses.run:
         from .experiments import aggregate_seeds

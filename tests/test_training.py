@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -150,3 +151,31 @@ def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
     scenario.write_text(yaml.safe_dump({**raw, "trainig": {}}))
     assert cli_main(["run", str(scenario)]) == 2
     assert "unknown key 'trainig' (did you mean 'training'?)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_analyses_on_a_real_run_agree_with_its_training_metrics(cifar10, tmp_path):
+    """Surgery endpoints reproduce the accuracy matrix; swap table, curves and CKA are written."""
+    from cltunnel.experiments import aggregate_seeds, run_analyses
+
+    raw = tiny(tmp_path, analyses={"run": ["swap", "substitution", "cka"], "probe": {"epochs": 3}})
+    run_dir = run_seed(parse_config(raw), 0, cifar10, progress=False)
+    acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
+    swap = pd.read_csv(run_dir / "swap_table.csv", index_col=0)
+    assert swap.loc["E1 + T1", "first task"] == pytest.approx(acc[0, 0])
+    assert swap.loc["E2 + T2", "first task"] == pytest.approx(acc[1, 0])
+    assert swap.loc["E2 + T2", "second task"] == pytest.approx(acc[1, 1])
+    assert 0 <= swap.loc["E2 (FT)", "first task"] <= 100
+    curves = pd.read_csv(run_dir / "substitution.csv")
+    fwd = curves[curves["direction"].str.startswith("M1")]
+    L = curves["x"].max()
+    assert fwd[(fwd.x == 0) & (fwd.task == 1)]["accuracy"].item() == pytest.approx(acc[1, 0])
+    assert fwd[(fwd.x == L) & (fwd.task == 1)]["accuracy"].item() == pytest.approx(acc[0, 0])
+    cka = pd.read_csv(run_dir / "cka_m1_m2.csv", index_col=0)
+    assert ((cka.iloc[:, 1:] > 0) & (cka.iloc[:, 1:] <= 1 + 1e-6)).all().all()
+    # re-running one analysis from the CLI path with a given tunnel start
+    out = run_analyses(run_dir, ["swap"], "cpu", parse_config({**raw, "analyses": {"tunnel_start": "2",
+                                                                                 "probe": {"epochs": 1}}}).analyses)
+    assert out["swap"].attrs["tunnel_start"] == 2
+    md = aggregate_seeds(run_dir.parent)
+    assert any("Table 5.4.1" in m for m in md) and (run_dir.parent / "tiny_substitution.png").exists()
