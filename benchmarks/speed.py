@@ -61,7 +61,7 @@ def time_stock_avalanche(cfg, scenario, device, workers: int) -> tuple[float, nn
     data = scenario.data
     rows = torch.cat([t.train_idx for t in scenario.tasks])
     bm = nc_benchmark(PILImages(data.x_train[rows], data.y_train[rows], train_tf),
-                      PILImages(data.x_test[:10], data.y_test[:10], T.Compose([T.ToTensor(), norm])),
+                      PILImages(data.x_test, data.y_test, T.Compose([T.ToTensor(), norm])),
                       n_experiences=len(scenario.tasks), task_labels=True, shuffle=False,
                       fixed_class_order=scenario.class_order,
                       per_exp_classes={t.id: t.n_classes for t in scenario.tasks},

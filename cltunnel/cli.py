@@ -41,7 +41,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .models import MODELS
     from .strategies import STRATEGIES
 
-    scenarios = sorted(Path(args.scenarios).glob("*.yaml")) if Path(args.scenarios).is_dir() else []
+    scenarios = sorted(Path(args.scenarios).rglob("*.yaml")) if Path(args.scenarios).is_dir() else []
     print("scenarios:", ", ".join(str(p) for p in scenarios) or f"(none in {args.scenarios})")
     print("models:", ", ".join(sorted(MODELS)))
     print("strategies:", ", ".join(STRATEGIES), "(or strategy: {class: 'package.module:ClassName'})")

@@ -293,12 +293,15 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         mean, std = tables.aggregate(swaps)
         starts = [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
         shown_mean, shown_std = mean.copy(), std.copy()
-        for i, col in enumerate(("first task", "second task")):
-            shown_mean[f"thesis {col}"] = [THESIS_TABLE_5_4_1.get(n, (None, None))[i] for n in mean.index]
-            shown_std[f"thesis {col}"] = np.nan  # a single published run: shown without ± 
+        if _is_table_5_4_1_setup(runs[0]):
+            for i, col in enumerate(("first task", "second task")):
+                shown_mean[f"thesis {col}"] = [THESIS_TABLE_5_4_1.get(n, (None, None))[i] for n in mean.index]
+                shown_std[f"thesis {col}"] = np.nan  # a single published run: shown without ±
+            reference = "thesis values: VGG-19 width 1, split CIFAR-10 (5,5), Table 5.4.1"
+        else:
+            reference = "no thesis reference values: Table 5.4.1 reports VGG-19 on the (5,5) split only"
         shown_mean = shown_mean.astype(float)
-        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts}", *provenance,
-                 "thesis values: VGG-19 width 1, split CIFAR-10 (5,5), Table 5.4.1 (one run)"]
+        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts}", *provenance, reference]
         written.append(tables.write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
                                           f"{scenario_dir.name}: extractor/tunnel swap (Table 5.4.1 layout, %)", notes))
     curves = [pd.read_csv(r / "substitution.csv") for r in runs if (r / "substitution.csv").exists()]
@@ -315,6 +318,13 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         written.append(tables.write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
                                           f"{scenario_dir.name}: CKA between M1 and M2 per layer", list(provenance)))
     return written
+
+
+def _is_table_5_4_1_setup(run_dir: Path) -> bool:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return (cfg["data"]["name"], cfg["scenario"]["tasks"], cfg["model"]["name"]) == ("cifar10", [5, 5], "vgg19")
 
 
 def _pyplot():

@@ -70,7 +70,14 @@ class LayeredModel(MultiTaskModule):
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         return self.head_for(task_label)(self.body(x))
 
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int = 0) -> torch.Tensor:
+    def forward_all_tasks(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every head's output from one body pass (Avalanche's LwF distils through all of them)."""
+        feats = self.body(x)
+        return {int(key): head(feats) for key, head in self.heads.items()}
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None = 0):
+        if task_labels is None:
+            return self.forward_all_tasks(x)
         if isinstance(task_labels, int) or len(self.heads) == 1:
             return self.forward_single_task(x, task_labels if isinstance(task_labels, int) else 0)
         unique = torch.unique(task_labels)

@@ -2,10 +2,10 @@
 
 BAND_SCENARIO = {
     "name": "band",
-    "data": {"name": "cifar10", "train_per_class": 500, "test_per_class": 200},
+    "data": {"name": "cifar10", "train_per_class": 1000, "test_per_class": 200},
     "scenario": {"tasks": [5, 5], "mode": "task"},
-    "model": {"name": "vgg11", "width": 0.125},
-    "training": {"epochs": 4, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+    "model": {"name": "vgg19", "width": 0.125},
+    "training": {"epochs": 6, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
     "strategy": "naive",
     "seeds": [0],
     "device": "cpu",

@@ -40,13 +40,16 @@ def tiny(tmp_path: Path, **over) -> dict:
 def mnist_tiny(tmp_path: Path, **over) -> dict:
     raw = tiny(tmp_path, data={"name": "mnist", "train_per_class": 100, "test_per_class": 50},
                scenario={"n_tasks": 5, "tasks": None}, model={"name": "mlp", "args": {"depth": 3}, "width": 0.25},
-               training={"epochs": 2, "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "augment": False})
+               training={"epochs": 10, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "augment": False})
     return merged(raw, over)
 
 
-# Bands calibrated with benchmarks/calibrate_bands.py over seeds 0-5 on this 2-core CPU (see the README):
-# task-0 accuracy right after task 0, task-1 accuracy right after task 1, forgetting of task 0 (points).
-BANDS = {"task0": (0.0, 100.0), "task1": (0.0, 100.0), "forgetting": (-100.0, 100.0)}
+# Bands for tests/bands.py's scenario (VGG-19 width 1/8, 1,000 images/class, 6 epochs/task, lr 0.1), set from
+# benchmarks/calibrate_bands.py over seeds 0-4 on this 2-core CPU. Measured (%): task 0 right after task 0
+# 46.7 46.6 53.9 38.1 43.4 (mean 45.7, std 5.7); task 1 right after task 1 50.7 48.9 63.7 52.4 47.4 (mean 52.6,
+# std 6.6); forgetting of task 0 13.7 7.6 10.4 14.1 10.5 (mean 11.3, std 2.7). Bands: mean ± about 3 std,
+# which keeps both accuracies far above chance (20%) and forgetting strictly positive.
+BANDS = {"task0": (30.0, 65.0), "task1": (32.0, 75.0), "forgetting": (2.0, 22.0)}
 
 
 @pytest.mark.slow
@@ -123,7 +126,7 @@ def test_class_incremental_naive_forgets_old_classes_on_mnist(mnist, tmp_path):
     run_dir = run_seed(parse_config(mnist_tiny(tmp_path, scenario={"mode": "class"})), 0, mnist, progress=False)
     acc = np.asarray(load_metrics(run_dir)["acc"])
     assert acc.shape == (5, 5) and acc[0, 0] > 0.9 and acc[4, 4] > 0.9
-    assert acc[4, :3].max() < 0.2  # one shared head: earlier classes are overwritten (catastrophic forgetting)
+    assert acc[4, :4].max() < 0.2  # one shared head: earlier classes are overwritten (catastrophic forgetting)
 
 
 @pytest.mark.slow
@@ -139,6 +142,7 @@ def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
     scenario = tmp_path / "s.yaml"
     raw = tiny(tmp_path / "out")
     raw.pop("output_dir")
+    raw.pop("name")  # the file's stem names the scenario
     scenario.write_text(yaml.safe_dump(raw))
     assert cli_main(["run", str(scenario), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
     out = capsys.readouterr().out
