@@ -126,7 +126,7 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> dict[str, int
 
 
 def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> None:
-    plt = _pyplot()
+    plt = tables.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = profile.index.to_numpy()
     ax.plot(x, profile["probe_acc"], marker="o", color="C0", label="linear probe accuracy")
@@ -139,7 +139,7 @@ def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> N
     ax.set_xticks(x)
     handles = ax.get_legend_handles_labels()
     handles2 = ax2.get_legend_handles_labels()
-    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="center right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -182,7 +182,7 @@ def substitution_curves(run: LoadedRun) -> pd.DataFrame:
 
 def plot_substitution(curves: pd.DataFrame, path: Path, title: str = "") -> None:
     """One panel per task: accuracy against the number x of bottom layers taken from the first model."""
-    plt = _pyplot()
+    plt = tables.pyplot()
     tasks = sorted(curves["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), sharey=True, squeeze=False)
     for ax, t in zip(axes[0], tasks):
@@ -325,12 +325,3 @@ def _is_table_5_4_1_setup(run_dir: Path) -> bool:
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     return (cfg["data"]["name"], cfg["scenario"]["tasks"], cfg["model"]["name"]) == ("cifar10", [5, 5], "vgg19")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

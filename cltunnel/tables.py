@@ -125,11 +125,7 @@ def _notes(name: str, metrics: dict[str, Any]) -> list[str]:
 
 def plot_accuracy_curves(all_metrics: list[dict[str, Any]], path: Path) -> None:
     """Accuracy on each task (line) after each training task (x), mean over seeds with a std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     acc = 100 * np.stack([np.asarray(m["acc"], dtype=float) for m in all_metrics])
     mean, std = acc.mean(0), acc.std(0)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -145,3 +141,13 @@ def plot_accuracy_curves(all_metrics: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (runs have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
