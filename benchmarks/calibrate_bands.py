@@ -15,9 +15,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bands import BAND_SCENARIO  # noqa: E402
 
+import pandas as pd  # noqa: E402
+
 from cltunnel.config import parse_config  # noqa: E402
+from cltunnel.experiments import run_analyses  # noqa: E402
 from cltunnel.runs import load_data, run_seed  # noqa: E402
 from cltunnel.tables import load_metrics  # noqa: E402
+
+
+NAMES = ["task0 just trained", "task1 just trained", "forgetting task0", "E2(FT) - E2+T2 on task 1",
+         "E2+T1(FT) - E2+T1 on task 1", "E1+T2 - E2+T2 on task 1"]
 
 
 def main() -> None:
@@ -29,13 +36,15 @@ def main() -> None:
         data = load_data(cfg)
         rows = []
         for seed in args.seeds:
-            m = load_metrics(run_seed(cfg, seed, data, progress=False))
-            a = np.asarray(m["acc"]) * 100
-            rows.append((a[0, 0], a[1, 1], a[0, 0] - a[1, 0]))
-            print(f"seed {seed}: task0 just trained {a[0, 0]:.1f}, task1 just trained {a[1, 1]:.1f}, "
-                  f"forgetting task0 {a[0, 0] - a[1, 0]:.1f}", flush=True)
+            run_dir = run_seed(cfg, seed, data, progress=False)
+            a = np.asarray(load_metrics(run_dir)["acc"]) * 100
+            run_analyses(run_dir, ["swap"], "cpu", cfg.analyses, progress=False, data=data)
+            swap = pd.read_csv(run_dir / "swap_table.csv", index_col=0)["first task"]
+            rows.append((a[0, 0], a[1, 1], a[0, 0] - a[1, 0], swap["E2 (FT)"] - swap["E2 + T2"],
+                         swap["E2 + T1 (FT)"] - swap["E2 + T1"], swap["E1 + T2"] - swap["E2 + T2"]))
+            print(f"seed {seed}: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(NAMES, rows[-1])), flush=True)
     r = np.asarray(rows)
-    for i, name in enumerate(["task0 just trained", "task1 just trained", "forgetting task0"]):
+    for i, name in enumerate(NAMES):
         print(f"{name}: mean {r[:, i].mean():.2f} std {r[:, i].std(ddof=1):.2f} "
               f"min {r[:, i].min():.2f} max {r[:, i].max():.2f}")
 

@@ -122,6 +122,13 @@ def tunnel_start(probe_acc: dict[int, float], threshold: float = 0.95) -> int:
     return next(k for k in layers if probe_acc[k] >= target)
 
 
+def kappa(probe_acc: dict[int, float], depth: int, eta: float = 0.99) -> float:
+    """κ of thesis chapter 6: the first layer whose probe reaches η × the best probe accuracy, over depth
+    (lower = the network's useful part is shallower, i.e. a stronger tunnel)."""
+    best = max(probe_acc.values())
+    return next(k for k in sorted(probe_acc) if probe_acc[k] >= eta * best) / depth
+
+
 def format_layer(k: int, n: int) -> str:
     """The thesis's "k (share of depth)" notation."""
     return f"{k} ({100 * k / n:.0f}%)"
@@ -161,6 +168,19 @@ def minibatch_cka(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         xx = xx + _unbiased_hsic(kx, kx)
         yy = yy + _unbiased_hsic(ky, ky)
     return float(xy / torch.sqrt(xx * yy))
+
+
+def cka_matrix(gram_batches: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Layer × layer linear CKA from per-minibatch Gram matrices (one list of L Grams per minibatch)."""
+    n_layers = len(gram_batches[0])
+    hsic = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+    for grams in gram_batches:
+        for i in range(n_layers):
+            for j in range(i, n_layers):
+                hsic[i, j] += _unbiased_hsic(grams[i], grams[j]).cpu()
+    hsic = torch.triu(hsic) + torch.triu(hsic, 1).T
+    diag = hsic.diag().sqrt()
+    return hsic / (diag[:, None] * diag[None, :])
 
 
 def class_variance(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

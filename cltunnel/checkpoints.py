@@ -66,6 +66,21 @@ def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimize
     return path
 
 
+EPOCH_DIR = "epochs"
+
+
+def save_epoch_checkpoint(run_dir: Path, task: int, epoch: int, model: LayeredModel, model_spec: dict[str, Any]
+                          ) -> Path:
+    """The model in the middle of a task (every N epochs), for rank-over-training and weight-change plots."""
+    path = run_dir / EPOCH_DIR / f"task{task}_epoch{epoch:04d}.pt"
+    atomic_save({"task": task, "epoch": epoch, "model_spec": model_spec, **model_state(model)}, path)
+    return path
+
+
+def epoch_checkpoints(run_dir: Path, task: int) -> list[Path]:
+    return sorted((run_dir / EPOCH_DIR).glob(f"task{task}_epoch*.pt"))
+
+
 def finished_tasks(run_dir: Path) -> list[int]:
     return sorted(int(p.stem[4:]) for p in run_dir.glob("task*.pt") if p.stem[4:].isdigit())
 

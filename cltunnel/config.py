@@ -63,6 +63,7 @@ class TrainingConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     channels_last: str = "auto"  # auto (on CUDA) | on | off
     compile: bool = False
+    checkpoint_every: int = 0  # also save the model every N epochs (tunnel development); 0 = per task only
 
 
 @dataclass
@@ -72,12 +73,12 @@ class StrategyConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka")  # implemented in cltunnel.experiments
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "development")  # implemented in cltunnel.experiments
 
 
 @dataclass
 class AnalysesConfig:
-    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka
+    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, development
     tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
     tunnel_threshold: float = 0.95  # tunnel starts where probe accuracy reaches this share of the last layer's
     probe: dict[str, Any] = field(default_factory=dict)  # ProbeConfig overrides (epochs, lr, batch_size, ...)

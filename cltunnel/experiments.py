@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 
 from . import tables
-from .analysis import (ProbeConfig, format_layer, layer_features, minibatch_cka, numerical_rank, train_probes,
-                       tunnel_start)
-from .checkpoints import config_from_checkpoint, finished_tasks, load_checkpoint, model_from_checkpoint
+from .analysis import (ProbeConfig, class_variance, cka_matrix, format_layer, kappa, layer_features,
+                       minibatch_cka, numerical_rank, train_probes, tunnel_start)
+from .checkpoints import (config_from_checkpoint, epoch_checkpoints, finished_tasks, load_checkpoint,
+                          model_from_checkpoint)
 from .config import ANALYSIS_NAMES, AnalysesConfig, ConfigError
 from .data import ImageData
 from .models import LayeredModel
@@ -94,12 +95,15 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
     t = run.data.scenario.tasks[task]
     acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
     rows = t.train_idx[: run.options.rank_samples]
-    ranks = {}
+    ranks, variances = {}, {}
     for k in range(1, run.n_layers + 1):
-        feats, _ = layer_features(model, run.data, t, "eval_train", [k], rows=rows)
+        feats, labels = layer_features(model, run.data, t, "eval_train", [k], rows=rows)
         ranks[k] = numerical_rank(feats[k], run.options.rank_threshold)
+        variances[k] = class_variance(feats[k], labels)
     profile = pd.DataFrame({"layer": list(acc), "name": model.layer_names,
-                            "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc]})
+                            "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc],
+                            "intra_class_var": [variances[k][0] for k in acc],
+                            "inter_class_var": [variances[k][1] for k in acc]})
     profile = profile.set_index("layer")
     if (model_index, task) == (0, 0):
         run.profile = profile
@@ -214,6 +218,34 @@ def layer_cka_between(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: in
     return {k: minibatch_cka(v) for k, v in pairs.items()}
 
 
+@torch.no_grad()
+def layer_cka_matrix(run: LoadedRun, model_index: int = 0, task: int = 0, batch_size: int = 500) -> pd.DataFrame:
+    """CKA between every pair of body layers of one model on a task's test rows (the thesis's heatmaps)."""
+    model = run.models[model_index]
+    grams = []
+    for x, _, _ in run.data.batches(run.data.scenario.tasks[task], "test", batch_size):
+        outs = model.layer_outputs(x)
+        grams.append([(lambda f: f @ f.T)(outs[k].flatten(1).double()) for k in sorted(outs)])
+    names = [f"{k} {n}" for k, n in enumerate(model.layer_names, start=1)]
+    return pd.DataFrame(cka_matrix(grams).numpy(), index=names, columns=names)
+
+
+def plot_cka_matrix(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
+    ticks = range(len(matrix))
+    ax.set_xticks(ticks, [str(k + 1) for k in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(k + 1) for k in ticks], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
     m1, m2 = run.models[0], run.models[-1]
     cols = {f"task {t + 1} data": layer_cka_between(run, m1, m2, t) for t in range(len(run.data.scenario.tasks))}
@@ -221,6 +253,54 @@ def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
     df.insert(0, "name", m1.layer_names)
     df.index.name = "layer"
     return df
+
+
+# ------------------------------------------------------------------------------------- development
+def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
+    """Rank per layer at every saved epoch of ``task`` (and at its end), and each layer's relative weight
+    change since the previous checkpoint: how early the tunnel forms (thesis E4)."""
+    paths = epoch_checkpoints(run.run_dir, task)
+    if not paths:
+        raise FileNotFoundError(f"{run.run_dir}: no epoch checkpoints; set training.checkpoint_every and retrain")
+    t = run.data.scenario.tasks[task]
+    rows_idx = t.train_idx[: run.options.rank_samples]
+    records, previous = [], None
+    for path in paths:
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state).to(run.data.device).eval()
+        feats, _ = layer_features(model, run.data, t, "eval_train", list(range(1, run.n_layers + 1)), rows=rows_idx)
+        for k, name in enumerate(model.layer_names, start=1):
+            change = np.nan
+            if previous is not None:
+                now = torch.cat([v.flatten().float() for v in state["layers"][name].values() if v.is_floating_point()])
+                before = torch.cat([v.flatten().float() for v in previous["layers"][name].values()
+                                    if v.is_floating_point()])
+                change = float((now - before).norm() / before.norm().clamp_min(1e-12))
+            records.append({"epoch": state["epoch"], "layer": k, "name": name,
+                            "rank": numerical_rank(feats[k], run.options.rank_threshold), "weight_change": change})
+        previous = state
+    return pd.DataFrame(records)
+
+
+def plot_development(dev: pd.DataFrame, path: Path) -> None:
+    plt = tables.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    cmap = plt.get_cmap("viridis")
+    epochs = sorted(dev["epoch"].unique())
+    for i, e in enumerate(epochs):
+        d = dev[dev["epoch"] == e]
+        color = cmap(i / max(len(epochs) - 1, 1))
+        axes[0].plot(d["layer"], d["rank"], color=color, label=f"epoch {e}")
+        axes[1].plot(d["layer"], d["weight_change"], color=color)
+    axes[0].set_ylabel("numerical rank")
+    axes[1].set_ylabel("relative weight change since last checkpoint")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -253,8 +333,9 @@ def _analysis_swap(run: LoadedRun) -> pd.DataFrame:
 def _analysis_tunnel(run: LoadedRun) -> pd.DataFrame:
     profile = tunnel_profile(run)
     starts = write_tunnel_profile(run, profile)
+    kap = kappa((profile["probe_acc"] / 100).to_dict(), run.depth)
     (run.run_dir / "tunnel_start.txt").write_text(
-        "\n".join(f"{k}: {format_layer(v, run.depth)}" for k, v in starts.items()) + "\n")
+        "\n".join(f"{k}: {format_layer(v, run.depth)}" for k, v in starts.items()) + f"\nkappa (eta 0.99): {kap:.3f}\n")
     return profile
 
 
@@ -268,7 +349,18 @@ def _analysis_substitution(run: LoadedRun) -> pd.DataFrame:
 def _analysis_cka(run: LoadedRun) -> pd.DataFrame:
     df = cka_m1_m2(run)
     df.to_csv(run.run_dir / "cka_m1_m2.csv")
+    for i, model in enumerate(run.models):
+        matrix = layer_cka_matrix(run, model_index=i, task=0)
+        matrix.to_csv(run.run_dir / f"cka_layers_model{i + 1}.csv")
+        plot_cka_matrix(matrix, run.run_dir / f"cka_layers_model{i + 1}.png", f"M{i + 1}, task-1 test data")
     return df
+
+
+def _analysis_development(run: LoadedRun) -> pd.DataFrame:
+    dev = tunnel_development(run)
+    dev.to_csv(run.run_dir / "development.csv", index=False)
+    plot_development(dev, run.run_dir / "development.png")
+    return dev
 
 
 ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
@@ -276,6 +368,7 @@ ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
     "swap": _analysis_swap,
     "substitution": _analysis_substitution,
     "cka": _analysis_cka,
+    "development": _analysis_development,
 }
 assert tuple(ANALYSES) == ANALYSIS_NAMES, "keep config.ANALYSIS_NAMES in step with the analyses here"
 

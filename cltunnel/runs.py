@@ -16,13 +16,13 @@ import torch
 import yaml
 
 from . import tables
-from .checkpoints import latest_checkpoint, load_model_state, save_task_checkpoint
+from .checkpoints import latest_checkpoint, load_model_state, save_epoch_checkpoint, save_task_checkpoint
 from .config import RunConfig
 from .data import ImageData, load_dataset
 from .models import LayeredModel, build_model
 from .scenarios import SplitScenario, avalanche_benchmark, build_scenario
 from .strategies import build_strategy
-from .training import (DeviceData, ProgressPlugin, TemperatureCrossEntropy, Timer, amp_enabled,
+from .training import (DeviceData, EpochCheckpointPlugin, ProgressPlugin, TemperatureCrossEntropy, Timer, amp_enabled,
                        channels_last_enabled, predict_accuracy, resolve_device)
 
 log = logging.getLogger("cltunnel")
@@ -108,8 +108,11 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         model.body.compile()
     mean, std = scenario.data.channel_stats()
     benchmark = avalanche_benchmark(scenario, mean, std)
-    strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device,
-                              [ProgressPlugin(progress)])
+    plugins = [ProgressPlugin(progress)]
+    if tcfg.checkpoint_every:
+        plugins.append(EpochCheckpointPlugin(
+            lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
+    strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins)
     strategy.cltunnel_data, strategy.cltunnel_seed, strategy.cltunnel_amp = ddata, seed, amp
     for t in range(start_task, len(scenario.tasks)):
         timer = Timer()

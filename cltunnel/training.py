@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -184,6 +184,22 @@ class ProgressPlugin(SupervisedPlugin):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class EpochCheckpointPlugin(SupervisedPlugin):
+    """Saves the model every ``every`` epochs within each task (how the tunnel develops during training)."""
+
+    def __init__(self, save: "Callable[[int, int], object]", every: int) -> None:
+        super().__init__()
+        self.save, self.every, self.epoch = save, every, 0
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.epoch = 0
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self.epoch += 1
+        if self.every and self.epoch % self.every == 0:
+            self.save(strategy.experience.current_experience, self.epoch)
 
 
 @torch.no_grad()

@@ -128,3 +128,26 @@ def test_class_variance_matches_hand_computation():
     intra, inter = class_variance(f, y)
     assert intra == pytest.approx((1.0 + 4.0) / 2)  # class 0: mean dist^2 1; class 1: 4
     assert inter == pytest.approx(((9.0 ** 2 + 2.0 ** 2) * 2) / 2)
+
+
+def test_kappa_is_the_first_layer_near_the_best_probe_over_depth():
+    from cltunnel.analysis import kappa
+
+    curve = {1: 0.5, 2: 0.7, 3: 0.895, 4: 0.90, 5: 0.88}
+    assert kappa(curve, depth=6) == pytest.approx(3 / 6)  # 0.895 >= 0.99 * 0.90 = 0.891
+    assert kappa(curve, depth=6, eta=1.0) == pytest.approx(4 / 6)
+
+
+def test_cka_matrix_agrees_with_pairwise_cka_and_is_symmetric():
+    from cltunnel.analysis import cka_matrix
+
+    g = torch.Generator().manual_seed(1)
+    layers = [torch.randn(400, 30, generator=g)]
+    layers.append(layers[0] @ torch.linalg.qr(torch.randn(30, 30, generator=g))[0] * 2.0)  # same up to rotation
+    layers.append(torch.randn(400, 12, generator=g))
+    grams = [[(l[i:i + 100].double() @ l[i:i + 100].double().T) for l in layers] for i in range(0, 400, 100)]
+    m = cka_matrix(grams)
+    assert torch.allclose(m, m.T) and torch.allclose(m.diag(), torch.ones(3, dtype=m.dtype))
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-9)
+    assert m[0, 2] == pytest.approx(minibatch_cka([(a[i:i + 100], b[i:i + 100]) for a, b in [(layers[0], layers[2])]
+                                                   for i in range(0, 400, 100)]), abs=1e-9)

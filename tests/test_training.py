@@ -183,3 +183,17 @@ def test_analyses_on_a_real_run_agree_with_its_training_metrics(cifar10, tmp_pat
     assert out["swap"].attrs["tunnel_start"] == 2
     md = aggregate_seeds(run_dir.parent)
     assert any("Table 5.4.1" in m for m in md) and (run_dir.parent / "tiny_substitution.png").exists()
+    assert (run_dir / "cka_layers_model2.png").exists() and (run_dir / "cka_layers_model1.csv").exists()
+
+
+@pytest.mark.slow
+def test_single_task_run_with_epoch_checkpoints_gives_rank_over_training(cifar10, tmp_path):
+    raw = tiny(tmp_path, scenario={"tasks": [10]}, training={"epochs": 2, "checkpoint_every": 1},
+               analyses={"run": ["development"], "rank_samples": 300})
+    run_dir = run_seed(parse_config(raw), 0, cifar10, progress=False)
+    assert [p.name for p in sorted((run_dir / "epochs").iterdir())] == ["task0_epoch0001.pt", "task0_epoch0002.pt"]
+    dev = pd.read_csv(run_dir / "development.csv")
+    assert sorted(dev["epoch"].unique()) == [1, 2] and len(dev) == 2 * 10
+    assert dev[dev.epoch == 1]["weight_change"].isna().all() and (dev[dev.epoch == 2]["weight_change"] > 0).all()
+    assert ((dev["rank"] >= 1) & (dev["rank"] <= 300)).all()
+    assert (run_dir / "development.png").stat().st_size > 1000
