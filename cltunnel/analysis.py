@@ -70,12 +70,9 @@ def train_probes(model: LayeredModel, data: DeviceData, train_task: Task, test_t
     model.eval()
     dims = layer_dims(model, data, train_task)
     n_classes = int(train_task.label_map.max()) + 1
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    probes = nn.ModuleDict({str(k): nn.Linear(dims[k], n_classes) for k in layers}).to(data.device)
-    for p in probes.values():  # seeded init, independent of the global RNG
-        bound = 1 / math.sqrt(p.in_features)
-        p.weight.data.copy_(torch.empty_like(p.weight, device="cpu").uniform_(-bound, bound, generator=gen))
-        p.bias.data.copy_(torch.empty_like(p.bias, device="cpu").uniform_(-bound, bound, generator=gen))
+    probes = nn.ModuleDict({str(k): _seeded_probe(dims[k], n_classes, cfg.seed * 1000 + k) for k in layers})
+    probes = probes.to(data.device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # batch order: the same whichever layers train
     opt = torch.optim.Adam(probes.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(train_task.train_idx)
     cached = n_train * sum(dims[k] for k in layers) * 4 <= cfg.cache_bytes
@@ -94,6 +91,18 @@ def train_probes(model: LayeredModel, data: DeviceData, train_task: Task, test_t
             loss.backward()
             opt.step()
     return _probe_accuracy(model, data, test_task, probes, layers)
+
+
+def _seeded_probe(d_in: int, n_classes: int, seed: int) -> nn.Linear:
+    """nn.Linear's default init from a generator of its own: a layer's probe starts the same whether it
+    trains alone or with the others."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    probe = nn.Linear(d_in, n_classes)
+    bound = 1 / math.sqrt(d_in)
+    with torch.no_grad():
+        probe.weight.uniform_(-bound, bound, generator=gen)
+        probe.bias.uniform_(-bound, bound, generator=gen)
+    return probe
 
 
 @torch.no_grad()

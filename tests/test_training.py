@@ -197,3 +197,20 @@ def test_single_task_run_with_epoch_checkpoints_gives_rank_over_training(cifar10
     assert dev[dev.epoch == 1]["weight_change"].isna().all() and (dev[dev.epoch == 2]["weight_change"] > 0).all()
     assert ((dev["rank"] >= 1) & (dev["rank"] <= 300)).all()
     assert (run_dir / "development.png").stat().st_size > 1000
+
+
+def test_probes_trained_together_equal_probes_trained_one_by_one(mnist):
+    """The joint probe trainer's claim: independent probes, so one Adam over all equals one per layer."""
+    from cltunnel.analysis import ProbeConfig, train_probes
+    from cltunnel.runs import make_model, model_spec
+
+    cfg = parse_config(mnist_tiny(Path("unused")))
+    scenario = build_scenario(cfg, mnist)
+    model = make_model(model_spec(cfg, scenario), seed=0).eval()
+    data = DeviceData.create(scenario, torch.device("cpu"), False, False)
+    task = scenario.tasks[1]
+    joint = train_probes(model, data, task, cfg=ProbeConfig(epochs=3, batch_size=64), progress=False)
+    alone = {k: train_probes(model, data, task, layers=[k], cfg=ProbeConfig(epochs=3, batch_size=64, cache_bytes=0),
+                             progress=False)[k] for k in joint}
+    assert joint == pytest.approx(alone, abs=1e-9)
+    assert all(0.5 <= a <= 1.0 for a in joint.values())  # 2-class task: at least chance, never above 1
