@@ -70,14 +70,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     names = args.analyses.split(",") if args.analyses else None
     try:
         for run in runs:
-            options = None
-            if args.tunnel_start:
-                from .checkpoints import config_from_checkpoint, finished_tasks, load_checkpoint
-
-                cfg = config_from_checkpoint(load_checkpoint(run / f"task{finished_tasks(run)[-1]}.pt"))
-                options = cfg.analyses
-                options.tunnel_start = str(args.tunnel_start)
-            run_analyses(run, names, args.device, options, progress=not args.no_progress)
+            run_analyses(run, names, args.device, progress=not args.no_progress,
+                         tunnel_start=str(args.tunnel_start) if args.tunnel_start else None)
             print(f"analysed {run}")
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ training) and ``cltunnel analyze RUN_DIR``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -305,10 +306,13 @@ def plot_development(dev: pd.DataFrame, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ driver
 def run_analyses(run_dir: str | Path, names: list[str] | None = None, device: str = "auto",
-                 options: AnalysesConfig | None = None, progress: bool = True, data: ImageData | None = None
-                 ) -> dict[str, Any]:
-    """Run the named analyses (default: the scenario's ``analyses.run``, else all) on one run."""
+                 options: AnalysesConfig | None = None, progress: bool = True, data: ImageData | None = None,
+                 tunnel_start: str | None = None) -> dict[str, Any]:
+    """Run the named analyses (default: the scenario's ``analyses.run``, else all) on one run;
+    ``tunnel_start`` overrides the configured extractor length."""
     run = load_run(run_dir, device, options, progress, data)
+    if tunnel_start is not None:
+        run.options = dataclasses.replace(run.options, tunnel_start=tunnel_start)
     wanted = names or run.options.run or list(ANALYSES)
     unknown = [n for n in wanted if n not in ANALYSES]
     if unknown:

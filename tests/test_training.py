@@ -150,6 +150,10 @@ def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "out" / "s" / "seed0"
     assert json.loads((run_dir / "metrics.json").read_text())["scenario"] == "s"
     assert cli_main(["table", str(run_dir)]) == 0 and "accuracy matrix" in capsys.readouterr().out
+    assert cli_main(["analyze", str(run_dir), "--analyses", "cka", "--device", "cpu", "--no-progress"]) == 0
+    assert "CKA between M1 and M2" in capsys.readouterr().out and (run_dir / "cka_layers_model1.png").exists()
+    assert cli_main(["analyze", str(run_dir), "--analyses", "swapp", "--device", "cpu"]) == 2
+    assert "unknown ['swapp']" in capsys.readouterr().err
     monkeypatch.chdir(REPO)
     assert cli_main(["list"]) == 0 and "vgg19" in capsys.readouterr().out
     scenario.write_text(yaml.safe_dump({**raw, "trainig": {}}))
