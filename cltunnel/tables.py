@@ -69,13 +69,14 @@ def write_table(mean: pd.DataFrame, std: pd.DataFrame, n_seeds: int, stem: Path,
                 notes: list[str] = ()) -> str:
     """Write ``stem``.csv (mean and std columns), .md and .tex; return the markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    pd.concat({"mean": mean, "std": std}, axis=1).to_csv(stem.with_suffix(".csv"))
+    path = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("csv", "md", "tex")}  # names may hold dots (w0.25)
+    pd.concat({"mean": mean, "std": std}, axis=1).to_csv(path["csv"])
     shown = format_mean_std(mean, std, n_seeds)
     md = f"### {title}\n\n" + shown.to_markdown() + "\n"
     if notes:
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".tex").write_text(shown.to_latex(escape=True, caption=title))
+    path["md"].write_text(md)
+    path["tex"].write_text(shown.to_latex(escape=True, caption=title))
     return md
 
 

@@ -151,3 +151,15 @@ def test_cka_matrix_agrees_with_pairwise_cka_and_is_symmetric():
     assert m[0, 1] == pytest.approx(1.0, abs=1e-9)
     assert m[0, 2] == pytest.approx(minibatch_cka([(a[i:i + 100], b[i:i + 100]) for a, b in [(layers[0], layers[2])]
                                                    for i in range(0, 400, 100)]), abs=1e-9)
+
+
+def test_tables_keep_dotted_names_whole(tmp_path):
+    import pandas as pd
+
+    from cltunnel.tables import write_table
+
+    df = pd.DataFrame({"a": [1.0]})
+    write_table(df, df * 0, 2, tmp_path / "split5_vgg13_w0.25_table", "t")
+    write_table(df, df * 0, 2, tmp_path / "split5_vgg13_w0.25_cka", "t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"split5_vgg13_w0.25_{kind}.{ext}" for kind in ("table", "cka") for ext in ("csv", "md", "tex"))
