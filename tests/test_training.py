@@ -49,7 +49,12 @@ def mnist_tiny(tmp_path: Path, **over) -> dict:
 # 46.7 46.6 53.9 38.1 43.4 (mean 45.7, std 5.7); task 1 right after task 1 50.7 48.9 63.7 52.4 47.4 (mean 52.6,
 # std 6.6); forgetting of task 0 13.7 7.6 10.4 14.1 10.5 (mean 11.3, std 2.7). Bands: mean ± about 3 std,
 # which keeps both accuracies far above chance (20%) and forgetting strictly positive.
-BANDS = {"task0": (30.0, 65.0), "task1": (32.0, 75.0), "forgetting": (2.0, 22.0)}
+BANDS = {"task0": (30.0, 65.0), "task1": (32.0, 75.0), "forgetting": (2.0, 22.0),
+         # E2(FT) - (E2+T2) on task 1, extractor = layers 1..8: 24.9 14.5 13.8 29.7 (seeds 0-3; mean 20.7, std 7.9).
+         "probe_gain": (2.0, 50.0)}
+# Relations of the thesis that did NOT hold robustly at this size (seeds 0-3), so they are not asserted:
+# E2+T1(FT) >= E2+T1 on task 1 (7.6 1.8 -4.0 11.3) and E1+T2 > E2+T2 on task 1 (0.4 4.4 5.4 10.3): in a
+# network this small and short-trained, much of the forgetting sits above layer 8 (see tables/README.md).
 
 
 @pytest.mark.slow
@@ -60,6 +65,11 @@ def test_band_scenario_lands_in_calibrated_bands(cifar10, tmp_path):
     assert BANDS["task0"][0] <= acc[0, 0] <= BANDS["task0"][1]
     assert BANDS["task1"][0] <= acc[1, 1] <= BANDS["task1"][1]
     assert BANDS["forgetting"][0] <= acc[0, 0] - acc[1, 0] <= BANDS["forgetting"][1]
+    from cltunnel.experiments import run_analyses
+
+    swap = run_analyses(run_dir, ["swap"], "cpu", cfg.analyses, progress=False, data=cifar10)["swap"]["first task"]
+    assert swap["E2 + T2"] == pytest.approx(acc[1, 0]) and swap["E1 + T1"] == pytest.approx(acc[0, 0])
+    assert BANDS["probe_gain"][0] <= swap["E2 (FT)"] - swap["E2 + T2"] <= BANDS["probe_gain"][1]
     for name in ("accuracy_matrix", "forgetting", "forgetting_exact_rows"):
         for ext in ("csv", "md", "tex"):
             assert (run_dir / f"{name}.{ext}").stat().st_size > 0
