@@ -7,6 +7,7 @@ name and renamed, so a run killed mid-write leaves the previous checkpoint intac
 from __future__ import annotations
 
 import os
+import warnings
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,44 @@ def load_model_state(model: LayeredModel, state: dict[str, Any]) -> LayeredModel
 
 
 def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimizer: torch.optim.Optimizer,
-                         cfg: RunConfig, seed: int, metrics: dict[str, Any], model_spec: dict[str, Any]) -> Path:
+                         cfg: RunConfig, seed: int, metrics: dict[str, Any], model_spec: dict[str, Any],
+                         strategy: Any = None) -> Path:
     path = run_dir / CHECKPOINT_PATTERN.format(task)
     atomic_save({"task": task, "seed": seed, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
                  "model_spec": model_spec, "optimizer": optimizer.state_dict(), "metrics": metrics,
+                 "strategy": strategy_state(strategy) if strategy is not None else None,
                  **model_state(model)}, path)
     return path
+
+
+# Plugins whose state belongs to this process (loggers, progress bars, schedules rebuilt every task), and
+# Avalanche's ReplayPlugin, whose buffer pickles the whole dataset it indexes: a resumed run refills it.
+TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugin", "LRSchedulerPlugin",
+                     "ReplayPlugin")
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """What a strategy learned besides the weights (EWC importances, replay buffers, distillation targets,
+    the clock), so that resuming after task t continues the same strategy, not a fresh one."""
+    plugins = [(type(p).__name__, dict(p.__dict__)) for p in strategy.plugins
+               if type(p).__name__ not in TRANSIENT_PLUGINS]
+    return {"plugins": plugins, "clock": dict(strategy.clock.__dict__)}
+
+
+def load_strategy_state(strategy: Any, state: dict[str, Any] | None) -> None:
+    """Put :func:`strategy_state` back into a freshly built strategy of the same configuration."""
+    if state is None:
+        return
+    ours = [p for p in strategy.plugins if type(p).__name__ not in TRANSIENT_PLUGINS]
+    if [type(p).__name__ for p in ours] != [name for name, _ in state["plugins"]]:
+        raise CheckpointMismatch(f"the checkpoint's strategy plugins {[n for n, _ in state['plugins']]} differ from "
+                                 f"this strategy's {[type(p).__name__ for p in ours]}")
+    for plugin, (_, saved) in zip(ours, state["plugins"]):
+        plugin.__dict__.update(saved)
+    if any(type(p).__name__ == "ReplayPlugin" for p in strategy.plugins):
+        warnings.warn("resuming with Avalanche's ReplayPlugin: its buffer starts empty (use 'replay', which is "
+                      "restored)", stacklevel=2)
+    strategy.clock.__dict__.update(state["clock"])
 
 
 EPOCH_DIR = "epochs"
@@ -89,7 +122,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own files: plugin state is pickled
 
 
 def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:

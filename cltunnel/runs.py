@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from . import tables
-from .checkpoints import latest_checkpoint, load_model_state, save_epoch_checkpoint, save_task_checkpoint
+from .checkpoints import (latest_checkpoint, load_model_state, load_strategy_state, save_epoch_checkpoint,
+                          save_task_checkpoint)
 from .config import RunConfig
 from .data import ImageData, load_dataset
 from .models import LayeredModel, build_model
@@ -77,14 +78,16 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
     model = make_model(spec, seed)
     state = latest_checkpoint(run_dir, cfg)
     metrics = _empty_metrics(cfg, seed, scenario, device)
+    strategy_state = None
     if state is not None:
         load_model_state(model, state)
-        metrics = state["metrics"]
+        metrics, strategy_state = state["metrics"], state.get("strategy")
     start_task = len(metrics["acc"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
     if start_task < len(scenario.tasks):
-        _train_tasks(cfg, seed, scenario, model, spec, metrics, run_dir, device, start_task, progress, stop_after)
+        _train_tasks(cfg, seed, scenario, model, spec, metrics, run_dir, device, start_task, progress, stop_after,
+                     strategy_state)
     if len(metrics["acc"]) == len(scenario.tasks):
         (run_dir / tables.METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         tables.render(run_dir)
@@ -97,7 +100,7 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
 
 def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: LayeredModel, spec: dict[str, Any],
                  metrics: dict[str, Any], run_dir: Path, device: torch.device, start_task: int, progress: bool,
-                 stop_after: int | None) -> None:
+                 stop_after: int | None, strategy_state: dict[str, Any] | None = None) -> None:
     tcfg = cfg.training
     amp = amp_enabled(tcfg, device)
     ddata = DeviceData.create(scenario, device, tcfg.augment, channels_last_enabled(tcfg, device))
@@ -114,6 +117,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins)
     strategy.cltunnel_data, strategy.cltunnel_seed, strategy.cltunnel_amp = ddata, seed, amp
+    load_strategy_state(strategy, strategy_state)
     for t in range(start_task, len(scenario.tasks)):
         timer = Timer()
         torch.manual_seed(seed * 10_007 + t)
@@ -123,7 +127,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         if metrics["acc_lossless"] is not None:
             metrics["acc_lossless"].append(ev.acc_lossless)
         metrics["task_seconds"].append(timer.seconds)
-        save_task_checkpoint(run_dir, t, model, strategy.optimizer, cfg, seed, metrics, spec)
+        save_task_checkpoint(run_dir, t, model, strategy.optimizer, cfg, seed, metrics, spec, strategy)
         _report(cfg, seed, t, len(scenario.tasks), ev, metrics["task_seconds"])
         if stop_after is not None and t >= stop_after:
             break

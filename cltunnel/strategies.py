@@ -25,9 +25,14 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "si": ("avalanche.training:SynapticIntelligence", {"si_lambda": 1.0}),
     "mas": ("avalanche.training:MAS", {"lambda_reg": 1.0}),
     "lwf": ("avalanche.training:LwF", {"alpha": 1.0, "temperature": 2.0}),
-    "replay": ("avalanche.training:Replay", {"mem_size": 500}),
+    "replay": ("cltunnel.tunnel_aware:Replay", {"mem_size": 500}),  # device path, augmented like training
+    "avalanche_replay": ("avalanche.training:Replay", {"mem_size": 500}),  # Avalanche's loader: slow, unaugmented
     "agem": ("avalanche.training:AGEM", {"patterns_per_exp": 256}),
     "gem": ("avalanche.training:GEM", {"patterns_per_exp": 256}),
+    # Tunnel-aware (cltunnel.tunnel_aware): tunnel_start 'auto' = from probes of the model after task 1.
+    "ewc_extractor": ("cltunnel.tunnel_aware:LayerwiseEWC", {"ewc_lambda": 100.0, "penalise": "extractor"}),
+    "freeze_tunnel": ("cltunnel.tunnel_aware:FreezeTunnel", {}),
+    "feature_replay": ("cltunnel.tunnel_aware:FeatureReplay", {"mem_size": 500}),
 }
 
 

@@ -1,0 +1,300 @@
+"""Tunnel-aware CL strategies: act on the split of the body into extractor and tunnel.
+
+The tunnel-effect work finds the tunnel (the deep layers after the probe accuracy saturates) task-agnostic
+and forgetting concentrated in the extractor. Three ways to act on that, each an Avalanche plugin (the
+mechanism) wrapped in a thin strategy class (so YAML can name it and it composes with other plugins):
+
+* :class:`LayerwiseEWCPlugin` — EWC whose penalty covers only the extractor (or only the tunnel, or all:
+  the matched controls), with importances computed on cltunnel's device data path;
+* :class:`FreezeLayersPlugin` — the tunnel's parameters and BatchNorm statistics stay as after task 1;
+* :class:`LayerReplayPlugin` at the tunnel start — replay stored extractor outputs through the tunnel and
+  old heads, instead of replaying images through the whole network (at layer 0: plain experience replay).
+
+Convention, shared with the analyses: with tunnel start ``k`` the extractor is body layers 1..k and the
+tunnel is layers k+1..n. ``tunnel_start: auto`` finds k after the first task from linear probes of that
+model (the thesis's 95 % rule) and keeps it for the rest of the run. Truncating the network to its
+extractor is a model, not a strategy: ``model: {name: vgg19, args: {conv_layers: k}}``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+from avalanche.training.plugins import EWCPlugin
+from avalanche.training.utils import ParamData
+
+from .analysis import ProbeConfig, train_probes, tunnel_start
+from .config import ConfigError
+from .models import LayeredModel
+
+log = logging.getLogger("cltunnel")
+
+
+class TunnelStart:
+    """A fixed tunnel start, or one found from probes of the model after the first task."""
+
+    def __init__(self, spec: int | str = "auto", threshold: float = 0.95, probe_epochs: int = 10) -> None:
+        if spec != "auto" and not (isinstance(spec, int) and spec >= 0):
+            raise ConfigError(f"strategy.args.tunnel_start: {spec!r} must be 'auto' or a layer number (0..n)")
+        self.spec, self.threshold, self.probe_epochs = spec, threshold, probe_epochs
+        self.value: int | None = spec if isinstance(spec, int) else None
+
+    def resolve(self, strategy: Any) -> int:
+        """k for this run; with ``auto``, computed once (call it after the first task has been learned)."""
+        if self.value is None:
+            self.value = self._from_probes(strategy)
+        n = len(strategy.model.body)
+        if self.value > n:
+            raise ConfigError(f"strategy.args.tunnel_start: {self.value} exceeds the body's {n} layers")
+        return self.value
+
+    def _from_probes(self, strategy: Any) -> int:
+        data = getattr(strategy, "cltunnel_data", None)
+        if data is None:
+            raise ConfigError("strategy.args.tunnel_start: 'auto' needs cltunnel's data path; give a layer number")
+        task = data.scenario.tasks[strategy.experience.current_experience]
+        was_training = strategy.model.training
+        with torch.enable_grad():  # plugins may call this from inside a no_grad hook
+            acc = train_probes(strategy.model, data, task, cfg=ProbeConfig(epochs=self.probe_epochs), progress=False)
+        strategy.model.train(was_training)
+        k = tunnel_start(acc, self.threshold)
+        log.info("tunnel start from probes after task %d: layer %d (probe acc %s)", task.id, k,
+                 {layer: round(100 * a, 1) for layer, a in acc.items()})
+        return k
+
+
+def extractor_layers(model: LayeredModel, k: int) -> list[nn.Module]:
+    return list(model.body)[:k]
+
+
+def tunnel_layers(model: LayeredModel, k: int) -> list[nn.Module]:
+    return list(model.body)[k:]
+
+
+def parameter_names(model: LayeredModel, part: str, k: int) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the extractor's, the tunnel's, or every parameter."""
+    if part == "all":
+        return {name for name, _ in model.named_parameters()}
+    if part not in ("extractor", "tunnel"):
+        raise ConfigError(f"strategy.args.penalise: {part!r} must be extractor, tunnel or all")
+    children = list(model.body.named_children())
+    chosen = children[:k] if part == "extractor" else children[k:]
+    return {f"body.{layer}.{name}" for layer, module in chosen for name, _ in module.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- EWC
+class LayerwiseEWCPlugin(EWCPlugin):
+    """EWC (Kirkpatrick et al. 2017) whose penalty covers only the chosen part of the body.
+
+    Parameters outside it have no saved value and no importance, which Avalanche's penalty skips ("new
+    parameters do not count"), so they move freely. Fisher importances are computed on the device data
+    (unaugmented training rows) when cltunnel drives the strategy, else by Avalanche's own loader.
+    """
+
+    def __init__(self, ewc_lambda: float, penalise: str = "extractor", tunnel_start: int | str = "auto",
+                 mode: str = "separate", decay_factor: float | None = None, **probe: Any) -> None:
+        super().__init__(ewc_lambda, mode, decay_factor)
+        if penalise not in ("extractor", "tunnel", "all"):
+            raise ConfigError(f"strategy.args.penalise: {penalise!r} must be extractor, tunnel or all")
+        self.penalise = penalise
+        self.tunnel = TunnelStart(tunnel_start, **probe)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        t = strategy.clock.train_exp_counter
+        keep = parameter_names(strategy.model, self.penalise, self.tunnel.resolve(strategy))
+        importances = {n: v for n, v in self._importances(strategy).items() if n in keep}
+        self.update_importances(importances, t)
+        self.saved_params[t] = {n: ParamData(n, p.shape, init_tensor=p.detach().clone(), device=p.device)
+                                for n, p in strategy.model.named_parameters() if n in keep}
+        if t > 0 and not self.keep_importance_data:
+            del self.saved_params[t - 1]
+
+    def _importances(self, strategy: Any) -> dict[str, ParamData]:
+        data = getattr(strategy, "cltunnel_data", None)
+        if data is None:
+            return self.compute_importances(strategy.model, strategy._criterion, strategy.optimizer,
+                                            strategy.experience.dataset, strategy.device, strategy.train_mb_size)
+        return fisher_diagonal(strategy.model, strategy._criterion,
+                               data.batches(data.scenario.tasks[strategy.experience.current_experience],
+                                            "eval_train", strategy.train_mb_size))
+
+    def penalty_terms(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each penalised parameter's term of the current penalty (before ``ewc_lambda``): for inspection."""
+        terms: dict[str, torch.Tensor] = {}
+        for exp, saved in self.saved_params.items():
+            for name, p in model.named_parameters():
+                if name in saved:
+                    term = (self.importances[exp][name].data * (p.detach() - saved[name].data).pow(2)).sum()
+                    terms[name] = terms.get(name, 0) + term
+        return terms
+
+
+def fisher_diagonal(model: nn.Module, criterion: nn.Module, batches: Any) -> dict[str, ParamData]:
+    """Mean squared gradient per parameter over the batches (the empirical Fisher diagonal, as Avalanche)."""
+    was_training = model.training
+    model.eval()
+    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    count = 0
+    for x, y, t in batches:
+        model.zero_grad(set_to_none=True)
+        criterion(model(x, int(t[0])), y).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                sums[n] += p.grad.detach().pow(2)
+        count += 1
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {n: ParamData(n, s.shape, init_tensor=s / max(count, 1), device=s.device) for n, s in sums.items()}
+
+
+class LayerwiseEWC(Naive):
+    """Fine-tuning plus :class:`LayerwiseEWCPlugin` (default: the extractor alone is penalised)."""
+
+    def __init__(self, *, ewc_lambda: float = 100.0, penalise: str = "extractor", tunnel_start: int | str = "auto",
+                 plugins: list | None = None, **kwargs: Any) -> None:
+        plugin = LayerwiseEWCPlugin(ewc_lambda, penalise, tunnel_start)
+        super().__init__(plugins=[plugin, *(plugins or [])], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ freeze
+class FreezeLayersPlugin(SupervisedPlugin):
+    """From the second task on, the tunnel's (or the extractor's) weights get no gradient and its BatchNorm
+    statistics stay put.
+
+    Frozen parameters have ``grad is None``, so SGD skips them entirely (no momentum, no weight decay): they
+    stay bitwise as after task 1.
+    """
+
+    def __init__(self, tunnel_start: int | str = "auto", part: str = "tunnel", **probe: Any) -> None:
+        super().__init__()
+        if part not in ("tunnel", "extractor"):
+            raise ConfigError(f"strategy.args.freeze: {part!r} must be tunnel or extractor")
+        self.part = part
+        self.tunnel = TunnelStart(tunnel_start, **probe)
+
+    def frozen(self, model: LayeredModel, k: int) -> list[nn.Module]:
+        return tunnel_layers(model, k) if self.part == "tunnel" else extractor_layers(model, k)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.tunnel.resolve(strategy)  # fixes an automatic start on the first task's model
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if strategy.experience.current_experience > 0:
+            for layer in self.frozen(strategy.model, self.tunnel.resolve(strategy)):
+                layer.requires_grad_(False)
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        if strategy.experience.current_experience > 0:
+            for layer in self.frozen(strategy.model, self.tunnel.resolve(strategy)):
+                layer.eval()
+
+
+class FreezeTunnel(Naive):
+    """Fine-tuning with the tunnel frozen after task 1."""
+
+    def __init__(self, *, tunnel_start: int | str = "auto", plugins: list | None = None, **kwargs: Any) -> None:
+        super().__init__(plugins=[FreezeLayersPlugin(tunnel_start, "tunnel"), *(plugins or [])], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- replay
+class LayerReplayPlugin(SupervisedPlugin):
+    """Replay at the output of body layer ``layer``: 0 = images (experience replay), the tunnel start =
+    extractor outputs (latent replay, after Pellegrini et al. 2020, without freezing the extractor).
+
+    After each task, ``mem_size`` slots are shared equally among the tasks seen; a task's slots hold random
+    training rows (images are re-augmented like the training data when replayed; deeper layers store
+    float16 features of the unaugmented rows, computed once). While a later task trains, every step adds
+    ``alpha`` × the cross-entropy of a replayed batch passed through the layers above and each row's own
+    task head. Stored features do not follow the extractor as it keeps learning: if forgetting sits in the
+    extractor (the thesis's finding), feature replay should help little.
+    """
+
+    def __init__(self, mem_size: int = 500, layer: int | str = 0, alpha: float = 1.0,
+                 batch_size: int | None = None, **probe: Any) -> None:
+        super().__init__()
+        self.mem_size, self.alpha, self.batch_size = mem_size, alpha, batch_size
+        self.tunnel = TunnelStart(layer, **probe)
+        self.buffer: dict[int, dict[str, Any]] = {}  # task id -> rows, labels, head (and features for layer > 0)
+        self.generator: torch.Generator | None = None
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        data = getattr(strategy, "cltunnel_data", None)
+        if data is None:
+            raise ConfigError("strategy: this replay runs on cltunnel's data path (cltunnel run)")
+        with torch.no_grad():
+            self._store(strategy, data, self.tunnel.resolve(strategy))
+
+    def _store(self, strategy: Any, data: Any, k: int) -> None:
+        task = data.scenario.tasks[strategy.experience.current_experience]
+        quota = self.mem_size // (len(self.buffer) + 1)
+        self.buffer = {t: {key: v[:quota] if torch.is_tensor(v) else v for key, v in slot.items()}
+                       for t, slot in self.buffer.items()}
+        gen = torch.Generator(device="cpu").manual_seed(strategy.cltunnel_seed * 7919 + task.id)
+        rows = task.train_idx[torch.randperm(len(task.train_idx), generator=gen)[:quota]].to(data.device)
+        slot = {"rows": rows, "labels": data.label_maps[task.id][data.y_train[rows]], "head": task.head}
+        if k > 0:
+            was_training = strategy.model.training
+            strategy.model.eval()
+            slot["features"] = torch.cat([strategy.model.features(x, upto=k).half()
+                                          for x, _, _ in data.batches(task, "eval_train", 500, rows=rows)])
+            strategy.model.train(was_training)
+        self.buffer[task.id] = slot
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if not self.buffer or strategy.experience.current_experience == 0:
+            return
+        if self.generator is None:
+            self.generator = torch.Generator(device="cpu").manual_seed(strategy.cltunnel_seed)
+        strategy.loss = strategy.loss + self.alpha * self.replay_loss(strategy)
+
+    def replay_loss(self, strategy: Any) -> torch.Tensor:
+        """Mean cross-entropy of one batch drawn uniformly from the buffer."""
+        model: LayeredModel = strategy.model
+        data = strategy.cltunnel_data
+        k = self.tunnel.resolve(strategy)
+        slots = list(self.buffer.values())
+        sizes = torch.tensor([len(slot["rows"]) for slot in slots])
+        n = self.batch_size or strategy.train_mb_size
+        pick = torch.randint(int(sizes.sum()), (n,), generator=self.generator)
+        owner = torch.bucketize(pick, sizes.cumsum(0), right=True)
+        offsets = sizes.cumsum(0) - sizes
+        loss = torch.zeros((), device=strategy.device)
+        for i, slot in enumerate(slots):
+            idx = (pick[owner == i] - offsets[i]).to(data.device)
+            if len(idx) == 0:
+                continue
+            if k == 0:
+                h = data.x_train[slot["rows"][idx]]
+                h = data.normalise(data.augment(h, strategy.dataloader.generator) if data.augment else h)
+            else:
+                h = slot["features"][idx].float()
+            for layer in tunnel_layers(model, k):
+                h = layer(h)
+            logits = model.head_for(slot["head"])(h).float()
+            loss = loss + nn.functional.cross_entropy(logits, slot["labels"][idx], reduction="sum")
+        return loss / n
+
+
+class Replay(Naive):
+    """Experience replay on the device: a class-balanced-by-task buffer of images, one replayed batch per step."""
+
+    def __init__(self, *, mem_size: int = 500, alpha: float = 1.0, plugins: list | None = None, **kwargs: Any) -> None:
+        super().__init__(plugins=[LayerReplayPlugin(mem_size, 0, alpha), *(plugins or [])], **kwargs)
+
+
+class FeatureReplay(Naive):
+    """Fine-tuning plus replay of stored extractor outputs through the tunnel and the old tasks' heads;
+    ``freeze_extractor: true`` keeps the stored features exact (Pellegrini et al.'s latent replay)."""
+
+    def __init__(self, *, mem_size: int = 500, tunnel_start: int | str = "auto", alpha: float = 1.0,
+                 freeze_extractor: bool = False, plugins: list | None = None, **kwargs: Any) -> None:
+        replay = LayerReplayPlugin(mem_size, tunnel_start, alpha)
+        own = [replay, FreezeLayersPlugin(tunnel_start, "extractor")] if freeze_extractor else [replay]
+        if freeze_extractor:
+            own[1].tunnel = replay.tunnel  # one tunnel start for both, found once
+        super().__init__(plugins=[*own, *(plugins or [])], **kwargs)
