@@ -1,4 +1,4 @@
-"""``cltunnel run | list | table``."""
+"""``cltunnel run | list | analyze | sweep | table``."""
 from __future__ import annotations
 
 import argparse
@@ -49,10 +49,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
+    from .sweeps import aggregate_sweep, is_sweep_dir
     from .tables import render
 
     try:
-        print(render(args.run_dir))
+        print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -81,6 +82,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweeps import describe, load_sweep, run_sweep
+
+    try:
+        sweep = load_sweep(args.sweep)
+        if args.dry_run:
+            print(describe(sweep))
+            return 0
+        results = run_sweep(sweep, args.backend, progress=not args.no_progress)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if r.status == "failed"]
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    print(f"sweep {sweep.name}: {counts['done']} ran, {counts['skipped']} already done, {counts['failed']} failed")
+    for r in failed:
+        print(f"FAILED {r.config}/seed{r.seed}: {r.error.strip().splitlines()[-1] if r.error else ''}", file=sys.stderr)
+    print(f"tables: {sweep.directory}/summary.md")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cltunnel", description="Continual-learning layer surgery benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--device", default="auto")
     ana.add_argument("--no-progress", action="store_true")
     ana.set_defaults(func=_cmd_analyze)
-    tab = sub.add_parser("table", help="re-render the tables of a run or scenario directory")
+    swp = sub.add_parser("sweep", help="a base scenario x axes: run what is missing, then the combined tables")
+    swp.add_argument("sweep", help="sweep YAML file")
+    swp.add_argument("--backend", choices=["local", "ray"], help="overrides the file's backend")
+    swp.add_argument("--dry-run", action="store_true", help="list the runs (and which are done) without running")
+    swp.add_argument("--no-progress", action="store_true")
+    swp.set_defaults(func=_cmd_sweep)
+    tab = sub.add_parser("table", help="re-render the tables of a run, scenario or sweep directory")
     tab.add_argument("run_dir")
     tab.set_defaults(func=_cmd_table)
     return parser

@@ -73,12 +73,12 @@ class StrategyConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "development")  # implemented in cltunnel.experiments
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development")  # implemented in cltunnel.experiments
 
 
 @dataclass
 class AnalysesConfig:
-    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, development
+    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, cka_layers, development
     tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
     tunnel_threshold: float = 0.95  # tunnel starts where probe accuracy reaches this share of the last layer's
     probe: dict[str, Any] = field(default_factory=dict)  # ProbeConfig overrides (epochs, lr, batch_size, ...)

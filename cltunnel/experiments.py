@@ -353,11 +353,17 @@ def _analysis_substitution(run: LoadedRun) -> pd.DataFrame:
 def _analysis_cka(run: LoadedRun) -> pd.DataFrame:
     df = cka_m1_m2(run)
     df.to_csv(run.run_dir / "cka_m1_m2.csv")
+    return df
+
+
+def _analysis_cka_layers(run: LoadedRun) -> list[pd.DataFrame]:
+    matrices = []
     for i, model in enumerate(run.models):
         matrix = layer_cka_matrix(run, model_index=i, task=0)
         matrix.to_csv(run.run_dir / f"cka_layers_model{i + 1}.csv")
         plot_cka_matrix(matrix, run.run_dir / f"cka_layers_model{i + 1}.png", f"M{i + 1}, task-1 test data")
-    return df
+        matrices.append(matrix)
+    return matrices
 
 
 def _analysis_development(run: LoadedRun) -> pd.DataFrame:
@@ -372,6 +378,7 @@ ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
     "swap": _analysis_swap,
     "substitution": _analysis_substitution,
     "cka": _analysis_cka,
+    "cka_layers": _analysis_cka_layers,
     "development": _analysis_development,
 }
 assert tuple(ANALYSES) == ANALYSIS_NAMES, "keep config.ANALYSIS_NAMES in step with the analyses here"

@@ -106,7 +106,8 @@ class LayerwiseEWCPlugin(EWCPlugin):
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         t = strategy.clock.train_exp_counter
-        keep = parameter_names(strategy.model, self.penalise, self.tunnel.resolve(strategy))
+        k = self.tunnel.resolve(strategy) if self.penalise != "all" else 0  # 'all' needs no tunnel start
+        keep = parameter_names(strategy.model, self.penalise, k)
         importances = {n: v for n, v in self._importances(strategy).items() if n in keep}
         self.update_importances(importances, t)
         self.saved_params[t] = {n: ParamData(n, p.shape, init_tensor=p.detach().clone(), device=p.device)

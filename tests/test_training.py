@@ -149,7 +149,7 @@ def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "out" / "s" / "seed0"
     assert json.loads((run_dir / "metrics.json").read_text())["scenario"] == "s"
     assert cli_main(["table", str(run_dir)]) == 0 and "accuracy matrix" in capsys.readouterr().out
-    assert cli_main(["analyze", str(run_dir), "--analyses", "cka", "--device", "cpu", "--no-progress"]) == 0
+    assert cli_main(["analyze", str(run_dir), "--analyses", "cka,cka_layers", "--device", "cpu", "--no-progress"]) == 0
     assert "CKA between M1 and M2" in capsys.readouterr().out and (run_dir / "cka_layers_model1.png").exists()
     assert cli_main(["analyze", str(run_dir), "--analyses", "swapp", "--device", "cpu"]) == 2
     assert "unknown ['swapp']" in capsys.readouterr().err
@@ -165,7 +165,7 @@ def test_analyses_on_a_real_run_agree_with_its_training_metrics(cifar10, tmp_pat
     """Surgery endpoints reproduce the accuracy matrix; swap table, curves and CKA are written."""
     from cltunnel.experiments import aggregate_seeds, run_analyses
 
-    raw = tiny(tmp_path, analyses={"run": ["swap", "substitution", "cka"], "probe": {"epochs": 3}})
+    raw = tiny(tmp_path, analyses={"run": ["swap", "substitution", "cka", "cka_layers"], "probe": {"epochs": 3}})
     run_dir = run_seed(parse_config(raw), 0, cifar10, progress=False)
     acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
     swap = pd.read_csv(run_dir / "swap_table.csv", index_col=0)

@@ -1,0 +1,364 @@
+"""Sweeps: a base scenario × axes → runs, one process or a Ray cluster; resumable; aggregated into tables.
+
+A sweep file::
+
+    name: width_study
+    base: ../split5.yaml             # a scenario file (relative to this one), or an inline mapping
+    set: {training.epochs: 30}       # overrides for every run (dotted keys)
+    axes:                            # the grid: every combination is one configuration
+      model.name: [vgg13, vgg19]     # a dotted key and its values
+      model.width: [0.25, 1, 2]
+      strategy:                      # or named variants: label -> overrides
+        naive: {strategy: naive}
+        ewc_x: {strategy: {name: ewc_extractor}}
+      seed: [0, 1, 2]                # seeds are runs of one configuration (mean ± std)
+    backend: local                   # local (sequential) | ray
+    resources: {cpus: 1, gpus: 0}    # per run: Ray's reservation; cpus also fixes torch's threads on both
+                                     # backends (gpus: 0.25 lets four runs share one GPU on Ray)
+    output_dir: runs/sweeps
+
+Runs land in ``<output_dir>/<name>/<configuration>/seed<k>/`` (ordinary run directories). A finished run
+has ``sweep_done.json`` and is skipped; an interrupted one resumes after its last finished task; a failed
+one leaves ``sweep_error.txt`` and does not stop the others.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from . import tables
+from .config import ConfigError, RunConfig, _set_dotted, parse_config
+
+DONE_FILE, ERROR_FILE, MANIFEST = "sweep_done.json", "sweep_error.txt", "sweep.yaml"
+AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed"}
+SHORT = {"width": "w", "tasks": "split", "epochs": "ep", "lr": "lr", "n_tasks": "tasks"}
+SWEEP_KEYS = {"name", "base", "set", "axes", "backend", "resources", "output_dir", "ray_init"}
+
+
+@dataclass
+class Job:
+    """One run: a configuration (all axes but the seed) and a seed."""
+
+    config: str
+    seed: int
+    overrides: dict[str, Any]
+    labels: dict[str, str]
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: dict[str, Any]
+    axes: list[tuple[str, list[tuple[str, dict[str, Any]]]]]  # axis -> [(label, overrides)]
+    seeds: list[int]
+    backend: str = "local"
+    resources: dict[str, float] = field(default_factory=lambda: {"cpus": 1, "gpus": 0})
+    output_dir: str = "runs/sweeps"
+    ray_init: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {unknown}; valid: {', '.join(sorted(SWEEP_KEYS))}")
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = path.parent / base
+        if not base_path.exists():
+            raise ConfigError(f"{path}: base: scenario file not found: {base_path}")
+        base = yaml.safe_load(base_path.read_text()) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: base: give a scenario file or a scenario mapping")
+    base = copy.deepcopy(base)
+    for dotted, value in (raw.get("set") or {}).items():
+        _set_dotted(base, dotted, value)
+    axes, seeds = _parse_axes(raw.get("axes") or {}, base)
+    sweep = Sweep(raw.get("name", path.stem), base, axes, seeds, raw.get("backend", "local"),
+                  {"cpus": 1, "gpus": 0, **(raw.get("resources") or {})}, raw.get("output_dir", "runs/sweeps"),
+                  raw.get("ray_init") or {}, raw)
+    if sweep.backend not in ("local", "ray"):
+        raise ConfigError(f"{path}: backend: '{sweep.backend}' is not one of local, ray")
+    for job in expand(sweep):  # every configuration must parse before anything runs
+        try:
+            job_config(sweep, job)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: configuration '{job.config}': {err}") from None
+    return sweep
+
+
+def _parse_axes(raw_axes: dict[str, Any], base: dict[str, Any]):
+    axes, seeds = [], list(base.get("seeds", [0]))
+    for key, values in raw_axes.items():
+        key = AXIS_ALIASES.get(key, key)
+        if key == "seed":
+            seeds = [int(v) for v in values]
+        elif isinstance(values, dict):
+            axes.append((key, [(str(label), dict(over or {})) for label, over in values.items()]))
+        elif isinstance(values, list) and values:
+            axes.append((key, [(_label(key, v), {key: v}) for v in values]))
+        else:
+            raise ConfigError(f"axes.{key}: give a list of values or a mapping of named variants")
+    return axes, seeds
+
+
+def _label(key: str, value: Any) -> str:
+    last = key.split(".")[-1]
+    text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
+    if last == "name" or isinstance(value, dict):
+        return text if not isinstance(value, dict) else str(value.get("name", value.get("class", "custom")))
+    return f"{SHORT.get(last, last)}{text}"
+
+
+def expand(sweep: Sweep) -> list[Job]:
+    """Every (configuration, seed), in a stable order: axes in file order, seeds innermost."""
+    jobs = []
+    for combo in itertools.product(*[values for _, values in sweep.axes]) if sweep.axes else [()]:
+        labels = {axis: label for (axis, _), (label, _) in zip(sweep.axes, combo)}
+        overrides: dict[str, Any] = {}
+        for _, over in combo:
+            overrides.update(over)
+        name = "_".join(labels.values()) or sweep.name
+        jobs += [Job(name, seed, overrides, labels) for seed in sweep.seeds]
+    return jobs
+
+
+def job_config(sweep: Sweep, job: Job) -> RunConfig:
+    raw = copy.deepcopy(sweep.base)
+    for dotted, value in job.overrides.items():
+        _set_dotted(raw, dotted, copy.deepcopy(value))
+    raw.update(name=job.config, seeds=[job.seed], output_dir=str(sweep.directory))
+    return parse_config(raw)
+
+
+def run_dir(sweep: Sweep, job: Job) -> Path:
+    return sweep.directory / job.config / f"seed{job.seed}"
+
+
+# ------------------------------------------------------------------------------------------ running
+@dataclass
+class JobResult:
+    config: str
+    seed: int
+    status: str  # done | skipped | failed
+    seconds: float = 0.0
+    error: str = ""
+
+
+def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, threads: int | None = None
+            ) -> JobResult:
+    """Train (or resume) one run; never raises, so one failure cannot stop a sweep. Importable by Ray.
+
+    ``threads`` (the sweep's ``resources.cpus``) fixes torch's CPU threads on either backend: float sums
+    depend on it, so the same value gives the same numbers sequentially and on Ray."""
+    os.chdir(cwd)  # user strategy modules resolve against the sweep's working directory
+    import torch
+
+    from .runs import run_seed
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    cfg = parse_config(cfg_dict)
+    out = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    start = time.perf_counter()
+    try:
+        run_seed(cfg, seed, data, progress=False)
+    except Exception:  # noqa: BLE001 - reported to the sweep, which goes on
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERROR_FILE).write_text(traceback.format_exc())
+        return JobResult(cfg.name, seed, "failed", time.perf_counter() - start, traceback.format_exc(limit=3))
+    seconds = time.perf_counter() - start
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    (out / DONE_FILE).write_text(json.dumps({"seconds": seconds}))
+    return JobResult(cfg.name, seed, "done", seconds)
+
+
+def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True) -> list[JobResult]:
+    """Run what is missing, then write the combined tables; returns one result per run."""
+    jobs = expand(sweep)
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    (sweep.directory / MANIFEST).write_text(yaml.safe_dump(_manifest(sweep, jobs), sort_keys=False))
+    results = [JobResult(j.config, j.seed, "skipped") for j in jobs if (run_dir(sweep, j) / DONE_FILE).exists()]
+    todo = [j for j in jobs if not (run_dir(sweep, j) / DONE_FILE).exists()]
+    bar = tqdm(total=len(jobs), initial=len(results), desc=f"sweep {sweep.name}", unit="run", disable=not progress)
+    runner = _run_ray if (backend or sweep.backend) == "ray" else _run_local
+    results += runner(sweep, todo, bar)
+    bar.close()
+    aggregate_sweep(sweep.directory)
+    return results
+
+
+def _tick(bar: tqdm, results: list[JobResult], running: int) -> None:
+    failed = sum(r.status == "failed" for r in results)
+    bar.update(1)
+    bar.set_postfix(done=bar.n - failed, running=running, failed=failed)
+
+
+def _run_local(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
+    from .runs import load_data
+
+    cache: dict[str, Any] = {}
+    results: list[JobResult] = []
+    for i, job in enumerate(jobs):
+        cfg = job_config(sweep, job)
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        if key not in cache:
+            try:
+                cache[key] = load_data(cfg)
+            except Exception:  # noqa: BLE001 - run_job reports it per run
+                cache[key] = None
+        results.append(run_job(cfg.to_dict(), job.seed, os.getcwd(), cache[key], _threads(sweep)))
+        _tick(bar, results, running=min(1, len(jobs) - i - 1))
+    return results
+
+
+def _run_ray(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("backend ray: Ray is not installed here; install the extra: pip install -e \".[ray]\" "
+                          "(or pip install \"ray[default]\"), or use --backend local") from None
+    if not ray.is_initialized():  # RAY_ADDRESS, when set, connects to that cluster instead of starting one
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else sweep.ray_init), log_to_driver=False)
+    env = {k: v for k, v in os.environ.items() if k.startswith("CLTUNNEL_")}  # the data directory, caches
+    task = ray.remote(num_cpus=sweep.resources.get("cpus", 1), num_gpus=sweep.resources.get("gpus", 0),
+                      runtime_env={"env_vars": env})(run_job)
+    pending = {task.remote(job_config(sweep, j).to_dict(), j.seed, os.getcwd(), None, _threads(sweep) or 1): j
+               for j in jobs}
+    results: list[JobResult] = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(ready[0])
+        try:
+            results.append(ray.get(ready[0]))
+        except Exception as err:  # noqa: BLE001 - a worker that died
+            results.append(JobResult(job.config, job.seed, "failed", error=repr(err)))
+        _tick(bar, results, running=len(pending))
+    return results
+
+
+def _threads(sweep: Sweep) -> int | None:
+    cpus = sweep.source.get("resources", {}).get("cpus")  # only when the file sets it: locally, default = all
+    return max(1, int(cpus)) if cpus else None
+
+
+def _manifest(sweep: Sweep, jobs: list[Job]) -> dict[str, Any]:
+    configs = {}
+    for job in jobs:
+        configs.setdefault(job.config, {"labels": job.labels, "seeds": []})["seeds"].append(job.seed)
+    return {"name": sweep.name, "axes": [axis for axis, _ in sweep.axes], "configs": configs, "source": sweep.source}
+
+
+def describe(sweep: Sweep) -> str:
+    """The ``--dry-run`` listing: every run directory and what it changes from the base."""
+    lines = [f"sweep {sweep.name}: {len(expand(sweep))} runs in {sweep.directory}"]
+    for job in expand(sweep):
+        state = "done" if (run_dir(sweep, job) / DONE_FILE).exists() else "todo"
+        lines.append(f"  {job.config}/seed{job.seed}  [{state}]  {json.dumps(job.overrides, default=str)}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- aggregation
+def is_sweep_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).exists()
+
+
+def summary_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One row per configuration: average final accuracy, average forgetting, final accuracy per task
+    (mean and std over its finished seeds), with the axis labels as columns."""
+    manifest = yaml.safe_load((sweep_dir / MANIFEST).read_text())
+    rows_mean, rows_std, labels = {}, {}, {}
+    for config, info in manifest["configs"].items():
+        metrics = [tables.load_metrics(r) for r in tables.seed_dirs(sweep_dir / config)]
+        if not metrics:
+            continue
+        frames = [_summary_row(m["acc"]) for m in metrics]
+        mean, std = tables.aggregate(frames)
+        rows_mean[config], rows_std[config] = mean.iloc[0], std.iloc[0]
+        labels[config] = {**info["labels"], "seeds": len(metrics)}
+    mean, std = pd.DataFrame(rows_mean).T, pd.DataFrame(rows_std).T
+    return mean, std, pd.DataFrame(labels).T
+
+
+def _summary_row(acc: list[list[float]]) -> pd.DataFrame:
+    frame = tables.forgetting_frame(acc)
+    row = {"avg acc": frame.loc["average", "after last task"], "avg forgetting": frame.loc["average", "forgetting"]}
+    row.update({f"{task} final": v for task, v in frame["after last task"].drop("average").items()})
+    return pd.DataFrame([row])
+
+
+def aggregate_sweep(sweep_dir: str | Path) -> str:
+    """Per configuration: its mean ± std tables and analyses; across them: the summary table and the
+    per-layer CKA (M1 vs M2) of every configuration side by side."""
+    from .experiments import aggregate_seeds
+
+    sweep_dir = Path(sweep_dir)
+    manifest = yaml.safe_load((sweep_dir / MANIFEST).read_text())
+    for config in manifest["configs"]:
+        if tables.seed_dirs(sweep_dir / config):
+            tables.render(sweep_dir / config)
+            aggregate_seeds(sweep_dir / config)
+    mean, std, labels = summary_frames(sweep_dir)
+    if mean.empty:
+        return f"{sweep_dir}: no finished runs yet"
+    n = int(labels["seeds"].min())
+    notes = [f"seeds per configuration: {dict(labels['seeds'])}",
+             "avg forgetting: mean over all tasks but the last of (accuracy right after the task - after the last)"]
+    md = tables.write_table(mean, std, n, sweep_dir / "summary", f"{manifest['name']}: accuracy and forgetting (%)",
+                            notes)
+    md += _combined_cka(sweep_dir, list(manifest["configs"]))
+    return md
+
+
+def _combined_cka(sweep_dir: Path, configs: list[str]) -> str:
+    per_config = {}
+    for config in configs:
+        path = sweep_dir / config / f"{config}_cka_m1_m2.csv"
+        if path.exists():
+            frame = pd.read_csv(path, header=[0, 1], index_col=0)
+            per_config[config] = frame["mean"].iloc[:, 0]
+    if not per_config:
+        return ""
+    table = pd.DataFrame(per_config)
+    table.to_csv(sweep_dir / "cka_m1_m2.csv")
+    _plot_cka(table, sweep_dir / "cka_m1_m2.png")
+    md = "\n### CKA between the model after task 1 and after task 2, per layer (task-1 test data, mean over seeds)\n\n"
+    md += table.round(3).to_markdown() + "\n"
+    (sweep_dir / "cka_m1_m2.md").write_text(md)
+    return md
+
+
+def _plot_cka(table: pd.DataFrame, path: Path) -> None:
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    layers = np.arange(1, len(table) + 1)
+    for config in table.columns:
+        ax.plot(layers, table[config].to_numpy(), marker="o", ms=3, label=config)
+    ax.set(xlabel="layer", ylabel="CKA(M1, M2)", ylim=(0, 1.05), title="where each configuration let the network move")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
