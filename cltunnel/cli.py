@@ -15,7 +15,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .checkpoints import CheckpointMismatch
     from .config import load_config
     from .data import DataNotFoundError
-    from .runs import run_scenario
+    from .runs import TrainingDiverged, run_scenario
 
     overrides = {}
     if args.seed is not None:
@@ -27,12 +27,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.scenario, overrides)
         out = run_scenario(cfg, progress=not args.no_progress)
-    except (ConfigError, DataNotFoundError, CheckpointMismatch) as err:
+    except (ConfigError, DataNotFoundError, CheckpointMismatch, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from .tables import render
 
-    print(render(out / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else out))
+    if cfg.erosion is not None:
+        summary = out / (f"seed{cfg.seeds[0]}/erosion_summary.md" if len(cfg.seeds) == 1 else "erosion_summary.md")
+        print(summary.read_text())
+    else:
+        print(render(out / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else out))
     print(f"results: {out}")
     return 0
 

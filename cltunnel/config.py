@@ -87,6 +87,20 @@ class AnalysesConfig:
 
 
 @dataclass
+class ErosionConfig:
+    """Feature erosion (thesis chapter 4): pre-train clean, then keep training on images whose corner square's
+    colour encodes the class; optionally clean again (loss of plasticity, against training from scratch)."""
+
+    ratio: float = 1.0  # share of training images that carry the square
+    square: int = 4  # side of the square, pixels
+    corner: str = "top_left"  # top_left | top_right | bottom_left | bottom_right
+    pretrain_epochs: int = 160
+    erosion_epochs: int = 160
+    relearn_epochs: int = 0  # > 0: a third, clean phase, and a model trained from scratch for as many epochs
+    eval_every: int = 1  # epochs between clean/squared test evaluations
+
+
+@dataclass
 class RunConfig:
     name: str = "scenario"
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,6 +112,7 @@ class RunConfig:
     device: str = "auto"
     output_dir: str = "runs"
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
+    erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -112,6 +127,8 @@ class RunConfig:
         d = self.to_dict()
         for key in ("seeds", "device", "output_dir", "analyses", "name"):
             d.pop(key)
+        if d["erosion"] is None:  # runs from before the erosion section keep their fingerprint
+            d.pop("erosion")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,5 +277,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"analyses.run: unknown {unknown}; valid: {', '.join(ANALYSIS_NAMES)}")
     if cfg.analyses.tunnel_start != "auto" and not cfg.analyses.tunnel_start.isdigit():
         raise ConfigError(f"analyses.tunnel_start: 'auto' or a layer number, got {cfg.analyses.tunnel_start!r}")
+    if cfg.erosion is not None:
+        _validate_erosion(cfg)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
+
+
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def _validate_erosion(cfg: RunConfig) -> None:
+    e = cfg.erosion
+    if not 0.0 <= e.ratio <= 1.0:
+        raise ConfigError(f"erosion.ratio: a share of training images in [0, 1], got {e.ratio}")
+    if e.corner not in CORNERS:
+        raise ConfigError(f"erosion.corner: '{e.corner}' is not one of {', '.join(CORNERS)}")
+    if e.square < 1 or e.pretrain_epochs < 0 or e.erosion_epochs < 1 or e.relearn_epochs < 0 or e.eval_every < 1:
+        raise ConfigError("erosion: square, erosion_epochs and eval_every must be at least 1; epochs not negative")
+    if cfg.scenario.tasks is not None and len(cfg.scenario.tasks) != 1 or cfg.scenario.n_tasks not in (None, 1):
+        raise ConfigError("erosion: runs on one task holding every class (scenario: {tasks: [10]}), "
+                          f"got scenario.tasks={cfg.scenario.tasks}, n_tasks={cfg.scenario.n_tasks}")

@@ -231,6 +231,20 @@ def layer_cka_matrix(run: LoadedRun, model_index: int = 0, task: int = 0, batch_
     return pd.DataFrame(cka_matrix(grams).numpy(), index=names, columns=names)
 
 
+@torch.no_grad()
+def cross_cka_matrix(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int = 0, batch_size: int = 500
+                     ) -> pd.DataFrame:
+    """CKA between every layer of ``a`` (rows) and every layer of ``b`` (columns) on a task's test rows."""
+    grams = []
+    for x, _, _ in run.data.batches(run.data.scenario.tasks[task], "test", batch_size):
+        outs = [a.layer_outputs(x), b.layer_outputs(x)]
+        grams.append([(lambda f: f @ f.T)(o[k].flatten(1).double()) for o in outs for k in sorted(o)])
+    n = len(a.body)
+    full = cka_matrix(grams).numpy()  # both models' layers together; the off-diagonal block is a vs b
+    names = [f"{k} {name}" for k, name in enumerate(a.layer_names, start=1)]
+    return pd.DataFrame(full[:n, n:], index=names, columns=names)
+
+
 def plot_cka_matrix(matrix: pd.DataFrame, path: Path, title: str) -> None:
     plt = tables.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))

@@ -70,8 +70,12 @@ def _empty_metrics(cfg: RunConfig, seed: int, scenario: SplitScenario, device: t
 def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress: bool = True,
              stop_after: int | None = None) -> Path:
     """Train (or resume) one seed; return its run directory. ``stop_after`` ends early (tests of resume)."""
-    device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg)
+    if cfg.erosion is not None:
+        from .erosion import run_erosion
+
+        return run_erosion(cfg, seed, data, progress)
+    device = resolve_device(cfg.device)
     scenario = build_scenario(cfg, data)
     run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
     spec = model_spec(cfg, scenario)
@@ -122,6 +126,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         timer = Timer()
         torch.manual_seed(seed * 10_007 + t)
         strategy.train(benchmark.train_stream[t], eval_streams=[], reset_optimizer_state=True)
+        check_finite(model, t)
         ev = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
         metrics["acc"].append(ev.acc)
         if metrics["acc_lossless"] is not None:
@@ -131,6 +136,19 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         _report(cfg, seed, t, len(scenario.tasks), ev, metrics["task_seconds"])
         if stop_after is not None and t >= stop_after:
             break
+
+
+class TrainingDiverged(RuntimeError):
+    """Parameters became NaN or infinite: the run's numbers would be chance, not a result."""
+
+
+def check_finite(model: LayeredModel, task: int) -> None:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"task {task}: training diverged, {len(bad)} parameter tensors hold NaN/inf (first: {bad[0]}); lower "
+            "training.lr or the strategy's regularisation strength (SGD on an EWC penalty diverges once "
+            "lr * 2 * ewc_lambda * max Fisher > 2 (1 + momentum))")
 
 
 def _report(cfg: RunConfig, seed: int, t: int, n_tasks: int, ev: Evaluation, seconds: list[float]) -> None:
@@ -149,6 +167,11 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
     for seed in cfg.seeds:
         run_seed(cfg, seed, data, progress)
     scenario_dir = Path(cfg.output_dir) / cfg.name
+    if cfg.erosion is not None:
+        from .erosion import aggregate_erosion
+
+        aggregate_erosion(scenario_dir)
+        return scenario_dir
     if len(tables.seed_dirs(scenario_dir)) > 1:  # every finished seed so far, also from earlier invocations
         tables.render(scenario_dir)
     if cfg.analyses.run:

@@ -49,6 +49,9 @@ class DeviceData:
     augment: DeviceAugment | None
     channels_last: bool
     label_maps: list[torch.Tensor]
+    # Applied to training batches after augmentation, (uint8 images, their row ids) -> images: a marker that
+    # must sit at a fixed place whatever the crop (feature erosion's squares).
+    overlay: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def create(cls, scenario: SplitScenario, device: torch.device, augment: bool, channels_last: bool
@@ -72,7 +75,8 @@ class DeviceData:
         x, y = (self.x_train, self.y_train) if on_train else (self.x_test, self.y_test)
         shuffle = split == "train"
         return DeviceBatches(self, x, y, rows.to(self.device), self.label_maps[task.id], task.head, batch_size,
-                             generator if shuffle else None, self.augment if shuffle else None)
+                             generator if shuffle else None, self.augment if shuffle else None,
+                             self.overlay if on_train else None)
 
 
 class DeviceBatches:
@@ -80,10 +84,10 @@ class DeviceBatches:
 
     def __init__(self, data: DeviceData, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
                  label_map: torch.Tensor, task_label: int, batch_size: int, generator: torch.Generator | None,
-                 augment: DeviceAugment | None) -> None:
+                 augment: DeviceAugment | None, overlay: Callable | None = None) -> None:
         self.data, self.x, self.y, self.rows = data, x, y, rows
         self.label_map, self.task_label, self.batch_size = label_map, task_label, batch_size
-        self.generator, self.augment = generator, augment
+        self.generator, self.augment, self.overlay = generator, augment, overlay
 
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
@@ -97,6 +101,8 @@ class DeviceBatches:
             x = self.x[idx]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
+            if self.overlay is not None:
+                x = self.overlay(x, idx)
             x = self.data.normalise(x)
             if self.data.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

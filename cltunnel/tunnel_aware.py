@@ -156,7 +156,7 @@ def fisher_diagonal(model: nn.Module, criterion: nn.Module, batches: Any) -> dic
 class LayerwiseEWC(Naive):
     """Fine-tuning plus :class:`LayerwiseEWCPlugin` (default: the extractor alone is penalised)."""
 
-    def __init__(self, *, ewc_lambda: float = 100.0, penalise: str = "extractor", tunnel_start: int | str = "auto",
+    def __init__(self, *, ewc_lambda: float = 5.0, penalise: str = "extractor", tunnel_start: int | str = "auto",
                  plugins: list | None = None, **kwargs: Any) -> None:
         plugin = LayerwiseEWCPlugin(ewc_lambda, penalise, tunnel_start)
         super().__init__(plugins=[plugin, *(plugins or [])], **kwargs)

@@ -1,0 +1,286 @@
+"""Feature erosion (thesis chapter 4): a shortcut learned late erodes the features learned before it.
+
+Pre-train on clean images, then keep training, same hyper-parameters, on images where a small square in a
+fixed corner has a colour that encodes the class. Clean test accuracy falls while squared test accuracy
+rises: the network swaps its features for the shortcut. Optionally a third, clean phase measures loss of
+plasticity against a model trained from scratch on the same budget.
+
+Phases are the run's "tasks" as far as checkpoints go (``task<i>.pt`` after phase i), so an interrupted
+run resumes after its last finished phase. Outputs: ``erosion_curve.csv/.png`` (clean and squared test
+accuracy every ``eval_every`` epochs across phases, Figure 4.1.1), ``erosion_profile.csv/.png`` (probe
+accuracy and rank per layer before/after, Figure 4.2.2), ``erosion_cka.csv/.png`` (layer-by-layer CKA between
+the model before and after, Figure 4.2.1) and ``erosion_summary.json/.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from avalanche.core import SupervisedPlugin
+
+from . import tables
+from .checkpoints import latest_checkpoint, load_model_state, save_task_checkpoint
+from .config import RunConfig
+from .data import ImageData
+from .models import LayeredModel
+from .scenarios import avalanche_benchmark, build_scenario
+from .strategies import build_strategy
+from .training import (DeviceData, ProgressPlugin, TemperatureCrossEntropy, amp_enabled, channels_last_enabled,
+                       predict_accuracy, resolve_device)
+
+PHASES = ("clean", "squared", "relearn")
+
+
+# ----------------------------------------------------------------------------------------- squares
+def square_colours(n_classes: int, seed: int = 0) -> torch.Tensor:
+    """One RGB colour per class (uint8, n × 3): the 10 tab10 colours first, then seeded random ones."""
+    tab10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    extra = torch.randint(0, 256, (max(0, n_classes - 10), 3), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.tensor(tab10, dtype=torch.uint8), extra.to(torch.uint8)])[:n_classes]
+
+
+def add_squares(x: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, size: int, corner: str,
+                colours: torch.Tensor) -> torch.Tensor:
+    """A copy of uint8 images ``x`` (N, C, H, W) where the rows in ``rows`` carry their class's square.
+    Single-channel images get the colour's mean."""
+    out = x.clone()
+    h, w = x.shape[2], x.shape[3]
+    ys = slice(0, size) if corner.startswith("top") else slice(h - size, h)
+    xs = slice(0, size) if corner.endswith("left") else slice(w - size, w)
+    colour = colours[labels[rows]].to(x.device)  # (n, 3)
+    if x.shape[1] == 1:
+        colour = colour.float().mean(1, keepdim=True).round().to(torch.uint8)
+    out[rows, :, ys, xs] = colour[:, :, None, None]
+    return out
+
+
+def squared_rows(n: int, ratio: float, seed: int) -> torch.Tensor:
+    """Which training rows carry the square: a fixed random ``ratio`` share (round(ratio × n) rows)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: round(ratio * n)].sort().values
+
+
+class Squares:
+    """Stamps the class's square on the chosen training rows of a batch, after augmentation (so the square
+    sits in its corner whatever the random crop), and on every test image once."""
+
+    def __init__(self, data: ImageData, ratio: float, size: int = 4, corner: str = "top_left", seed: int = 0,
+                 train_rows: torch.Tensor | None = None) -> None:
+        pool = train_rows if train_rows is not None else torch.arange(len(data.y_train))
+        self.rows = pool[squared_rows(len(pool), ratio, seed)]
+        self.flag = torch.zeros(len(data.y_train), dtype=torch.bool)
+        self.flag[self.rows] = True
+        self.labels, self.size, self.corner = data.y_train, size, corner
+        self.colours = square_colours(data.num_classes)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        flag, labels = self.flag.to(idx.device)[idx], self.labels.to(idx.device)[idx]
+        return add_squares(x, labels, torch.nonzero(flag).flatten(), self.size, self.corner, self.colours)
+
+    def test_images(self, data: ImageData) -> ImageData:
+        """``data`` with every test image squared (normalisation and training images unchanged)."""
+        squared = dataclasses.replace(data, name=f"{data.name}+squares", x_test=add_squares(
+            data.x_test, data.y_test, torch.arange(len(data.y_test)), self.size, self.corner, self.colours))
+        squared._stats = data.channel_stats()
+        return squared
+
+
+# ------------------------------------------------------------------------------------------ training
+class TestCurvePlugin(SupervisedPlugin):
+    """Clean and squared test accuracy every ``every`` epochs, appended to ``curve``."""
+
+    def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, amp: bool) -> None:
+        super().__init__()
+        self.views, self.curve, self.every, self.amp = views, curve, every, amp
+        self.phase, self.offset = "", 0
+
+    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        epoch = strategy.clock.train_exp_epochs + 1
+        if epoch % self.every == 0 or epoch == strategy.train_epochs:
+            row = {"phase": self.phase, "epoch": self.offset + epoch}
+            for name, view in self.views.items():
+                row[name] = 100 * predict_accuracy(strategy.model, view, view.scenario.tasks[0], amp=self.amp)
+                lossless = view.scenario.tasks[0].test_lossless_idx
+                if view.scenario.data.has_lossy_test_rows and len(lossless):
+                    row[f"{name} exact rows"] = 100 * predict_accuracy(strategy.model, view, view.scenario.tasks[0],
+                                                                       lossless, amp=self.amp)
+            self.curve.append(row)
+
+
+def phase_plan(cfg: RunConfig) -> list[tuple[str, int]]:
+    e = cfg.erosion
+    plan = [("clean", e.pretrain_epochs), ("squared", e.erosion_epochs)]
+    return plan + ([("relearn", e.relearn_epochs)] if e.relearn_epochs else [])
+
+
+def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:
+    """Train (or resume) the phases of one seed, then the before/after analyses; returns the run directory."""
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+    scenario = build_scenario(cfg, data)
+    squares = Squares(data, cfg.erosion.ratio, cfg.erosion.square, cfg.erosion.corner, seed,
+                      scenario.tasks[0].train_idx)
+    views = {name: DeviceData.create(build_scenario(cfg, d), device, cfg.training.augment,
+                                     channels_last_enabled(cfg.training, device))
+             for name, d in (("clean", data), ("squared", squares.test_images(data)))}
+    views["squared"].overlay = squares
+    from .runs import make_model, model_spec
+
+    spec = model_spec(cfg, scenario)
+    model = make_model(spec, seed).to(device)
+    state = latest_checkpoint(run_dir, cfg)
+    metrics = {"scenario": cfg.name, "seed": seed, "device": str(device), "acc": [], "curve": [],
+               "phases": [p for p, _ in phase_plan(cfg)], "n_squared_train": len(squares.rows),
+               "n_train": len(scenario.tasks[0].train_idx), "n_test": len(scenario.tasks[0].test_idx)}
+    if state is not None:
+        load_model_state(model, state)
+        metrics = state["metrics"]
+    for i, (phase, epochs) in enumerate(phase_plan(cfg)):
+        if i < len(metrics["acc"]):
+            continue
+        train_phase(cfg, model, views, "squared" if phase == "squared" else "clean", phase, epochs, seed * 101 + i,
+                    metrics["curve"], progress)
+        metrics["acc"].append([predict_accuracy(model, views["clean"], views["clean"].scenario.tasks[0])])
+        save_task_checkpoint(run_dir, i, model, torch.optim.SGD(model.parameters(), lr=0.0), cfg, seed, metrics, spec)
+    if cfg.erosion.relearn_epochs and "scratch" not in metrics:
+        metrics["scratch"] = []
+        scratch = make_model(spec, seed + 1_000).to(device)
+        train_phase(cfg, scratch, views, "clean", "scratch", cfg.erosion.relearn_epochs, seed * 101 + 99,
+                    metrics["scratch"], progress)
+    (run_dir / tables.METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    write_erosion_outputs(run_dir, cfg, metrics, views, progress)
+    return run_dir
+
+
+def train_phase(cfg: RunConfig, model: LayeredModel, views: dict[str, DeviceData], train_on: str, phase: str,
+                epochs: int, rng_seed: int, curve: list[dict[str, Any]], progress: bool) -> None:
+    """``epochs`` epochs of the scenario's strategy on the ``train_on`` images, a fresh optimizer, same
+    hyper-parameters; test accuracies appended to ``curve``."""
+    if epochs == 0:
+        return
+    device = views["clean"].device
+    tcfg = dataclasses.replace(cfg.training, epochs=epochs)
+    amp = amp_enabled(tcfg, device)
+    recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, amp)
+    recorder.phase, recorder.offset = phase, max([r["epoch"] for r in curve], default=0)
+    strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device,
+                              [ProgressPlugin(progress), recorder])
+    strategy.cltunnel_data, strategy.cltunnel_seed, strategy.cltunnel_amp = views[train_on], rng_seed, amp
+    data = views[train_on].scenario
+    mean, std = data.data.channel_stats()
+    torch.manual_seed(rng_seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        strategy.train(avalanche_benchmark(data, mean, std).train_stream[0], eval_streams=[])
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def write_erosion_outputs(run_dir: Path, cfg: RunConfig, metrics: dict[str, Any], views: dict[str, DeviceData],
+                          progress: bool) -> dict[str, Any]:
+    curve = pd.DataFrame(metrics["curve"])
+    curve.to_csv(run_dir / "erosion_curve.csv", index=False)
+    plot_curve(curve, pd.DataFrame(metrics.get("scratch") or []), run_dir / "erosion_curve.png", cfg.name)
+    summary = erosion_summary(curve, metrics)
+    if "tunnel" in cfg.analyses.run or "cka" in cfg.analyses.run:
+        summary.update(before_after(run_dir, cfg, views, progress))
+    (run_dir / "erosion_summary.json").write_text(json.dumps(summary, indent=1))
+    rows = "\n".join(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items())
+    (run_dir / "erosion_summary.md").write_text(
+        f"### {cfg.name}: feature erosion (seed {metrics['seed']})\n\n| | |\n|:--|--:|\n{rows}\n\n"
+        f"- squares on {metrics['n_squared_train']} of {metrics['n_train']} training images (ratio "
+        f"{cfg.erosion.ratio}); test accuracies on {metrics['n_test']} test images, clean and all-squared\n")
+    return summary
+
+
+def erosion_summary(curve: pd.DataFrame, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Accuracies at the phase ends (%); forgetting = clean accuracy lost in the squared phase."""
+    ends = curve.groupby("phase", sort=False).last()
+    out: dict[str, Any] = {}
+    for phase in ends.index:
+        for col in [c for c in ends.columns if c != "epoch"]:
+            out[f"{col} after {phase}"] = float(ends.loc[phase, col])
+    if "clean" in ends.index:
+        out["clean forgetting"] = out["clean after clean"] - out["clean after squared"]
+    if metrics.get("scratch"):
+        out["clean after scratch"] = float(metrics["scratch"][-1]["clean"])
+    return out
+
+
+def plot_curve(curve: pd.DataFrame, scratch: pd.DataFrame, path: Path, title: str) -> None:
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for col, style in (("clean", "-"), ("squared", "--")):
+        ax.plot(curve["epoch"], curve[col], style, label=f"{col} test images")
+    if not scratch.empty:
+        start = curve[curve["phase"] == "relearn"]["epoch"].min() - 1
+        ax.plot(scratch["epoch"] + start, scratch["clean"], ":", label="from scratch, clean test images")
+    for boundary in curve.groupby("phase", sort=False)["epoch"].max().to_numpy()[:-1]:
+        ax.axvline(boundary, color="grey", lw=0.8)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(0, 100), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def before_after(run_dir: Path, cfg: RunConfig, views: dict[str, DeviceData], progress: bool) -> dict[str, Any]:
+    """Probe accuracy and rank per layer of the model after the clean phase and after the squared phase
+    (clean data; analyses.run: tunnel), and the layer-by-layer CKA between the two (analyses.run: cka)."""
+    from .checkpoints import load_checkpoint, model_from_checkpoint
+    from .experiments import LoadedRun, cross_cka_matrix, plot_cka_matrix, tunnel_profile
+
+    data = DeviceData.create(views["clean"].scenario, views["clean"].device, augment=False, channels_last=False)
+    models = [model_from_checkpoint(load_checkpoint(run_dir / f"task{i}.pt")).to(data.device).eval() for i in (0, 1)]
+    run = LoadedRun(run_dir, models, data, cfg.analyses, progress)
+    out: dict[str, Any] = {}
+    if "tunnel" in cfg.analyses.run:
+        profiles = {name: tunnel_profile(run, i) for i, name in enumerate(("before", "after"))}
+        frame = pd.concat(profiles, axis=1)
+        frame.to_csv(run_dir / "erosion_profile.csv")
+        plot_profiles(frame, run_dir / "erosion_profile.png")
+        for name, p in profiles.items():
+            out[f"mean rank {name}"] = float(p["rank"].mean())
+    if "cka" in cfg.analyses.run:
+        matrix = cross_cka_matrix(run, models[0], models[1])
+        matrix.to_csv(run_dir / "erosion_cka.csv")
+        plot_cka_matrix(matrix, run_dir / "erosion_cka.png", "CKA: before (rows) vs after erosion (columns)")
+        out["mean diagonal CKA"] = float(pd.Series([matrix.iat[i, i] for i in range(len(matrix))]).mean())
+    return out
+
+
+def plot_profiles(frame: pd.DataFrame, path: Path) -> None:
+    plt = tables.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name in ("before", "after"):
+        axes[0].plot(frame.index, frame[(name, "probe_acc")], marker="o", ms=3, label=name)
+        axes[1].plot(frame.index, frame[(name, "rank")], marker="o", ms=3, label=name)
+    axes[0].set(xlabel="layer", ylabel="probe accuracy, clean test (%)")
+    axes[1].set(xlabel="layer", ylabel="numerical rank", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def aggregate_erosion(scenario_dir: Path) -> str:
+    """Mean ± std over seeds of every summary number; the curves of all seeds in one figure."""
+    runs = sorted(p for p in Path(scenario_dir).glob("seed*") if (p / "erosion_summary.json").exists())
+    if not runs:
+        return ""
+    frames = [pd.DataFrame([json.loads((r / "erosion_summary.json").read_text())]).T for r in runs]
+    mean, std = tables.aggregate(frames)
+    mean.columns = std.columns = ["value"]
+    return tables.write_table(mean, std, len(runs), Path(scenario_dir) / "erosion_summary",
+                              f"{Path(scenario_dir).name}: feature erosion (%, seeds {[r.name for r in runs]})")
