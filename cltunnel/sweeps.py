@@ -42,8 +42,9 @@ from . import tables
 from .config import ConfigError, RunConfig, _set_dotted, parse_config
 
 DONE_FILE, ERROR_FILE, MANIFEST = "sweep_done.json", "sweep_error.txt", "sweep.yaml"
-AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed"}
-SHORT = {"width": "w", "tasks": "split", "epochs": "ep", "lr": "lr", "n_tasks": "tasks"}
+AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed",
+                "conv_layers": "model.args.conv_layers"}
+SHORT = {"width": "w", "tasks": "split", "epochs": "ep", "lr": "lr", "n_tasks": "tasks", "conv_layers": "conv"}
 SWEEP_KEYS = {"name", "base", "set", "axes", "backend", "resources", "output_dir", "ray_init"}
 
 
@@ -329,6 +330,10 @@ def aggregate_sweep(sweep_dir: str | Path) -> str:
     md = tables.write_table(mean, std, n, sweep_dir / "summary", f"{manifest['name']}: accuracy and forgetting (%)",
                             notes)
     md += _combined_cka(sweep_dir, list(manifest["configs"]))
+    from .baselines import DEPTH_AXIS, depth_report
+
+    if DEPTH_AXIS in manifest["axes"]:
+        md += "\n" + depth_report(sweep_dir)
     return md
 
 

@@ -86,3 +86,15 @@ def test_wrap_refuses_a_model_whose_forward_is_not_the_chain():
         wrap_model(Skip(), ["a"], "fc", [2], example=torch.randn(3, 4))
     with pytest.raises(ValueError, match="'b' is not a submodule"):
         wrap_model(Skip(), ["b"], "fc", [2])
+
+
+@pytest.mark.parametrize("depth", [11, 13, 16, 19])
+def test_shallow_vgg_variants_have_the_layer_counts_they_claim(depth):
+    from cltunnel.models import VGG_STAGES
+
+    for k in range(1, sum(VGG_STAGES[depth]) + 1):
+        m = build_model(f"vgg{depth}", [5, 5], (3, 32, 32), 0.125, conv_layers=k)
+        convs = [mod for mod in m.body.modules() if isinstance(mod, nn.Conv2d)]
+        pools = [mod for mod in m.body.modules() if isinstance(mod, nn.MaxPool2d)]
+        assert len(convs) == k and len(m.body) == k + 2 and len(pools) == 5, (depth, k)
+        assert m(torch.zeros(2, 3, 32, 32), 0).shape == (2, 5)

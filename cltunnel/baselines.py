@@ -1,0 +1,83 @@
+"""Baselines of the tunnel-effect work that read a sweep: shallower networks forget less (E3, Figure 5.4.1).
+
+(Feature erosion, E5, trains its own phases: :mod:`cltunnel.erosion`.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import tables
+
+DEPTH_AXIS = "model.args.conv_layers"
+
+
+def _conv_layers(run_dir: Path) -> int:
+    """Conv layers of a run's model (the full VGG's count when ``conv_layers`` is not set)."""
+    from .models import VGG_STAGES
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    given = (cfg["model"].get("args") or {}).get("conv_layers")
+    return int(given) if given else sum(VGG_STAGES[int(cfg["model"]["name"][3:])])
+
+
+def depth_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """By conv-layer count: task 1 after task 1, task 2 after task 2, forgetting of task 1 (%, mean/std)."""
+    manifest = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    rows: dict[int, list[list[float]]] = {}
+    for config in manifest["configs"]:
+        for run in tables.seed_dirs(sweep_dir / config):
+            acc = 100 * np.asarray(tables.load_metrics(run)["acc"])
+            rows.setdefault(_conv_layers(run), []).append([acc[0, 0], acc[1, 1], acc[0, 0] - acc[1, 0]])
+    cols = ["task 1 after task 1", "task 2 after task 2", "forgetting of task 1"]
+    depths = sorted(rows)
+    mean = pd.DataFrame([np.mean(rows[d], 0) for d in depths], index=depths, columns=cols)
+    std = pd.DataFrame([np.std(rows[d], 0, ddof=1) if len(rows[d]) > 1 else np.zeros(3) for d in depths],
+                       index=depths, columns=cols)
+    mean.index.name = std.index.name = "conv layers"
+    return mean, std, min(len(v) for v in rows.values())
+
+
+def extractor_length(sweep_dir: Path) -> int | None:
+    """The full model's extractor (in conv layers): the base scenario's ``analyses.tunnel_start`` when it
+    is a number, else the tunnel start its runs' tunnel analysis found."""
+    manifest = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    base = (manifest.get("source") or {}).get("base")
+    given = str(((base or {}).get("analyses") or {}).get("tunnel_start", "auto")) if isinstance(base, dict) else "auto"
+    if given.isdigit():
+        return int(given)
+    found = sorted(sweep_dir.glob("*/seed*/swap_meta.txt"))
+    return int(found[0].read_text().split()[1]) if found else None
+
+
+def depth_report(sweep_dir: str | Path) -> str:
+    """``shallow_forgetting.{csv,md,tex,png}``: the thesis's Figure 5.4.1 as a table and a figure."""
+    sweep_dir = Path(sweep_dir)
+    mean, std, n = depth_frames(sweep_dir)
+    k = extractor_length(sweep_dir)
+    notes = [f"seeds per depth: {n} or more", f"extractor of the full model: {k} layers" if k else
+             "extractor of the full model: unknown (run the tunnel or swap analysis on the full-depth runs)"]
+    md = tables.write_table(mean, std, n, sweep_dir / "shallow_forgetting",
+                            "Shallower networks: accuracy and forgetting by conv layers (%)", notes)
+    plot_depth(mean, std, k, sweep_dir / "shallow_forgetting.png")
+    return md
+
+
+def plot_depth(mean: pd.DataFrame, std: pd.DataFrame, extractor: int | None, path: Path) -> None:
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    full = mean.index.max()
+    for col, colour in zip(mean.columns, ("C0", "C1", "C3")):
+        ax.errorbar(mean.index, mean[col], yerr=std[col], marker="o", ms=4, capsize=3, color=colour, label=col)
+        ax.axhline(mean.loc[full, col], color=colour, ls=":", lw=1)  # the full network, for reference
+    if extractor:
+        ax.axvline(extractor, color="grey", ls="--", lw=1, label=f"extractor of the full model ({extractor})")
+    ax.set(xlabel="conv layers", ylabel="%", title="shallower networks: accuracy and forgetting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
