@@ -284,3 +284,42 @@ def aggregate_erosion(scenario_dir: Path) -> str:
     mean.columns = std.columns = ["value"]
     return tables.write_table(mean, std, len(runs), Path(scenario_dir) / "erosion_summary",
                               f"{Path(scenario_dir).name}: feature erosion (%, seeds {[r.name for r in runs]})")
+
+
+RATIO_COLUMNS = ["clean after clean", "clean after squared", "squared after squared", "clean forgetting"]
+
+
+def ratio_report(sweep_dir: str | Path) -> str:
+    """Forgetting against the share of squared training images (Figure 4.3.1): one row per ratio."""
+    sweep_dir = Path(sweep_dir)
+    per_ratio: dict[float, list[list[float]]] = {}
+    for summary in sorted(sweep_dir.glob("*/seed*/erosion_summary.json")):
+        cfg = yaml.safe_load((summary.parent / "config.yaml").read_text())
+        values = json.loads(summary.read_text())
+        per_ratio.setdefault(float(cfg["erosion"]["ratio"]), []).append([values[c] for c in RATIO_COLUMNS])
+    if not per_ratio:
+        return ""
+    ratios = sorted(per_ratio)
+    frames = [pd.DataFrame(per_ratio[r], columns=RATIO_COLUMNS) for r in ratios]
+    mean = pd.DataFrame([f.mean() for f in frames], index=ratios)
+    std = pd.DataFrame([f.std(ddof=1) if len(f) > 1 else f.mean() * 0 for f in frames], index=ratios)
+    mean.index.name = std.index.name = "ratio"
+    n = min(len(f) for f in frames)
+    plot_ratio(mean, std, sweep_dir / "erosion_ratio.png")
+    return tables.write_table(mean, std, n, sweep_dir / "erosion_ratio",
+                              "Feature erosion by share of squared training images (test accuracy, %)",
+                              [f"seeds per ratio: {n} or more"])
+
+
+def plot_ratio(mean: pd.DataFrame, std: pd.DataFrame, path: Path) -> None:
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col in ("clean after squared", "squared after squared", "clean forgetting"):
+        ax.errorbar(mean.index, mean[col], yerr=std[col], marker="o", ms=4, capsize=3, label=col)
+    ax.axhline(mean["clean after clean"].mean(), color="grey", ls=":", label="clean, before the squares")
+    ax.set(xlabel="share of training images with the square", ylabel="%", title="feature erosion by ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -317,6 +317,10 @@ def aggregate_sweep(sweep_dir: str | Path) -> str:
 
     sweep_dir = Path(sweep_dir)
     manifest = yaml.safe_load((sweep_dir / MANIFEST).read_text())
+    if list(sweep_dir.glob("*/seed*/erosion_summary.json")):  # erosion runs: phases, not a task sequence
+        from .erosion import aggregate_erosion, ratio_report
+
+        return "\n".join([aggregate_erosion(sweep_dir / c) for c in manifest["configs"]] + [ratio_report(sweep_dir)])
     for config in manifest["configs"]:
         if tables.seed_dirs(sweep_dir / config):
             tables.render(sweep_dir / config)

@@ -17,6 +17,10 @@ def data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+# Code under test that loads data itself (sweeps, Ray workers) finds it the way a user's shell would.
+os.environ.setdefault("CLTUNNEL_DATA", str(data_dir()))
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     d = data_dir()

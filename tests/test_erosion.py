@@ -91,3 +91,26 @@ def test_erosion_band_squared_accuracy_overtakes_clean(cifar10, tmp_path):
     assert low <= s["clean forgetting"] <= high
     for name in ("erosion_curve.csv", "erosion_curve.png", "erosion_summary.md"):
         assert (run_dir / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_erosion_ratio_sweep_writes_the_ratio_table(mnist, tmp_path):
+    import yaml
+
+    from cltunnel.sweeps import load_sweep, run_sweep
+
+    base = {"data": {"name": "mnist", "train_per_class": 100, "test_per_class": 50}, "scenario": {"tasks": [10]},
+            "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},
+            "training": {"epochs": 1, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "augment": False},
+            "erosion": {"square": 6, "pretrain_epochs": 3, "erosion_epochs": 6}, "device": "cpu"}
+    path = tmp_path / "ratio.yaml"
+    path.write_text(yaml.safe_dump({"name": "ratio", "base": base, "axes": {"erosion.ratio": [0.0, 1.0]},
+                                    "output_dir": str(tmp_path / "out")}, sort_keys=False))
+    results = run_sweep(load_sweep(path), progress=False)
+    assert [r.status for r in results] == ["done", "done"]
+    table = __import__("pandas").read_csv(tmp_path / "out" / "ratio" / "erosion_ratio.csv", header=[0, 1], index_col=0)
+    squared = table[("mean", "squared after squared")]
+    clean = table[("mean", "clean after squared")]
+    assert list(table.index) == [0.0, 1.0]
+    assert squared[1.0] - clean[1.0] > 5 > abs(squared[0.0] - clean[0.0])  # no squares, no shortcut
+    assert (tmp_path / "out" / "ratio" / "erosion_ratio.png").stat().st_size > 1000
