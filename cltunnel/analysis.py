@@ -64,19 +64,25 @@ def train_probes(model: LayeredModel, data: DeviceData, train_task: Task, test_t
     """Test accuracy of a linear probe on each body layer's output (train on ``train_task``'s training rows,
     test on ``test_task``'s test rows, the same task by default). Features of frozen layers; no augmentation.
     """
-    cfg = cfg or ProbeConfig()
-    test_task = test_task or train_task
     layers = layers or list(range(1, len(model.body) + 1))
+    probes = fit_probes(model, data, train_task, layers, cfg, progress)
+    return probe_accuracy(model, data, test_task or train_task, probes, layers)
+
+
+def fit_probes(model: LayeredModel, data: DeviceData, task: Task, layers: list[int], cfg: ProbeConfig | None = None,
+               progress: bool = True) -> nn.ModuleDict:
+    """One linear probe per layer (``probes[str(k)]``) trained on ``task``'s training rows, all together."""
+    cfg = cfg or ProbeConfig()
     model.eval()
-    dims = layer_dims(model, data, train_task)
-    n_classes = int(train_task.label_map.max()) + 1
+    dims = layer_dims(model, data, task)
+    n_classes = int(task.label_map.max()) + 1
     probes = nn.ModuleDict({str(k): _seeded_probe(dims[k], n_classes, cfg.seed * 1000 + k) for k in layers})
     probes = probes.to(data.device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # batch order: the same whichever layers train
     opt = torch.optim.Adam(probes.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_train = len(train_task.train_idx)
+    n_train = len(task.train_idx)
     cached = n_train * sum(dims[k] for k in layers) * 4 <= cfg.cache_bytes
-    feats, labels = layer_features(model, data, train_task, "train", layers) if cached else (None, None)
+    feats, labels = layer_features(model, data, task, "train", layers) if cached else (None, None)
     bar = tqdm(range(cfg.epochs), desc="probes", disable=not progress, leave=False)
     for _ in bar:
         order = torch.randperm(n_train, generator=gen).to(data.device)
@@ -85,12 +91,12 @@ def train_probes(model: LayeredModel, data: DeviceData, train_task: Task, test_t
             if cached:
                 batch, y = {k: feats[k][idx] for k in layers}, labels[idx]
             else:
-                batch, y = _features_for_rows(model, data, train_task, train_task.train_idx.to(data.device)[idx], layers)
+                batch, y = _features_for_rows(model, data, task, task.train_idx.to(data.device)[idx], layers)
             loss = sum(nn.functional.cross_entropy(probes[str(k)](batch[k]), y) for k in layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return _probe_accuracy(model, data, test_task, probes, layers)
+    return probes
 
 
 def _seeded_probe(d_in: int, n_classes: int, seed: int) -> nn.Linear:
@@ -113,7 +119,10 @@ def _features_for_rows(model, data, task, rows, layers):
 
 
 @torch.no_grad()
-def _probe_accuracy(model, data, task, probes, layers) -> dict[int, float]:
+def probe_accuracy(model: LayeredModel, data: DeviceData, task: Task, probes: nn.ModuleDict, layers: list[int]
+                   ) -> dict[int, float]:
+    """Test accuracy of each layer's probe on ``task``'s test rows."""
+    model.eval()
     correct = {k: 0 for k in layers}
     total = 0
     for x, y, _ in data.batches(task, "test", 500):

@@ -35,6 +35,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.erosion is not None:
         summary = out / (f"seed{cfg.seeds[0]}/erosion_summary.md" if len(cfg.seeds) == 1 else "erosion_summary.md")
         print(summary.read_text())
+    elif cfg.representations is not None:
+        print("\n".join(p.read_text() for p in sorted(out.glob(f"{out.name}_table_3_3_*.md"))))
     else:
         print(render(out / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else out))
     print(f"results: {out}")

@@ -113,6 +113,7 @@ class RunConfig:
     output_dir: str = "runs"
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
     erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
+    representations: dict[str, Any] | None = None  # set: D/AE/VAE representation protocols (cltunnel.representations)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -127,8 +128,9 @@ class RunConfig:
         d = self.to_dict()
         for key in ("seeds", "device", "output_dir", "analyses", "name"):
             d.pop(key)
-        if d["erosion"] is None:  # runs from before the erosion section keep their fingerprint
-            d.pop("erosion")
+        for section in ("erosion", "representations"):  # runs from before these sections keep their fingerprint
+            if d[section] is None:
+                d.pop(section)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -279,6 +281,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"analyses.tunnel_start: 'auto' or a layer number, got {cfg.analyses.tunnel_start!r}")
     if cfg.erosion is not None:
         _validate_erosion(cfg)
+    if cfg.representations is not None:
+        from .representations import parse_rep_config
+
+        parse_rep_config(cfg.representations)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
 

@@ -75,6 +75,10 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
         from .erosion import run_erosion
 
         return run_erosion(cfg, seed, data, progress)
+    if cfg.representations is not None:
+        from .representations import run_representations
+
+        return run_representations(cfg, seed, data, progress)
     device = resolve_device(cfg.device)
     scenario = build_scenario(cfg, data)
     run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
@@ -171,6 +175,11 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
         from .erosion import aggregate_erosion
 
         aggregate_erosion(scenario_dir)
+        return scenario_dir
+    if cfg.representations is not None:
+        from .representations import aggregate_representations
+
+        aggregate_representations(scenario_dir)
         return scenario_dir
     if len(tables.seed_dirs(scenario_dir)) > 1:  # every finished seed so far, also from earlier invocations
         tables.render(scenario_dir)
