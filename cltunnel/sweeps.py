@@ -347,10 +347,13 @@ def _combined_cka(sweep_dir: Path, configs: list[str]) -> str:
         path = sweep_dir / config / f"{config}_cka_m1_m2.csv"
         if path.exists():
             frame = pd.read_csv(path, header=[0, 1], index_col=0)
-            per_config[config] = frame["mean"].iloc[:, 0]
+            column = frame["mean"].iloc[:, 0]
+            column.index = [int(str(label).split()[0]) for label in column.index]  # "3 conv3" -> 3
+            per_config[config] = column
     if not per_config:
         return ""
-    table = pd.DataFrame(per_config)
+    table = pd.DataFrame(per_config).sort_index()  # by layer number: models of other depths share the rows
+    table.index.name = "layer"
     table.to_csv(sweep_dir / "cka_m1_m2.csv")
     _plot_cka(table, sweep_dir / "cka_m1_m2.png")
     md = "\n### CKA between the model after task 1 and after task 2, per layer (task-1 test data, mean over seeds)\n\n"
@@ -362,9 +365,8 @@ def _combined_cka(sweep_dir: Path, configs: list[str]) -> str:
 def _plot_cka(table: pd.DataFrame, path: Path) -> None:
     plt = tables.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    layers = np.arange(1, len(table) + 1)
     for config in table.columns:
-        ax.plot(layers, table[config].to_numpy(), marker="o", ms=3, label=config)
+        ax.plot(table.index, table[config].to_numpy(), marker="o", ms=3, label=config)
     ax.set(xlabel="layer", ylabel="CKA(M1, M2)", ylim=(0, 1.05), title="where each configuration let the network move")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
