@@ -76,8 +76,4 @@ def plot_depth(mean: pd.DataFrame, std: pd.DataFrame, extractor: int | None, pat
     if extractor:
         ax.axvline(extractor, color="grey", ls="--", lw=1, label=f"extractor of the full model ({extractor})")
     ax.set(xlabel="conv layers", ylabel="%", title="shallower networks: accuracy and forgetting")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tables.save_figure(fig, ax, path)

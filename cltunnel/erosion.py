@@ -226,11 +226,7 @@ def plot_curve(curve: pd.DataFrame, scratch: pd.DataFrame, path: Path, title: st
     for boundary in curve.groupby("phase", sort=False)["epoch"].max().to_numpy()[:-1]:
         ax.axvline(boundary, color="grey", lw=0.8)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(0, 100), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tables.save_figure(fig, ax, path)
 
 
 def before_after(run_dir: Path, cfg: RunConfig, views: dict[str, DeviceData], progress: bool) -> dict[str, Any]:
@@ -318,8 +314,4 @@ def plot_ratio(mean: pd.DataFrame, std: pd.DataFrame, path: Path) -> None:
         ax.errorbar(mean.index, mean[col], yerr=std[col], marker="o", ms=4, capsize=3, label=col)
     ax.axhline(mean["clean after clean"].mean(), color="grey", ls=":", label="clean, before the squares")
     ax.set(xlabel="share of training images with the square", ylabel="%", title="feature erosion by ratio")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tables.save_figure(fig, ax, path)
