@@ -297,6 +297,8 @@ def summary_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
             continue
         frames = [_summary_row(m["acc"]) for m in metrics]
         mean, std = tables.aggregate(frames)
+        if len(frames) == 1:
+            std.iloc[0] = np.nan  # one seed: shown without ± while other rows keep theirs
         rows_mean[config], rows_std[config] = mean.iloc[0], std.iloc[0]
         labels[config] = {**info["labels"], "seeds": len(metrics)}
     mean, std = pd.DataFrame(rows_mean).T, pd.DataFrame(rows_std).T
@@ -328,7 +330,7 @@ def aggregate_sweep(sweep_dir: str | Path) -> str:
     mean, std, labels = summary_frames(sweep_dir)
     if mean.empty:
         return f"{sweep_dir}: no finished runs yet"
-    n = int(labels["seeds"].min())
+    n = int(labels["seeds"].max())
     notes = [f"seeds per configuration: {dict(labels['seeds'])}",
              "avg forgetting: mean over all tasks but the last of (accuracy right after the task - after the last)"]
     md = tables.write_table(mean, std, n, sweep_dir / "summary", f"{manifest['name']}: accuracy and forgetting (%)",
