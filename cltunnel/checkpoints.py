@@ -58,12 +58,13 @@ def load_model_state(model: LayeredModel, state: dict[str, Any]) -> LayeredModel
     return model
 
 
-def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimizer: torch.optim.Optimizer,
+def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimizer: torch.optim.Optimizer | None,
                          cfg: RunConfig, seed: int, metrics: dict[str, Any], model_spec: dict[str, Any],
                          strategy: Any = None) -> Path:
     path = run_dir / CHECKPOINT_PATTERN.format(task)
     atomic_save({"task": task, "seed": seed, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
-                 "model_spec": model_spec, "optimizer": optimizer.state_dict(), "metrics": metrics,
+                 "model_spec": model_spec, "metrics": metrics,
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "strategy": strategy_state(strategy) if strategy is not None else None,
                  **model_state(model)}, path)
     return path

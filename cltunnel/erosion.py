@@ -150,7 +150,7 @@ def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = Tru
         train_phase(cfg, model, views, "squared" if phase == "squared" else "clean", phase, epochs, seed * 101 + i,
                     metrics["curve"], progress)
         metrics["acc"].append([predict_accuracy(model, views["clean"], views["clean"].scenario.tasks[0])])
-        save_task_checkpoint(run_dir, i, model, torch.optim.SGD(model.parameters(), lr=0.0), cfg, seed, metrics, spec)
+        save_task_checkpoint(run_dir, i, model, None, cfg, seed, metrics, spec)  # each phase builds its own optimizer
     if cfg.erosion.relearn_epochs and "scratch" not in metrics:
         metrics["scratch"] = []
         scratch = make_model(spec, seed + 1_000).to(device)

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import tables
-from .analysis import ProbeConfig, fit_probes, layer_features, minibatch_cka, probe_accuracy
+from .analysis import ProbeConfig, fit_probes, layer_features, minibatch_cka, probe_accuracy, train_probes
 from .config import RunConfig
 from .data import ImageData
 from .models import LayeredModel
@@ -172,17 +172,22 @@ def protocol_3(kind: str, data: DeviceData, all_classes: DeviceData, rc: RepConf
     torch.manual_seed(seed)
     model = representation_model(kind, data.scenario.data.shape, len(tasks), rc.bottleneck).to(data.device)
     curve: list[list[float]] = []
+    record = None
     if kind != "D":
-        curve.append([recon_loss(model, data, t) for t in tasks])
-    record = (lambda epoch: curve.append([recon_loss(model, data, t) for t in tasks])) if kind != "D" else None
+        def record(epoch: int) -> None:
+            curve.append([recon_loss(model, data, t) for t in tasks])
+
+        record(0)
     train_task(kind, model, data, tasks[0], rc, seed, record, progress)
-    per_task = [100 * probe_accuracy(model, data, t, fit_probes(model, data, t, [PENULTIMATE], probe, False),
-                                     [PENULTIMATE])[PENULTIMATE] for t in tasks]
-    whole = all_classes.scenario.tasks[0]
-    ten_way = probe_accuracy(model, all_classes, whole, fit_probes(model, all_classes, whole, [PENULTIMATE], probe,
-                                                                  False), [PENULTIMATE])[PENULTIMATE]
+    per_task = [100 * classifier_accuracy(model, data, t, probe) for t in tasks]
+    ten_way = classifier_accuracy(model, all_classes, all_classes.scenario.tasks[0], probe)
     return {"per_task": per_task, "avg_per_task": float(np.mean(per_task)), "ten_way": 100 * ten_way,
             "recon_curve": curve}
+
+
+def classifier_accuracy(model: LayeredModel, data: DeviceData, task: Task, probe: ProbeConfig) -> float:
+    """A softmax-regression classifier on the frozen penultimate representations: its test accuracy."""
+    return train_probes(model, data, task, layers=[PENULTIMATE], cfg=probe, progress=False)[PENULTIMATE]
 
 
 def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -67,18 +67,26 @@ def _empty_metrics(cfg: RunConfig, seed: int, scenario: SplitScenario, device: t
             "acc": [], "acc_lossless": [] if lossy else None, "task_seconds": []}
 
 
+def other_protocol(cfg: RunConfig) -> tuple[Callable[..., Path], Callable[[Path], str]] | None:
+    """(run one seed, aggregate the seeds) for scenarios that are not a task sequence, else None."""
+    if cfg.erosion is not None:
+        from .erosion import aggregate_erosion, run_erosion
+
+        return run_erosion, aggregate_erosion
+    if cfg.representations is not None:
+        from .representations import aggregate_representations, run_representations
+
+        return run_representations, aggregate_representations
+    return None
+
+
 def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress: bool = True,
              stop_after: int | None = None) -> Path:
     """Train (or resume) one seed; return its run directory. ``stop_after`` ends early (tests of resume)."""
     data = data if data is not None else load_data(cfg)
-    if cfg.erosion is not None:
-        from .erosion import run_erosion
-
-        return run_erosion(cfg, seed, data, progress)
-    if cfg.representations is not None:
-        from .representations import run_representations
-
-        return run_representations(cfg, seed, data, progress)
+    protocol = other_protocol(cfg)
+    if protocol is not None:
+        return protocol[0](cfg, seed, data, progress)
     device = resolve_device(cfg.device)
     scenario = build_scenario(cfg, data)
     run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
@@ -171,15 +179,9 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
     for seed in cfg.seeds:
         run_seed(cfg, seed, data, progress)
     scenario_dir = Path(cfg.output_dir) / cfg.name
-    if cfg.erosion is not None:
-        from .erosion import aggregate_erosion
-
-        aggregate_erosion(scenario_dir)
-        return scenario_dir
-    if cfg.representations is not None:
-        from .representations import aggregate_representations
-
-        aggregate_representations(scenario_dir)
+    protocol = other_protocol(cfg)
+    if protocol is not None:
+        protocol[1](scenario_dir)
         return scenario_dir
     if len(tables.seed_dirs(scenario_dir)) > 1:  # every finished seed so far, also from earlier invocations
         tables.render(scenario_dir)

@@ -76,12 +76,16 @@ def tunnel_layers(model: LayeredModel, k: int) -> list[nn.Module]:
     return list(model.body)[k:]
 
 
+def check_part(part: str) -> None:
+    if part not in ("extractor", "tunnel", "all"):
+        raise ConfigError(f"strategy.args.penalise: {part!r} must be extractor, tunnel or all")
+
+
 def parameter_names(model: LayeredModel, part: str, k: int) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the extractor's, the tunnel's, or every parameter."""
+    check_part(part)
     if part == "all":
         return {name for name, _ in model.named_parameters()}
-    if part not in ("extractor", "tunnel"):
-        raise ConfigError(f"strategy.args.penalise: {part!r} must be extractor, tunnel or all")
     children = list(model.body.named_children())
     chosen = children[:k] if part == "extractor" else children[k:]
     return {f"body.{layer}.{name}" for layer, module in chosen for name, _ in module.named_parameters()}
@@ -99,8 +103,7 @@ class LayerwiseEWCPlugin(EWCPlugin):
     def __init__(self, ewc_lambda: float, penalise: str = "extractor", tunnel_start: int | str = "auto",
                  mode: str = "separate", decay_factor: float | None = None, **probe: Any) -> None:
         super().__init__(ewc_lambda, mode, decay_factor)
-        if penalise not in ("extractor", "tunnel", "all"):
-            raise ConfigError(f"strategy.args.penalise: {penalise!r} must be extractor, tunnel or all")
+        check_part(penalise)  # at construction, before any task is learned
         self.penalise = penalise
         self.tunnel = TunnelStart(tunnel_start, **probe)
 
