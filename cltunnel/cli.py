@@ -37,6 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(summary.read_text())
     elif cfg.representations is not None:
         print("\n".join(p.read_text() for p in sorted(out.glob(f"{out.name}_table_3_3_*.md"))))
+    elif cfg.synthetic is not None:
+        print((out / f"{out.name}_forgetting.md").read_text())
     else:
         print(render(out / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else out))
     print(f"results: {out}")

@@ -114,6 +114,7 @@ class RunConfig:
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
     erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
     representations: dict[str, Any] | None = None  # set: D/AE/VAE representation protocols (cltunnel.representations)
+    synthetic: dict[str, Any] | None = None  # set: meta-learned synthetic data (cltunnel.synthetic)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -128,7 +129,7 @@ class RunConfig:
         d = self.to_dict()
         for key in ("seeds", "device", "output_dir", "analyses", "name"):
             d.pop(key)
-        for section in ("erosion", "representations"):  # runs from before these sections keep their fingerprint
+        for section in ("erosion", "representations", "synthetic"):  # runs from before these sections keep their fingerprint
             if d[section] is None:
                 d.pop(section)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -285,6 +286,10 @@ def validate(cfg: RunConfig) -> None:
         from .representations import parse_rep_config
 
         parse_rep_config(cfg.representations)
+    if cfg.synthetic is not None:
+        from .synthetic import parse_synthetic_config
+
+        parse_synthetic_config(cfg.synthetic)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
 

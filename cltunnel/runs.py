@@ -77,6 +77,10 @@ def other_protocol(cfg: RunConfig) -> tuple[Callable[..., Path], Callable[[Path]
         from .representations import aggregate_representations, run_representations
 
         return run_representations, aggregate_representations
+    if cfg.synthetic is not None:
+        from .synthetic import aggregate_synthetic, run_synthetic
+
+        return run_synthetic, aggregate_synthetic
     return None
 
 
