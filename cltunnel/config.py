@@ -73,17 +73,21 @@ class StrategyConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development")  # implemented in cltunnel.experiments
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")  # implemented in cltunnel.experiments
 
 
 @dataclass
 class AnalysesConfig:
-    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, cka_layers, development
+    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, cka_layers, development, ood
     tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
     tunnel_threshold: float = 0.95  # tunnel starts where probe accuracy reaches this share of the last layer's
     probe: dict[str, Any] = field(default_factory=dict)  # ProbeConfig overrides (epochs, lr, batch_size, ...)
     rank_samples: int = 2000  # training rows whose representations give the numerical rank
     rank_threshold: float = 1e-3  # singular values above sigma_1 * this count towards the rank
+    ood_data: str = "mnist"  # out-of-distribution probes: a dataset rendered in the run's input format
+    ood_classes: list[int] = field(default_factory=list)  # its classes to probe (empty: the first 10)
+    ood_train_per_class: int = 500  # probe training images per class
+    ood_test_per_class: int = 200  # probe test images per class
 
 
 @dataclass

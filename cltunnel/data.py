@@ -185,6 +185,26 @@ def load_torchvision(name: str, cache_dir: Path, download: bool) -> ImageData:
     return from_torchvision(name, train, test)
 
 
+def rendered_as(data: ImageData, shape: tuple[int, int, int]) -> ImageData:
+    """``data`` in another dataset's input format (OOD probes: MNIST as 32x32 RGB for a CIFAR backbone).
+
+    Grey images get the same value in every channel; sides are zero-padded (or cropped) around the centre,
+    so the digit keeps its pixels exactly.
+    """
+    c, h, w = shape
+    if data.shape[0] not in (1, c):
+        raise ValueError(f"cannot render {data.name} ({data.shape[0]} channels) with {c} channels")
+
+    def render(x: torch.Tensor) -> torch.Tensor:
+        x = x.expand(-1, c, -1, -1)
+        dh, dw = h - x.shape[2], w - x.shape[3]
+        pad = [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2]  # negative pads crop
+        return torch.nn.functional.pad(x, pad).contiguous()
+
+    return ImageData(f"{data.name}_as_{c}x{h}x{w}", render(data.x_train), data.y_train, render(data.x_test),
+                     data.y_test, data.classes, data.test_lossless, data.source)
+
+
 def load_dataset(name: str, root: str | Path | None = None, source: str = "auto",
                  download: bool = False, cache_dir: str | Path | None = None) -> ImageData:
     """One entry point for every dataset; ``source`` is ``auto``, ``npz`` or ``torchvision``.

@@ -22,10 +22,10 @@ from .analysis import (ProbeConfig, class_variance, cka_matrix, format_layer, ka
 from .checkpoints import (config_from_checkpoint, epoch_checkpoints, finished_tasks, load_checkpoint,
                           model_from_checkpoint)
 from .config import ANALYSIS_NAMES, AnalysesConfig, ConfigError
-from .data import ImageData
+from .data import ImageData, load_dataset, rendered_as
 from .models import LayeredModel
 from .runs import load_data
-from .scenarios import build_scenario
+from .scenarios import SplitScenario, Task, build_scenario
 from .surgery import compose, own_heads, with_heads
 from .training import DeviceData, predict_accuracy, resolve_device
 
@@ -148,6 +148,65 @@ def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_variance(profile: pd.DataFrame, start: int, path: Path) -> None:
+    """Intra- and inter-class variance per layer (the thesis's Figure 5.3 style), tunnel shaded."""
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = profile.index.to_numpy()
+    ax.plot(x, profile["intra_class_var"], marker="o", label="intra-class variance")
+    ax.plot(x, profile["inter_class_var"], marker="s", label="inter-class variance")
+    ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
+    ax.set(xlabel="layer", ylabel="variance", yscale="log", xticks=x)
+    tables.save_figure(fig, [ax], path)
+
+
+# ------------------------------------------------------------------------------- out-of-distribution
+def ood_data(run: LoadedRun) -> tuple[DeviceData, Task]:
+    """The OOD dataset in the run's input format, ``ood_*_per_class`` rows of its chosen classes, normalised
+    like the training data (the backbone's input convention, not the OOD set's own statistics)."""
+    o = run.options
+    source = run.data.scenario.data
+    ood = rendered_as(load_dataset(o.ood_data), source.shape)
+    classes = o.ood_classes or list(range(min(10, ood.num_classes)))
+    if not set(classes) <= set(range(ood.num_classes)):
+        raise ConfigError(f"analyses.ood_classes: {classes} not all in 0..{ood.num_classes - 1} ({o.ood_data})")
+
+    def rows(y: torch.Tensor, per_class: int) -> torch.Tensor:
+        return torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in classes]).sort().values
+
+    label_map = torch.full((ood.num_classes,), -1, dtype=torch.long)
+    label_map[classes] = torch.arange(len(classes))
+    test = rows(ood.y_test, o.ood_test_per_class)
+    task = Task(0, classes, rows(ood.y_train, o.ood_train_per_class), test, test, label_map, head=0)
+    data = DeviceData.create(SplitScenario(ood, [task], "class", classes), run.data.device, augment=False,
+                             channels_last=run.data.channels_last)
+    data.normalise = run.data.normalise
+    return data, task
+
+
+def ood_profile(run: LoadedRun) -> tuple[pd.DataFrame, float]:
+    """Per layer: probe accuracy on the OOD data beside the in-distribution one; and rho (E8) =
+    (best OOD accuracy - last layer's) / best: how much of the OOD information the tunnel discards."""
+    data, task = ood_data(run)
+    acc = train_probes(run.models[0], data, task, cfg=run.probe_config(), progress=run.progress)
+    profile = tunnel_profile(run)
+    frame = pd.DataFrame({"name": run.models[0].layer_names, "ood_probe_acc": [100 * a for a in acc.values()],
+                          "id_probe_acc": profile["probe_acc"].to_numpy()}, index=pd.Index(list(acc), name="layer"))
+    best = frame["ood_probe_acc"].max()
+    return frame, float((best - frame["ood_probe_acc"].iloc[-1]) / best)
+
+
+def _plot_ood(frame: pd.DataFrame, start: int, rho: float, ood_name: str, path: Path) -> None:
+    plt = tables.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = frame.index.to_numpy()
+    ax.plot(x, frame["id_probe_acc"], marker="o", label="in-distribution (task 1)")
+    ax.plot(x, frame["ood_probe_acc"], marker="s", label=f"OOD: {ood_name} (rho {rho:.2f})")
+    ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
+    ax.set(xlabel="layer", ylabel="linear probe accuracy (%)", xticks=x)
+    tables.save_figure(fig, [ax], path)
 
 
 # ------------------------------------------------------------------------------------------ swaps
@@ -354,7 +413,17 @@ def _analysis_tunnel(run: LoadedRun) -> pd.DataFrame:
     kap = kappa((profile["probe_acc"] / 100).to_dict(), run.depth)
     (run.run_dir / "tunnel_start.txt").write_text(
         "\n".join(f"{k}: {format_layer(v, run.depth)}" for k, v in starts.items()) + f"\nkappa (eta 0.99): {kap:.3f}\n")
+    _plot_variance(profile, starts[">0.95"], run.run_dir / "variance_profile.png")
     return profile
+
+
+def _analysis_ood(run: LoadedRun) -> pd.DataFrame:
+    frame, rho = ood_profile(run)
+    frame.to_csv(run.run_dir / "ood_probes.csv")
+    start = tunnel_start((frame["id_probe_acc"] / 100).to_dict(), run.options.tunnel_threshold)
+    (run.run_dir / "ood_rho.txt").write_text(f"ood data: {run.options.ood_data}\nrho: {rho:.4f}\n")
+    _plot_ood(frame, start, rho, run.options.ood_data, run.run_dir / "ood_probes.png")
+    return frame
 
 
 def _analysis_substitution(run: LoadedRun) -> pd.DataFrame:
@@ -394,6 +463,7 @@ ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
     "cka": _analysis_cka,
     "cka_layers": _analysis_cka_layers,
     "development": _analysis_development,
+    "ood": _analysis_ood,
 }
 assert tuple(ANALYSES) == ANALYSIS_NAMES, "keep config.ANALYSIS_NAMES in step with the analyses here"
 
