@@ -30,6 +30,20 @@ def test_mnist_loads_with_channel_axis(mnist):
     assert abs(mnist.channel_stats()[0].item() - 0.1307) < 1e-3
 
 
+def test_mnist_rendered_as_cifar_input_keeps_every_pixel(mnist):
+    from cltunnel.data import rendered_as
+
+    rgb = rendered_as(mnist, (3, 32, 32))
+    assert rgb.shape == (3, 32, 32) and rgb.x_test.dtype == torch.uint8 and torch.equal(rgb.y_test, mnist.y_test)
+    for c in range(3):  # the digit, unchanged, in every channel, centred; a zero frame of 2 pixels
+        assert torch.equal(rgb.x_train[:, c, 2:30, 2:30], mnist.x_train[:, 0])
+    frame = rgb.x_test.clone()
+    frame[:, :, 2:30, 2:30] = 0
+    assert frame.sum() == 0
+    with pytest.raises(ValueError, match="channels"):
+        rendered_as(rgb, (1, 28, 28))
+
+
 def test_missing_data_names_files_directory_and_remedy(tmp_path):
     with pytest.raises(DataNotFoundError) as err:
         load_dataset("cifar10", tmp_path, source="npz")
