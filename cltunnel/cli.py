@@ -57,11 +57,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
+    from .runs import saved_protocol
     from .sweeps import aggregate_sweep, is_sweep_dir
     from .tables import render
 
+    protocol = saved_protocol(args.run_dir)
     try:
-        print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))
+        if protocol is not None:  # erosion, representations, synthetic: their own tables over the seeds
+            print(protocol[1](Path(args.run_dir)))
+        else:
+            print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

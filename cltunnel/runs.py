@@ -18,7 +18,7 @@ import yaml
 from . import tables
 from .checkpoints import (latest_checkpoint, load_model_state, load_strategy_state, save_epoch_checkpoint,
                           save_task_checkpoint)
-from .config import RunConfig
+from .config import ErosionConfig, RunConfig
 from .data import ImageData, load_dataset
 from .models import LayeredModel, build_model
 from .scenarios import SplitScenario, avalanche_benchmark, build_scenario
@@ -65,6 +65,16 @@ def _empty_metrics(cfg: RunConfig, seed: int, scenario: SplitScenario, device: t
             "n_test": [len(t.test_idx) for t in scenario.tasks],
             "n_test_lossless": [len(t.test_lossless_idx) for t in scenario.tasks] if lossy else None,
             "acc": [], "acc_lossless": [] if lossy else None, "task_seconds": []}
+
+
+def saved_protocol(scenario_dir: str | Path) -> tuple[Callable[..., Path], Callable[[Path], str]] | None:
+    """``other_protocol`` of the scenario whose seeds were written to ``scenario_dir`` (for ``cltunnel table``)."""
+    configs = sorted(Path(scenario_dir).glob("seed*/config.yaml"))
+    if not configs:
+        return None
+    raw = yaml.safe_load(configs[0].read_text()) or {}
+    return other_protocol(RunConfig(**{k: raw.get(k) for k in ("representations", "synthetic")},
+                                    erosion=ErosionConfig() if raw.get("erosion") else None))
 
 
 def other_protocol(cfg: RunConfig) -> tuple[Callable[..., Path], Callable[[Path], str]] | None:

@@ -418,21 +418,31 @@ def aggregate_synthetic(scenario_dir: str | Path) -> str:
         return ""
     curves = pd.concat([pd.read_csv(r / "seen_accuracy.csv").assign(seed=r.name) for r in runs])
     finals = pd.concat([pd.read_csv(r / "inner_steps.csv").assign(seed=r.name) for r in runs])
-    last = curves[curves.after_task == curves.after_task.max()].set_index(["learner", "source"])
+    curves["row"] = curves.learner + " learner, " + curves.source
+    finals["row"] = finals.learner + " learner, " + finals.source
+    last = curves[curves.after_task == curves.after_task.max()]
     cols = {"seen_acc": "final accuracy, all classes", "forgetting": "forgetting (just trained − final)",
             "just_trained": "last task just trained"}
-    grouped = last[list(cols)].rename(columns=cols).groupby(level=[0, 1], sort=False)
-    std = grouped.std(ddof=1) if len(runs) > 1 else grouped.mean() * 0
-    steps = finals.inner_steps.max()
-    notes = [f"seeds: {[r.name for r in runs]}; {len(runs)} seed(s), each the mean of "
-             f"{yaml.safe_load((runs[0] / 'config.yaml').read_text())['synthetic'].get('eval_learners', 5)} "
-             "fresh learners", "class-incremental split MNIST, one 10-way head; accuracy in %",
+    n_learners = yaml.safe_load((runs[0] / "config.yaml").read_text())["synthetic"].get("eval_learners", 5)
+    notes = [f"seeds: {[r.name for r in runs]}, each the mean of {n_learners} fresh learners",
+             "class-incremental split MNIST, one 10-way head; accuracy in %",
              "thesis finding: the synthetic sequence is forgotten far less than the real one"]
-    md = tables.write_table(grouped.mean(), std.fillna(0), len(runs), scenario_dir / f"{scenario_dir.name}_forgetting",
-                            f"{scenario_dir.name}: learning split MNIST from each source (thesis chapter 2)", notes)
+    by_steps = finals.pivot_table(index=["row", "seed"], columns="inner_steps", values="final_acc").groupby(level=0, sort=False)
+    md = [_mean_std_table(last.set_index(["row", "seed"])[list(cols)].rename(columns=cols).groupby(level=0, sort=False),
+                          len(runs), scenario_dir / f"{scenario_dir.name}_forgetting",
+                          f"{scenario_dir.name}: learning split MNIST from each source (thesis chapter 2)", notes),
+          _mean_std_table(by_steps, len(runs), scenario_dir / f"{scenario_dir.name}_inner_steps",
+                          f"{scenario_dir.name}: final accuracy, all classes, by inner steps per task (Figure 2.4.3)",
+                          notes[:2])]
     plot_seen(scenario_dir, curves)
     plot_steps(scenario_dir, finals)
-    return md + f"\n(largest inner-step count evaluated: {steps})\n"
+    return "\n".join(md)
+
+
+def _mean_std_table(grouped: Any, n_seeds: int, stem: Path, title: str, notes: list[str]) -> str:
+    mean = grouped.mean()
+    std = grouped.std(ddof=1).fillna(0) if n_seeds > 1 else mean * 0
+    return tables.write_table(mean, std, n_seeds, stem, title, notes)
 
 
 def plot_seen(scenario_dir: Path, curves: pd.DataFrame) -> None:

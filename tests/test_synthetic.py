@@ -110,3 +110,28 @@ def test_forty_meta_steps_teach_the_learner_real_digits(mnist, tmp_path):
                           TASKS, mnist)[:, -1].mean()
     assert before < 20 and 22 <= after <= 70 and after - before >= 12, (before, after)
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_scenario_runs_end_to_end_from_the_cli(tmp_path, capsys):
+    """A tiny E7 scenario: meta-training, the three sources, tables and figures; `cltunnel table` re-aggregates."""
+    import yaml
+
+    from cltunnel.cli import main as cli_main
+
+    raw = yaml.safe_load(open("scenarios/synthetic/mnist.yaml"))
+    raw.update(seeds=[0], device="cpu", output_dir=str(tmp_path),
+               synthetic={"meta_steps": 2, "samples_per_class": 20, "learner_channels": 2, "meta_batch": 50,
+                          "eval_learners": 1, "eval_inner_steps": [1], "cvae_epochs": 1, "test_per_class": 20})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert cli_main(["run", str(tmp_path / "s.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for source in ("synthetic", "real", "generative"):
+        assert f"conv learner, {source}" in out and f"mlp learner, {source}" in out
+    scenario_dir = tmp_path / raw["name"]
+    steps = {tuple(r) for r in __import__("pandas").read_csv(scenario_dir / "seed0/inner_steps.csv")[
+        ["source", "learner", "inner_steps"]].to_numpy()}
+    assert len(steps) == 3 * 2 * 2  # eval_inner_steps [1] plus the training count 5
+    for name in ("seen_accuracy.png", "inner_steps.png", "forgetting.md", "inner_steps.md"):
+        assert (scenario_dir / f"{raw['name']}_{name}").exists()
+    assert (scenario_dir / "seed0/samples.png").exists()
+    assert cli_main(["table", str(scenario_dir)]) == 0 and "Figure 2.4.3" in capsys.readouterr().out
