@@ -63,7 +63,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
     protocol = saved_protocol(args.run_dir)
     try:
-        if protocol is not None:  # erosion, representations, synthetic: their own tables over the seeds
+        if args.tunnel:
+            from .experiments import tunnel_table
+
+            print(tunnel_table(args.run_dir))
+        elif protocol is not None:  # erosion, representations, synthetic: their own tables over the seeds
             print(protocol[1](Path(args.run_dir)))
         else:
             print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     swp.set_defaults(func=_cmd_sweep)
     tab = sub.add_parser("table", help="re-render the tables of a run, scenario or sweep directory")
     tab.add_argument("run_dir")
+    tab.add_argument("--tunnel", action="store_true",
+                     help="Table 5.2.1: the tunnel start of every analysed run below run_dir")
     tab.set_defaults(func=_cmd_table)
     return parser
 

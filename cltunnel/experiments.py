@@ -468,6 +468,34 @@ ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
 assert tuple(ANALYSES) == ANALYSIS_NAMES, "keep config.ANALYSIS_NAMES in step with the analyses here"
 
 
+def tunnel_table(root: str | Path) -> str:
+    """Table 5.2.1 across every run under ``root`` that has a tunnel profile: architecture, depth, dataset and
+    the tunnel start at the 95 % and 98 % rules, as the median over that set-up's seeds."""
+    import yaml
+
+    rows = []
+    for path in sorted(Path(root).rglob("tunnel_profile.csv")):
+        cfg = yaml.safe_load((path.parent / "config.yaml").read_text())
+        acc = (pd.read_csv(path, index_col=0)["probe_acc"] / 100).to_dict()
+        rows.append({"architecture": f"{cfg['model']['name']} (width {cfg['model']['width']:g})",
+                     "depth": len(acc) + 1, "dataset": cfg["data"]["name"],
+                     **{t: tunnel_start(acc, float(t[1:])) for t in (">0.95", ">0.98")}})
+    if not rows:
+        raise FileNotFoundError(f"{root}: no tunnel_profile.csv below it; run the 'tunnel' analysis first")
+    runs = pd.DataFrame(rows)
+    keys = ["architecture", "depth", "dataset"]
+    table = runs.groupby(keys, sort=False).agg(**{t: (t, "median") for t in (">0.95", ">0.98")},
+                                               runs=(">0.95", "size")).reset_index()
+    for t in (">0.95", ">0.98"):
+        table[t] = [format_layer(int(round(k)), n) for k, n in zip(table[t], table["depth"])]
+    root = Path(root)
+    table.to_csv(root / "table_5_2_1.csv", index=False)
+    md = ("### Tunnel start across runs (thesis Table 5.2.1; median over runs)\n\n" + table.to_markdown(index=False)
+          + "\n\n- k (share of depth): the first layer whose probe accuracy reaches the share of the last layer's\n")
+    (root / "table_5_2_1.md").write_text(md)
+    return md
+
+
 # ------------------------------------------------------------------------------------ aggregation
 def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None, provenance: list[str] = ()
                     ) -> list[str]:
