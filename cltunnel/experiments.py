@@ -150,15 +150,15 @@ def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> N
     plt.close(fig)
 
 
-def _plot_variance(profile: pd.DataFrame, start: int, path: Path) -> None:
-    """Intra- and inter-class variance per layer (the thesis's Figure 5.3 style), tunnel shaded."""
+def _plot_per_layer(frame: pd.DataFrame, lines: dict[str, str], start: int, path: Path, **axis: Any) -> None:
+    """Columns of a per-layer frame against the layer, the tunnel (from ``start``) shaded."""
     plt = tables.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = profile.index.to_numpy()
-    ax.plot(x, profile["intra_class_var"], marker="o", label="intra-class variance")
-    ax.plot(x, profile["inter_class_var"], marker="s", label="inter-class variance")
+    x = frame.index.to_numpy()
+    for (column, label), marker in zip(lines.items(), "os"):
+        ax.plot(x, frame[column], marker=marker, label=label)
     ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
-    ax.set(xlabel="layer", ylabel="variance", yscale="log", xticks=x)
+    ax.set(xlabel="layer", xticks=x, **axis)
     tables.save_figure(fig, [ax], path)
 
 
@@ -196,17 +196,6 @@ def ood_profile(run: LoadedRun) -> tuple[pd.DataFrame, float]:
                           "id_probe_acc": profile["probe_acc"].to_numpy()}, index=pd.Index(list(acc), name="layer"))
     best = frame["ood_probe_acc"].max()
     return frame, float((best - frame["ood_probe_acc"].iloc[-1]) / best)
-
-
-def _plot_ood(frame: pd.DataFrame, start: int, rho: float, ood_name: str, path: Path) -> None:
-    plt = tables.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = frame.index.to_numpy()
-    ax.plot(x, frame["id_probe_acc"], marker="o", label="in-distribution (task 1)")
-    ax.plot(x, frame["ood_probe_acc"], marker="s", label=f"OOD: {ood_name} (rho {rho:.2f})")
-    ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
-    ax.set(xlabel="layer", ylabel="linear probe accuracy (%)", xticks=x)
-    tables.save_figure(fig, [ax], path)
 
 
 # ------------------------------------------------------------------------------------------ swaps
@@ -413,7 +402,9 @@ def _analysis_tunnel(run: LoadedRun) -> pd.DataFrame:
     kap = kappa((profile["probe_acc"] / 100).to_dict(), run.depth)
     (run.run_dir / "tunnel_start.txt").write_text(
         "\n".join(f"{k}: {format_layer(v, run.depth)}" for k, v in starts.items()) + f"\nkappa (eta 0.99): {kap:.3f}\n")
-    _plot_variance(profile, starts[">0.95"], run.run_dir / "variance_profile.png")
+    # intra- and inter-class variance per layer (the thesis's Figure 5.3 style)
+    _plot_per_layer(profile, {"intra_class_var": "intra-class variance", "inter_class_var": "inter-class variance"},
+                    starts[">0.95"], run.run_dir / "variance_profile.png", ylabel="variance", yscale="log")
     return profile
 
 
@@ -422,7 +413,9 @@ def _analysis_ood(run: LoadedRun) -> pd.DataFrame:
     frame.to_csv(run.run_dir / "ood_probes.csv")
     start = tunnel_start((frame["id_probe_acc"] / 100).to_dict(), run.options.tunnel_threshold)
     (run.run_dir / "ood_rho.txt").write_text(f"ood data: {run.options.ood_data}\nrho: {rho:.4f}\n")
-    _plot_ood(frame, start, rho, run.options.ood_data, run.run_dir / "ood_probes.png")
+    _plot_per_layer(frame, {"id_probe_acc": "in-distribution (task 1)",
+                            "ood_probe_acc": f"OOD: {run.options.ood_data} (rho {rho:.2f})"},
+                    start, run.run_dir / "ood_probes.png", ylabel="linear probe accuracy (%)")
     return frame
 
 

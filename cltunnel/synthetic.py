@@ -84,12 +84,12 @@ def parse_synthetic_config(raw: dict[str, Any] | None) -> SyntheticConfig:
         bad = [v for v in getattr(cfg, key) if v not in valid]
         if bad:
             raise ConfigError(f"synthetic.{key}: unknown {bad}; valid: {', '.join(valid)}")
-    small = [k for k in ("samples_per_class", "inner_steps", "batch_per_class", "meta_batch",
-                         "eval_learners", "checkpoint_every") if getattr(cfg, k) < 1]
-    if cfg.meta_steps < 0 or cfg.test_per_class < 0 or min(cfg.eval_inner_steps, default=1) < 1:
-        small.append("meta_steps/test_per_class (not negative), eval_inner_steps")
-    if small:
-        raise ConfigError(f"synthetic: {', '.join(small)} must be positive")
+    values = {k: getattr(cfg, k) for k in ("samples_per_class", "inner_steps", "batch_per_class", "meta_batch",
+                                            "eval_learners", "checkpoint_every")}
+    values["eval_inner_steps"] = min(cfg.eval_inner_steps, default=1)
+    bad = [k for k, v in values.items() if v < 1] + [k for k in ("meta_steps", "test_per_class") if getattr(cfg, k) < 0]
+    if bad:
+        raise ConfigError(f"synthetic: {', '.join(bad)} must be positive (meta_steps, test_per_class: not negative)")
     return cfg
 
 
@@ -411,64 +411,49 @@ def run_synthetic(cfg: RunConfig, seed: int, data: ImageData, progress: bool = T
 
 # -------------------------------------------------------------------------------------- aggregation
 def aggregate_synthetic(scenario_dir: str | Path) -> str:
-    """The forgetting table (mean ± std over seeds) and Figures 2.4.2 and 2.4.3 across a scenario's seeds."""
+    """The forgetting table and final accuracy by inner steps (mean ± std over seeds); Figures 2.4.2 and 2.4.3."""
     scenario_dir = Path(scenario_dir)
     runs = sorted(p for p in scenario_dir.glob("seed*") if (p / "seen_accuracy.csv").exists())
     if not runs:
         return ""
     curves = pd.concat([pd.read_csv(r / "seen_accuracy.csv").assign(seed=r.name) for r in runs])
     finals = pd.concat([pd.read_csv(r / "inner_steps.csv").assign(seed=r.name) for r in runs])
-    curves["row"] = curves.learner + " learner, " + curves.source
-    finals["row"] = finals.learner + " learner, " + finals.source
-    last = curves[curves.after_task == curves.after_task.max()]
+    for frame in (curves, finals):
+        frame["row"] = frame.learner + " learner, " + frame.source
     cols = {"seen_acc": "final accuracy, all classes", "forgetting": "forgetting (just trained − final)",
             "just_trained": "last task just trained"}
+    last = curves[curves.after_task == curves.after_task.max()]
     n_learners = yaml.safe_load((runs[0] / "config.yaml").read_text())["synthetic"].get("eval_learners", 5)
     notes = [f"seeds: {[r.name for r in runs]}, each the mean of {n_learners} fresh learners",
              "class-incremental split MNIST, one 10-way head; accuracy in %",
              "thesis finding: the synthetic sequence is forgotten far less than the real one"]
-    by_steps = finals.pivot_table(index=["row", "seed"], columns="inner_steps", values="final_acc").groupby(level=0, sort=False)
-    md = [_mean_std_table(last.set_index(["row", "seed"])[list(cols)].rename(columns=cols).groupby(level=0, sort=False),
-                          len(runs), scenario_dir / f"{scenario_dir.name}_forgetting",
-                          f"{scenario_dir.name}: learning split MNIST from each source (thesis chapter 2)", notes),
-          _mean_std_table(by_steps, len(runs), scenario_dir / f"{scenario_dir.name}_inner_steps",
-                          f"{scenario_dir.name}: final accuracy, all classes, by inner steps per task (Figure 2.4.3)",
-                          notes[:2])]
-    plot_seen(scenario_dir, curves)
-    plot_steps(scenario_dir, finals)
+    forgetting = [g.set_index("row")[list(cols)].rename(columns=cols) for _, g in last.groupby("seed")]
+    by_steps = [g.pivot(index="row", columns="inner_steps", values="final_acc").loc[g.row.unique()]
+                for _, g in finals.groupby("seed")]
+    md = [tables.write_table(*tables.aggregate(forgetting), len(runs), scenario_dir / f"{scenario_dir.name}_forgetting",
+                             f"{scenario_dir.name}: learning split MNIST from each source (thesis chapter 2)", notes),
+          tables.write_table(*tables.aggregate(by_steps), len(runs), scenario_dir / f"{scenario_dir.name}_inner_steps",
+                             f"{scenario_dir.name}: final accuracy, all classes, by inner steps per task "
+                             "(Figure 2.4.3)", notes[:2])]
+    plot_per_learner(curves.assign(tasks=curves.after_task + 1), "tasks", "seen_acc",
+                     scenario_dir / f"{scenario_dir.name}_seen_accuracy.png", "Fig. 2.4.2",
+                     xlabel="tasks learned", ylabel="accuracy on seen classes (%)")
+    plot_per_learner(finals, "inner_steps", "final_acc", scenario_dir / f"{scenario_dir.name}_inner_steps.png",
+                     "Fig. 2.4.3", xscale="log", xlabel="inner steps per task", ylabel="final accuracy, all classes (%)")
     return "\n".join(md)
 
 
-def _mean_std_table(grouped: Any, n_seeds: int, stem: Path, title: str, notes: list[str]) -> str:
-    mean = grouped.mean()
-    std = grouped.std(ddof=1).fillna(0) if n_seeds > 1 else mean * 0
-    return tables.write_table(mean, std, n_seeds, stem, title, notes)
-
-
-def plot_seen(scenario_dir: Path, curves: pd.DataFrame) -> None:
+def plot_per_learner(frame: pd.DataFrame, x: str, y: str, path: Path, figure: str, **axis: Any) -> None:
+    """One panel per learner, one line per source: ``y`` against ``x``, averaged over seeds."""
     plt = tables.pyplot()
-    kinds = list(dict.fromkeys(curves.learner))
+    kinds = list(dict.fromkeys(frame.learner))
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        for source, frame in curves[curves.learner == kind].groupby("source", sort=False):
-            mean = frame.groupby("after_task").seen_acc.mean()
-            ax.plot(mean.index + 1, mean.values, marker="o", label=source)
-        ax.set(xlabel="tasks learned", ylabel="accuracy on seen classes (%)", title=f"{kind} learner (Fig. 2.4.2)",
-               ylim=(0, 100))
-    tables.save_figure(fig, axes[0], scenario_dir / f"{scenario_dir.name}_seen_accuracy.png")
-
-
-def plot_steps(scenario_dir: Path, finals: pd.DataFrame) -> None:
-    plt = tables.pyplot()
-    kinds = list(dict.fromkeys(finals.learner))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for source, frame in finals[finals.learner == kind].groupby("source", sort=False):
-            mean = frame.groupby("inner_steps").final_acc.mean()
+        for source, part in frame[frame.learner == kind].groupby("source", sort=False):
+            mean = part.groupby(x)[y].mean()
             ax.plot(mean.index, mean.values, marker="o", label=source)
-        ax.set(xscale="log", xlabel="inner steps per task", ylabel="final accuracy, all classes (%)",
-               title=f"{kind} learner (Fig. 2.4.3)", ylim=(0, 100))
-    tables.save_figure(fig, axes[0], scenario_dir / f"{scenario_dir.name}_inner_steps.png")
+        ax.set(title=f"{kind} learner ({figure})", ylim=(0, 100), **axis)
+    tables.save_figure(fig, axes[0], path)
 
 
 def plot_samples(run_dir: Path, generator: ConditionalGenerator, cvae: ConditionalVAE | None, real: RealImages,
