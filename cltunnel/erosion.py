@@ -93,8 +93,12 @@ class Squares:
 
 
 # ------------------------------------------------------------------------------------------ training
+TRAIN_ACC_ROWS = 5000  # training accuracy (is pre-training near 100 %?) is read on at most this many rows
+
+
 class TestCurvePlugin(SupervisedPlugin):
-    """Clean and squared test accuracy every ``every`` epochs, appended to ``curve``."""
+    """Clean and squared test accuracy every ``every`` epochs, appended to ``curve``, with the accuracy on the
+    images the phase trains on (unaugmented), since the protocol pre-trains to (near) 100 % training accuracy."""
 
     def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, amp: bool) -> None:
         super().__init__()
@@ -105,6 +109,10 @@ class TestCurvePlugin(SupervisedPlugin):
         epoch = strategy.clock.train_exp_epochs + 1
         if epoch % self.every == 0 or epoch == strategy.train_epochs:
             row = {"phase": self.phase, "epoch": self.offset + epoch}
+            trained_on = strategy.cltunnel_data
+            task = trained_on.scenario.tasks[0]
+            row["train"] = 100 * predict_accuracy(strategy.model, trained_on, task, task.train_idx[:TRAIN_ACC_ROWS],
+                                                  amp=self.amp, split="eval_train")
             for name, view in self.views.items():
                 row[name] = 100 * predict_accuracy(strategy.model, view, view.scenario.tasks[0], amp=self.amp)
                 lossless = view.scenario.tasks[0].test_lossless_idx
@@ -220,6 +228,8 @@ def plot_curve(curve: pd.DataFrame, scratch: pd.DataFrame, path: Path, title: st
     fig, ax = plt.subplots(figsize=(7, 4))
     for col, style in (("clean", "-"), ("squared", "--")):
         ax.plot(curve["epoch"], curve[col], style, label=f"{col} test images")
+    if "train" in curve:
+        ax.plot(curve["epoch"], curve["train"], color="grey", lw=0.8, label="training images of the phase")
     if not scratch.empty:
         start = curve[curve["phase"] == "relearn"]["epoch"].min() - 1
         ax.plot(scratch["epoch"] + start, scratch["clean"], ":", label="from scratch, clean test images")

@@ -210,9 +210,10 @@ class EpochCheckpointPlugin(SupervisedPlugin):
 
 @torch.no_grad()
 def predict_accuracy(model: nn.Module, data: DeviceData, task: Task, rows: torch.Tensor | None = None,
-                     batch_size: int = 1000, amp: bool = False) -> float:
-    """Accuracy of ``model`` on a task's test rows, through that task's head (NaN for no rows)."""
-    batches = data.batches(task, "test", batch_size, rows=rows)
+                     batch_size: int = 1000, amp: bool = False, split: str = "test") -> float:
+    """Accuracy of ``model`` on a task's test rows (or, with ``split="eval_train"``, its unaugmented training
+    rows), through that task's head (NaN for no rows)."""
+    batches = data.batches(task, split, batch_size, rows=rows)
     if len(batches.rows) == 0:
         return float("nan")
     was_training = model.training
