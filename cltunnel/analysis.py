@@ -119,13 +119,13 @@ def _features_for_rows(model, data, task, rows, layers):
 
 
 @torch.no_grad()
-def probe_accuracy(model: LayeredModel, data: DeviceData, task: Task, probes: nn.ModuleDict, layers: list[int]
-                   ) -> dict[int, float]:
-    """Test accuracy of each layer's probe on ``task``'s test rows."""
+def probe_accuracy(model: LayeredModel, data: DeviceData, task: Task, probes: nn.ModuleDict, layers: list[int],
+                   rows: torch.Tensor | None = None) -> dict[int, float]:
+    """Test accuracy of each layer's probe on ``task``'s test rows (or the given ones, e.g. the exact-pixel rows)."""
     model.eval()
     correct = {k: 0 for k in layers}
     total = 0
-    for x, y, _ in data.batches(task, "test", 500):
+    for x, y, _ in data.batches(task, "test", 500, rows=rows):
         outs = model.layer_outputs(x, layers)
         for k in layers:
             correct[k] += (probes[str(k)](_flat(outs[k])).argmax(1) == y).sum().item()

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import tables
-from .analysis import ProbeConfig, fit_probes, layer_features, minibatch_cka, probe_accuracy, train_probes
+from .analysis import ProbeConfig, fit_probes, layer_features, minibatch_cka, probe_accuracy
 from .config import RunConfig
 from .data import ImageData
 from .models import LayeredModel
@@ -179,15 +179,25 @@ def protocol_3(kind: str, data: DeviceData, all_classes: DeviceData, rc: RepConf
 
         record(0)
     train_task(kind, model, data, tasks[0], rc, seed, record, progress)
-    per_task = [100 * classifier_accuracy(model, data, t, probe) for t in tasks]
-    ten_way = classifier_accuracy(model, all_classes, all_classes.scenario.tasks[0], probe)
-    return {"per_task": per_task, "avg_per_task": float(np.mean(per_task)), "ten_way": 100 * ten_way,
-            "recon_curve": curve}
+    per_task, per_task_exact = zip(*[classifier_accuracy(model, data, t, probe) for t in tasks])
+    ten_way, ten_way_exact = classifier_accuracy(model, all_classes, all_classes.scenario.tasks[0], probe)
+    out = {"per_task": list(per_task), "avg_per_task": float(np.mean(per_task)), "ten_way": ten_way,
+           "recon_curve": curve}
+    if data.scenario.data.has_lossy_test_rows:  # CIFAR-10 here: the exact-pixel rows, to compare with the thesis
+        out.update(per_task_exact=list(per_task_exact), avg_per_task_exact=float(np.mean(per_task_exact)),
+                   ten_way_exact=ten_way_exact, n_exact_rows=len(all_classes.scenario.tasks[0].test_lossless_idx))
+    return out
 
 
-def classifier_accuracy(model: LayeredModel, data: DeviceData, task: Task, probe: ProbeConfig) -> float:
-    """A softmax-regression classifier on the frozen penultimate representations: its test accuracy."""
-    return train_probes(model, data, task, layers=[PENULTIMATE], cfg=probe, progress=False)[PENULTIMATE]
+def classifier_accuracy(model: LayeredModel, data: DeviceData, task: Task, probe: ProbeConfig
+                        ) -> tuple[float, float]:
+    """A softmax-regression classifier on the frozen penultimate representations: its test accuracy (%) on the
+    task's test rows and on their exact-pixel subset (NaN where there is none)."""
+    classifier = fit_probes(model, data, task, [PENULTIMATE], probe, progress=False)
+    acc = probe_accuracy(model, data, task, classifier, [PENULTIMATE])[PENULTIMATE]
+    exact = task.test_lossless_idx
+    acc_exact = probe_accuracy(model, data, task, classifier, [PENULTIMATE], exact)[PENULTIMATE] if len(exact) else np.nan
+    return 100 * acc, 100 * acc_exact
 
 
 def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:
@@ -243,13 +253,19 @@ def aggregate_representations(scenario_dir: str | Path) -> str:
              "average over tasks (Table 3.3.1, %)"),
             ("ten_way", THESIS_3_3_2, "table_3_3_2", "one 10-way classifier after training on task 1 only "
              "(Table 3.3.2, %)")):
-        values = {k: [p[key] for p in p3[k]] for k in kinds}
-        mean = pd.DataFrame({"cltunnel": [np.mean(values[k]) for k in kinds],
+        columns = {"cltunnel": key}
+        notes = [f"{dataset}, seeds: {[r.name for r in runs]}", "thesis: the published mean ± std"]
+        if all(f"{key}_exact" in p for k in kinds for p in p3[k]):
+            columns["cltunnel, exact rows"] = f"{key}_exact"
+            notes.append(f"exact rows: the {p3[kinds[0]][0]['n_exact_rows']} test images with exact pixels; "
+                         "the other column uses every chosen test row (JPEG-decoded ones included, see the README)")
+        values = {c: {k: [p[f] for p in p3[k]] for k in kinds} for c, f in columns.items()}
+        mean = pd.DataFrame({**{c: [np.mean(v[k]) for k in kinds] for c, v in values.items()},
                              "thesis": [thesis.get(dataset, {}).get(k, (np.nan,))[0] for k in kinds]}, index=kinds)
-        std = pd.DataFrame({"cltunnel": [np.std(values[k], ddof=1) if len(runs) > 1 else 0.0 for k in kinds],
+        std = pd.DataFrame({**{c: [np.std(v[k], ddof=1) if len(runs) > 1 else 0.0 for k in kinds]
+                               for c, v in values.items()},
                             "thesis": [thesis.get(dataset, {}).get(k, (np.nan, np.nan))[1] for k in kinds]},
                            index=kinds)
-        notes = [f"{dataset}, seeds: {[r.name for r in runs]}", "thesis: the published mean ± std"]
         md.append(tables.write_table(mean, std, len(runs), scenario_dir / f"{scenario_dir.name}_{stem}",
                                      f"{scenario_dir.name}: {title}", notes))
     plot_protocols(scenario_dir, runs, kinds)

@@ -89,6 +89,9 @@ def test_erosion_band_squared_accuracy_overtakes_clean(cifar10, tmp_path):
     assert abs(s["squared after clean"] - s["clean after clean"]) < 5  # before the squares, they are noise
     low, high = EROSION_BANDS["clean_drop"]
     assert low <= s["clean forgetting"] <= high
+    # training accuracy is read on the images each phase trains on: squared ones in the squared phase, where
+    # the model fits them at least as well as it does squared test images
+    assert 0 <= s["train after clean"] <= 100 and s["train after squared"] >= s["squared after squared"] - 5
     for name in ("erosion_curve.csv", "erosion_curve.png", "erosion_summary.md"):
         assert (run_dir / name).stat().st_size > 0
 

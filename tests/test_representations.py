@@ -58,3 +58,23 @@ def test_protocols_on_real_mnist(mnist, tmp_path):
     md = aggregate_representations(run_dir.parent)
     assert "Table 3.3.1" in md and "76.8" in md and "82.9" in md  # the thesis's values beside ours
     assert (run_dir.parent / "rep_protocols.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cifar10_classifiers_report_the_exact_pixel_rows_too(cifar10, tmp_path):
+    """Here 9,000 CIFAR-10 test rows were decoded from JPEG: protocol 3 also reports the 1,000 exact rows, and
+    those numbers are exactly what a run restricted to them (``test_rows: lossless``) measures."""
+    def run(test_rows: str, out: str) -> dict:
+        raw = {"name": "rep", "data": {"name": "cifar10", "train_per_class": 100, "test_rows": test_rows},
+               "scenario": {"n_tasks": 5}, "representations": {"models": ["D"], "epochs": 1, "classifier_epochs": 3},
+               "device": "cpu", "output_dir": str(tmp_path / out)}
+        return json.loads((run_seed(parse_config(raw), 0, cifar10, progress=False) / "protocol3_D.json").read_text())
+
+    every, exact_only = run("all", "all"), run("lossless", "lossless")
+    assert every["n_exact_rows"] == 1000
+    assert every["per_task_exact"] == exact_only["per_task"] and every["ten_way_exact"] == exact_only["ten_way"]
+    assert every["per_task"] != every["per_task_exact"]  # a different set of 10,000 rows
+    assert "exact pixels" in aggregate_representations(tmp_path / "all" / "rep")
+    table = pd.read_csv(tmp_path / "all" / "rep" / "rep_table_3_3_2.csv", header=[0, 1], index_col=0)
+    assert table.loc["D", ("mean", "cltunnel, exact rows")] == pytest.approx(every["ten_way_exact"])
+    assert table.loc["D", ("mean", "cltunnel")] == pytest.approx(every["ten_way"])
