@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import tables
 from .analysis import (ProbeConfig, class_variance, cka_matrix, format_layer, kappa, layer_features,
@@ -328,7 +329,7 @@ def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
     t = run.data.scenario.tasks[task]
     rows_idx = t.train_idx[: run.options.rank_samples]
     records, previous = [], None
-    for path in paths:
+    for path in tqdm(paths, desc="development", disable=not run.progress, leave=False):
         state = load_checkpoint(path)
         model = model_from_checkpoint(state).to(run.data.device).eval()
         feats, _ = layer_features(model, run.data, t, "eval_train", list(range(1, run.n_layers + 1)), rows=rows_idx)
@@ -356,9 +357,10 @@ def plot_development(dev: pd.DataFrame, path: Path) -> None:
         axes[0].plot(d["layer"], d["rank"], color=color, label=f"epoch {e}")
         axes[1].plot(d["layer"], d["weight_change"], color=color)
     axes[0].set_ylabel("numerical rank")
-    axes[1].set_ylabel("relative weight change since last checkpoint")
+    axes[1].set_ylabel("relative weight change\nsince the last save")
     for ax in axes:
         ax.set_xlabel("layer")
+        ax.set_xticks(sorted(dev["layer"].unique()))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
