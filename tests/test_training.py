@@ -220,7 +220,7 @@ def test_ood_probes_read_mnist_through_a_cifar_backbone(cifar10, tmp_path):
 
     md = tunnel_table(tmp_path)  # Table 5.2.1 over the runs below: this one, with its own tunnel starts
     starts = dict(line.split(": ") for line in (run_dir / "tunnel_start.txt").read_text().splitlines()[:2])
-    assert f"| {starts['>0.95']} " in md and f"| {starts['>0.98']} " in md and "vgg11 (width 0.125) |      11 |" in md
+    assert f"| {starts['>0.95']} " in md and f"| {starts['>0.98']} " in md and "vgg11 (width 0.125) |      11 | cifar10   |         5 |" in md
     with pytest.raises(ConfigError, match="ood_classes"):
         run_analyses(run_dir, ["ood"], "cpu", parse_config({**raw, "analyses": {"ood_classes": [3, 12]}}).analyses)
 
