@@ -61,13 +61,12 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from .sweeps import aggregate_sweep, is_sweep_dir
     from .tables import render
 
-    protocol = saved_protocol(args.run_dir)
     try:
         if args.tunnel:
             from .experiments import tunnel_table
 
             print(tunnel_table(args.run_dir))
-        elif protocol is not None:  # erosion, representations, synthetic: their own tables over the seeds
+        elif (protocol := saved_protocol(args.run_dir)) is not None:  # erosion, representations, synthetic
             print(protocol[1](Path(args.run_dir)))
         else:
             print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))

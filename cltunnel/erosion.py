@@ -32,7 +32,7 @@ from .models import LayeredModel
 from .scenarios import avalanche_benchmark, build_scenario
 from .strategies import build_strategy
 from .training import (DeviceData, ProgressPlugin, TemperatureCrossEntropy, amp_enabled, channels_last_enabled,
-                       predict_accuracy, resolve_device)
+                       exact_rows_accuracy, predict_accuracy, resolve_device)
 
 PHASES = ("clean", "squared", "relearn")
 
@@ -114,11 +114,12 @@ class TestCurvePlugin(SupervisedPlugin):
             row["train"] = 100 * predict_accuracy(strategy.model, trained_on, task, task.train_idx[:TRAIN_ACC_ROWS],
                                                   amp=self.amp, split="eval_train")
             for name, view in self.views.items():
-                row[name] = 100 * predict_accuracy(strategy.model, view, view.scenario.tasks[0], amp=self.amp)
-                lossless = view.scenario.tasks[0].test_lossless_idx
-                if view.scenario.data.has_lossy_test_rows and len(lossless):
-                    row[f"{name} exact rows"] = 100 * predict_accuracy(strategy.model, view, view.scenario.tasks[0],
-                                                                       lossless, amp=self.amp)
+                test_task = view.scenario.tasks[0]
+                acc = predict_accuracy(strategy.model, view, test_task, amp=self.amp)
+                row[name] = 100 * acc
+                if view.scenario.data.has_lossy_test_rows and len(test_task.test_lossless_idx):
+                    row[f"{name} exact rows"] = 100 * exact_rows_accuracy(strategy.model, view, test_task, acc,
+                                                                          amp=self.amp)
             self.curve.append(row)
 
 

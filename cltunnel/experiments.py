@@ -467,14 +467,12 @@ def tunnel_table(root: str | Path) -> str:
     """Table 5.2.1 across every run under ``root`` that has a tunnel profile: architecture, depth, dataset, the
     number of classes the profiled model was trained on (task 1's: fewer classes, longer tunnel) and the tunnel
     start at the 95 % and 98 % rules, as the median over that set-up's seeds."""
-    import json
-
     import yaml
 
     rows = []
     for path in sorted(Path(root).rglob("tunnel_profile.csv")):
         cfg = yaml.safe_load((path.parent / "config.yaml").read_text())
-        classes = json.loads((path.parent / tables.METRICS_FILE).read_text())["classes"][0]
+        classes = tables.load_metrics(path.parent)["classes"][0]
         acc = (pd.read_csv(path, index_col=0)["probe_acc"] / 100).to_dict()
         rows.append({"architecture": f"{cfg['model']['name']} (width {cfg['model']['width']:g})",
                      "depth": len(acc) + 1, "dataset": cfg["data"]["name"], "classes": len(classes),

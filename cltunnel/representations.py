@@ -196,8 +196,11 @@ def classifier_accuracy(model: LayeredModel, data: DeviceData, task: Task, probe
     classifier = fit_probes(model, data, task, [PENULTIMATE], probe, progress=False)
     acc = probe_accuracy(model, data, task, classifier, [PENULTIMATE])[PENULTIMATE]
     exact = task.test_lossless_idx
-    acc_exact = probe_accuracy(model, data, task, classifier, [PENULTIMATE], exact)[PENULTIMATE] if len(exact) else np.nan
-    return 100 * acc, 100 * acc_exact
+    if task.test_rows_all_exact:
+        return 100 * acc, 100 * acc
+    if not len(exact):
+        return 100 * acc, np.nan
+    return 100 * acc, 100 * probe_accuracy(model, data, task, classifier, [PENULTIMATE], exact)[PENULTIMATE]
 
 
 def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:

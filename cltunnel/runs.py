@@ -24,7 +24,7 @@ from .models import LayeredModel, build_model
 from .scenarios import SplitScenario, avalanche_benchmark, build_scenario
 from .strategies import build_strategy
 from .training import (DeviceData, EpochCheckpointPlugin, ProgressPlugin, TemperatureCrossEntropy, Timer, amp_enabled,
-                       channels_last_enabled, predict_accuracy, resolve_device)
+                       channels_last_enabled, exact_rows_accuracy, predict_accuracy, resolve_device)
 
 log = logging.getLogger("cltunnel")
 
@@ -54,8 +54,8 @@ class Evaluation:
 def evaluate_all(model: LayeredModel, data: DeviceData, batch_size: int, amp: bool) -> Evaluation:
     """Accuracy on every task's chosen test rows, and on its exact-pixel rows alone."""
     tasks = data.scenario.tasks
-    return Evaluation([predict_accuracy(model, data, t, None, batch_size, amp) for t in tasks],
-                      [predict_accuracy(model, data, t, t.test_lossless_idx, batch_size, amp) for t in tasks])
+    acc = [predict_accuracy(model, data, t, None, batch_size, amp) for t in tasks]
+    return Evaluation(acc, [exact_rows_accuracy(model, data, t, a, batch_size, amp) for t, a in zip(tasks, acc)])
 
 
 def _empty_metrics(cfg: RunConfig, seed: int, scenario: SplitScenario, device: torch.device) -> dict[str, Any]:

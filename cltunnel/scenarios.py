@@ -31,6 +31,12 @@ class Task:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def test_rows_all_exact(self) -> bool:
+        """Every chosen test row has exact pixels (MNIST, ``test_rows: lossless``): exact-row accuracy is the
+        accuracy itself, no second pass needed."""
+        return len(self.test_lossless_idx) == len(self.test_idx)
+
 
 @dataclass
 class SplitScenario:
