@@ -187,6 +187,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected {'an integer' if hint is int else 'a number'}, got {value!r}")
         return hint(number)
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off (and yes/no) as a boolean
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return str(value)

@@ -78,6 +78,15 @@ def test_choice_fields_are_checked():
         parse_config({**BASE, "data": {"name": "cifar10", "test_rows": "clean"}})
 
 
+def test_unquoted_on_off_in_yaml_reach_the_choice_fields(tmp_path):
+    """PyYAML reads `channels_last: on` as True; the user meant the choice 'on', not a type error."""
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {name: cifar10}\nscenario: {tasks: [5, 5]}\nmodel: {name: vgg19}\n"
+                    "training: {channels_last: on, amp: off}\n")
+    cfg = load_config(path)
+    assert (cfg.training.channels_last, cfg.training.amp) == ("on", "off")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_cuda_without_gpu_says_so():
     from cltunnel.training import resolve_device
