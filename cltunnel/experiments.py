@@ -512,7 +512,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
                 shown_std[f"thesis {col}"] = np.nan  # a single published run: shown without ±
             reference = "thesis values: VGG-19 width 1, split CIFAR-10 (5,5), Table 5.4.1"
         else:
-            reference = "no thesis reference values: Table 5.4.1 reports VGG-19 on the (5,5) split only"
+            reference = "no thesis reference values: Table 5.4.1 reports the full VGG-19 at width 1 on the (5,5) split only"
         shown_mean = shown_mean.astype(float)
         notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts}", *provenance, reference]
         written.append(tables.write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
@@ -537,4 +537,6 @@ def _is_table_5_4_1_setup(run_dir: Path) -> bool:
     import yaml
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return (cfg["data"]["name"], cfg["scenario"]["tasks"], cfg["model"]["name"]) == ("cifar10", [5, 5], "vgg19")
+    model = cfg["model"]
+    return ((cfg["data"]["name"], cfg["scenario"]["tasks"], model["name"], float(model.get("width", 1.0)),
+             model.get("args") or {}) == ("cifar10", [5, 5], "vgg19", 1.0, {}))

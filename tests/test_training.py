@@ -253,3 +253,16 @@ def test_probes_trained_together_equal_probes_trained_one_by_one(mnist):
                              progress=False)[k] for k in joint}
     assert joint == pytest.approx(alone, abs=1e-9)
     assert all(0.5 <= a <= 1.0 for a in joint.values())  # 2-class task: at least chance, never above 1
+
+
+@pytest.mark.parametrize("model,expected", [({"name": "vgg19", "width": 1.0}, True),
+                                            ({"name": "vgg19", "width": 0.25}, False),
+                                            ({"name": "vgg19", "width": 1.0, "args": {"conv_layers": 8}}, False),
+                                            ({"name": "vgg13", "width": 1.0}, False)])
+def test_thesis_swap_values_are_shown_only_beside_the_thesis_model(tmp_path, model, expected):
+    """Table 5.4.1's numbers are for the full VGG-19 at width 1: a narrower or cut one gets no thesis column."""
+    from cltunnel.experiments import _is_table_5_4_1_setup
+
+    cfg = {"data": {"name": "cifar10"}, "scenario": {"tasks": [5, 5]}, "model": {"args": {}, **model}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert _is_table_5_4_1_setup(tmp_path) is expected
