@@ -195,12 +195,9 @@ def classifier_accuracy(model: LayeredModel, data: DeviceData, task: Task, probe
     task's test rows and on their exact-pixel subset (NaN where there is none)."""
     classifier = fit_probes(model, data, task, [PENULTIMATE], probe, progress=False)
     acc = probe_accuracy(model, data, task, classifier, [PENULTIMATE])[PENULTIMATE]
-    exact = task.test_lossless_idx
-    if task.test_rows_all_exact:
-        return 100 * acc, 100 * acc
-    if not len(exact):
-        return 100 * acc, np.nan
-    return 100 * acc, 100 * probe_accuracy(model, data, task, classifier, [PENULTIMATE], exact)[PENULTIMATE]
+    exact = task.exact_rows_accuracy(
+        acc, lambda rows: probe_accuracy(model, data, task, classifier, [PENULTIMATE], rows)[PENULTIMATE])
+    return 100 * acc, 100 * exact
 
 
 def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:

@@ -7,6 +7,7 @@ training never goes through per-sample ``__getitem__``. A test checks both views
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -36,6 +37,15 @@ class Task:
         """Every chosen test row has exact pixels (MNIST, ``test_rows: lossless``): exact-row accuracy is the
         accuracy itself, no second pass needed."""
         return len(self.test_lossless_idx) == len(self.test_idx)
+
+    def exact_rows_accuracy(self, acc: float, accuracy_on: Callable[[torch.Tensor], float]) -> float:
+        """Accuracy on the exact-pixel test rows, given ``acc`` on all the chosen test rows and a way to measure
+        on given rows: one rule for every evaluator (the model's own head, a probe), NaN where there are none."""
+        if self.test_rows_all_exact:
+            return acc
+        if not len(self.test_lossless_idx):
+            return float("nan")
+        return accuracy_on(self.test_lossless_idx)
 
 
 @dataclass

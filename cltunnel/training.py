@@ -229,10 +229,8 @@ def predict_accuracy(model: nn.Module, data: DeviceData, task: Task, rows: torch
 
 def exact_rows_accuracy(model: nn.Module, data: DeviceData, task: Task, acc: float, batch_size: int = 1000,
                         amp: bool = False) -> float:
-    """Accuracy on the task's exact-pixel test rows, given ``acc`` on all its chosen test rows."""
-    if task.test_rows_all_exact:
-        return acc
-    return predict_accuracy(model, data, task, task.test_lossless_idx, batch_size, amp)
+    """Accuracy through the task's head on its exact-pixel test rows, given ``acc`` on all its chosen test rows."""
+    return task.exact_rows_accuracy(acc, lambda rows: predict_accuracy(model, data, task, rows, batch_size, amp))
 
 
 class Timer:
