@@ -19,7 +19,7 @@ def _conv_layers(run_dir: Path) -> int:
     """Conv layers of a run's model (the full VGG's count when ``conv_layers`` is not set)."""
     from .models import VGG_STAGES
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = tables.load_run_config(run_dir)
     given = (cfg["model"].get("args") or {}).get("conv_layers")
     return int(given) if given else sum(VGG_STAGES[int(cfg["model"]["name"][3:])])
 

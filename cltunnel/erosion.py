@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from avalanche.core import SupervisedPlugin
 
 from . import tables
@@ -134,7 +133,7 @@ def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = Tru
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+    tables.save_run_config(run_dir, cfg, seed)
     scenario = build_scenario(cfg, data)
     squares = Squares(data, cfg.erosion.ratio, cfg.erosion.square, cfg.erosion.corner, seed,
                       scenario.tasks[0].train_idx)
@@ -301,7 +300,7 @@ def ratio_report(sweep_dir: str | Path) -> str:
     sweep_dir = Path(sweep_dir)
     per_ratio: dict[float, list[list[float]]] = {}
     for summary in sorted(sweep_dir.glob("*/seed*/erosion_summary.json")):
-        cfg = yaml.safe_load((summary.parent / "config.yaml").read_text())
+        cfg = tables.load_run_config(summary.parent)
         values = json.loads(summary.read_text())
         per_ratio.setdefault(float(cfg["erosion"]["ratio"]), []).append([values[c] for c in RATIO_COLUMNS])
     if not per_ratio:

@@ -467,11 +467,9 @@ def tunnel_table(root: str | Path) -> str:
     """Table 5.2.1 across every run under ``root`` that has a tunnel profile: architecture, depth, dataset, the
     number of classes the profiled model was trained on (task 1's: fewer classes, longer tunnel) and the tunnel
     start at the 95 % and 98 % rules, as the median over that set-up's seeds."""
-    import yaml
-
     rows = []
     for path in sorted(Path(root).rglob("tunnel_profile.csv")):
-        cfg = yaml.safe_load((path.parent / "config.yaml").read_text())
+        cfg = tables.load_run_config(path.parent)
         classes = tables.load_metrics(path.parent)["classes"][0]
         acc = (pd.read_csv(path, index_col=0)["probe_acc"] / 100).to_dict()
         rows.append({"architecture": f"{cfg['model']['name']} (width {cfg['model']['width']:g})",
@@ -534,9 +532,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def _is_table_5_4_1_setup(run_dir: Path) -> bool:
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = tables.load_run_config(run_dir)
     model = cfg["model"]
     return ((cfg["data"]["name"], cfg["scenario"]["tasks"], model["name"], float(model.get("width", 1.0)),
              model.get("args") or {}) == ("cifar10", [5, 5], "vgg19", 1.0, {}))

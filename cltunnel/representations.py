@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -207,7 +206,7 @@ def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bo
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+    tables.save_run_config(run_dir, cfg, seed)
     scenario = build_scenario(cfg, data)
     whole = SplitScenario(data, [_all_classes_task(scenario)], "class", scenario.class_order)
     ddata, dwhole = (DeviceData.create(s, device, augment=False, channels_last=False) for s in (scenario, whole))
@@ -244,7 +243,7 @@ def aggregate_representations(scenario_dir: str | Path) -> str:
     runs = sorted(p for p in scenario_dir.glob("seed*") if list(p.glob("protocol3_*.json")))
     if not runs:
         return ""
-    dataset = yaml.safe_load((runs[0] / "config.yaml").read_text())["data"]["name"]
+    dataset = tables.load_run_config(runs[0])["data"]["name"]
     kinds = [k for k in KINDS if all((r / f"protocol3_{k}.json").exists() for r in runs)]
     p3 = {k: [json.loads((r / f"protocol3_{k}.json").read_text()) for r in runs] for k in kinds}
     md = []

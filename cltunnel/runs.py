@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from . import tables
 from .checkpoints import (latest_checkpoint, load_model_state, load_strategy_state, save_epoch_checkpoint,
@@ -69,10 +68,10 @@ def _empty_metrics(cfg: RunConfig, seed: int, scenario: SplitScenario, device: t
 
 def saved_protocol(scenario_dir: str | Path) -> tuple[Callable[..., Path], Callable[[Path], str]] | None:
     """``other_protocol`` of the scenario whose seeds were written to ``scenario_dir`` (for ``cltunnel table``)."""
-    configs = sorted(Path(scenario_dir).glob("seed*/config.yaml"))
+    configs = sorted(Path(scenario_dir).glob(f"seed*/{tables.CONFIG_FILE}"))
     if not configs:
         return None
-    raw = yaml.safe_load(configs[0].read_text()) or {}
+    raw = tables.load_run_config(configs[0].parent) or {}
     return other_protocol(RunConfig(**{k: raw.get(k) for k in ("representations", "synthetic")},
                                     erosion=ErosionConfig() if raw.get("erosion") else None))
 
@@ -114,7 +113,7 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
         metrics, strategy_state = state["metrics"], state.get("strategy")
     start_task = len(metrics["acc"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+    tables.save_run_config(run_dir, cfg, seed)
     if start_task < len(scenario.tasks):
         _train_tasks(cfg, seed, scenario, model, spec, metrics, run_dir, device, start_task, progress, stop_after,
                      strategy_state)

@@ -30,7 +30,6 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -379,7 +378,7 @@ def run_synthetic(cfg: RunConfig, seed: int, data: ImageData, progress: bool = T
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+    tables.save_run_config(run_dir, cfg, seed)
     task_classes = [t.classes for t in build_scenario(cfg, data).tasks]
     real = RealImages(data, device, sc.test_per_class)
     generator, hyper, losses = meta_train(real, task_classes, sc, seed, run_dir, progress)
@@ -423,7 +422,7 @@ def aggregate_synthetic(scenario_dir: str | Path) -> str:
     cols = {"seen_acc": "final accuracy, all classes", "forgetting": "forgetting (just trained − final)",
             "just_trained": "last task just trained"}
     last = curves[curves.after_task == curves.after_task.max()]
-    n_learners = yaml.safe_load((runs[0] / "config.yaml").read_text())["synthetic"].get("eval_learners", 5)
+    n_learners = tables.load_run_config(runs[0])["synthetic"].get("eval_learners", 5)
     notes = [f"seeds: {[r.name for r in runs]}, each the mean of {n_learners} fresh learners",
              "class-incremental split MNIST, one 10-way head; accuracy in %",
              "thesis finding: the synthetic sequence is forgotten far less than the real one"]

@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"  # the resolved scenario of one seed's run, with its seed
 
 
 def accuracy_frame(acc: list[list[float]]) -> pd.DataFrame:
@@ -85,6 +87,15 @@ def load_metrics(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: not a finished cltunnel run")
     return json.loads(path.read_text())
+
+
+def save_run_config(run_dir: Path, cfg: Any, seed: int) -> None:
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """The saved scenario of a run, as plain YAML data (readable without rebuilding the run)."""
+    return yaml.safe_load((run_dir / CONFIG_FILE).read_text())
 
 
 def seed_dirs(scenario_dir: Path) -> list[Path]:
