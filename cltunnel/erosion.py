@@ -181,7 +181,7 @@ def train_phase(cfg: RunConfig, model: LayeredModel, views: dict[str, DeviceData
     recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, amp)
     recorder.phase, recorder.offset = phase, max([r["epoch"] for r in curve], default=0)
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device,
-                              [ProgressPlugin(progress), recorder])
+                              [ProgressPlugin(progress, label=f"{phase} phase"), recorder])
     strategy.cltunnel_data, strategy.cltunnel_seed, strategy.cltunnel_amp = views[train_on], rng_seed, amp
     data = views[train_on].scenario
     mean, std = data.data.channel_stats()

@@ -169,15 +169,17 @@ def with_fast_data(strategy_cls: type) -> type:
 
 
 class ProgressPlugin(SupervisedPlugin):
-    """A tqdm bar per task (iterations over all epochs, loss in the postfix)."""
+    """A tqdm bar per task (iterations over all epochs, loss in the postfix). ``label`` names the bar where
+    "task k" would not say which part of a run it is (the erosion phases all train one task)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, label: str | None = None) -> None:
         super().__init__()
-        self.enabled, self.bar = enabled, None
+        self.enabled, self.label, self.bar = enabled, label, None
 
     def before_training_exp(self, strategy, **kwargs):
         total = strategy.train_epochs * len(strategy.dataloader)
-        self.bar = tqdm(total=total, desc=f"task {strategy.experience.current_experience}", unit="it",
+        desc = self.label or f"task {strategy.experience.current_experience}"
+        self.bar = tqdm(total=total, desc=desc, unit="it",
                         disable=not self.enabled, leave=False, dynamic_ncols=True)
 
     def after_training_iteration(self, strategy, **kwargs):

@@ -266,3 +266,17 @@ def test_thesis_swap_values_are_shown_only_beside_the_thesis_model(tmp_path, mod
     cfg = {"data": {"name": "cifar10"}, "scenario": {"tasks": [5, 5]}, "model": {"args": {}, **model}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert _is_table_5_4_1_setup(tmp_path) is expected
+
+
+@pytest.mark.parametrize("label, expected", [(None, "task 3"), ("squared phase", "squared phase")])
+def test_progress_bar_says_which_part_of_the_run_is_training(label, expected):
+    from types import SimpleNamespace
+
+    from cltunnel.training import ProgressPlugin
+
+    plugin = ProgressPlugin(enabled=True, label=label)
+    strategy = SimpleNamespace(train_epochs=2, dataloader=range(5), experience=SimpleNamespace(current_experience=3))
+    plugin.before_training_exp(strategy)
+    assert plugin.bar.desc.startswith(expected) and plugin.bar.total == 10
+    plugin.after_training_exp(strategy)
+    assert plugin.bar is None
