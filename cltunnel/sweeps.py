@@ -167,12 +167,13 @@ class JobResult:
     error: str = ""
 
 
-def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, threads: int | None = None
-            ) -> JobResult:
+def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, threads: int | None = None,
+            progress: bool = False) -> JobResult:
     """Train (or resume) one run; never raises, so one failure cannot stop a sweep. Importable by Ray.
 
     ``threads`` (the sweep's ``resources.cpus``) fixes torch's CPU threads on either backend: float sums
-    depend on it, so the same value gives the same numbers sequentially and on Ray."""
+    depend on it, so the same value gives the same numbers sequentially and on Ray. ``progress`` shows the
+    run's own bars (the local backend, one run at a time, under the sweep's bar)."""
     os.chdir(cwd)  # user strategy modules resolve against the sweep's working directory
     import torch
 
@@ -185,7 +186,7 @@ def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, thr
     out = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
     start = time.perf_counter()
     try:
-        run_seed(cfg, seed, data, progress=False)
+        run_seed(cfg, seed, data, progress=progress)
     except Exception:  # noqa: BLE001 - reported to the sweep, which goes on
         out.mkdir(parents=True, exist_ok=True)
         (out / ERROR_FILE).write_text(traceback.format_exc())
@@ -230,7 +231,8 @@ def _run_local(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
                 cache[key] = load_data(cfg)
             except Exception:  # noqa: BLE001 - run_job reports it per run
                 cache[key] = None
-        results.append(run_job(cfg.to_dict(), job.seed, os.getcwd(), cache[key], _threads(sweep)))
+        bar.set_postfix_str(f"running {job.config} seed {job.seed}")
+        results.append(run_job(cfg.to_dict(), job.seed, os.getcwd(), cache[key], _threads(sweep), not bar.disable))
         _tick(bar, results, running=min(1, len(jobs) - i - 1))
     return results
 

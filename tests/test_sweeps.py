@@ -116,3 +116,10 @@ def test_interrupted_run_inside_a_sweep_resumes_from_its_checkpoint(mnist, tmp_p
     stamp = (sweep.directory / job.config / "seed0" / "task0.pt").stat().st_mtime_ns
     assert [r.status for r in run_sweep(sweep, progress=False)] == ["done"]
     assert (sweep.directory / job.config / "seed0" / "task0.pt").stat().st_mtime_ns == stamp
+
+
+def test_local_sweep_shows_each_runs_progress_under_its_own_bar(mnist, tmp_path, capsys):
+    sweep = load_sweep(write_sweep(tmp_path, axes={"seed": [0]}))
+    assert [r.status for r in run_sweep(sweep, progress=True)] == ["done"]
+    err = capsys.readouterr().err
+    assert "sweep tiny" in err and "running tiny seed 0" in err and "task 1" in err  # the run's own task bars
