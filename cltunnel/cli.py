@@ -115,7 +115,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {counts['done']} ran, {counts['skipped']} already done, {counts['failed']} failed")
     for r in failed:
         print(f"FAILED {r.config}/seed{r.seed}: {r.error.strip().splitlines()[-1] if r.error else ''}", file=sys.stderr)
-    print(f"tables: {sweep.directory}/summary.md")
+    written = sorted(str(p) for p in sweep.directory.glob("*.md"))  # summary.md, or erosion_ratio.md, ...
+    print(f"tables: {', '.join(written) or 'none yet'}")
     return 1 if failed else 0
 
 

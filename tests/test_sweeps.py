@@ -119,7 +119,11 @@ def test_interrupted_run_inside_a_sweep_resumes_from_its_checkpoint(mnist, tmp_p
 
 
 def test_local_sweep_shows_each_runs_progress_under_its_own_bar(mnist, tmp_path, capsys):
-    sweep = load_sweep(write_sweep(tmp_path, axes={"seed": [0]}))
+    path = write_sweep(tmp_path, axes={"seed": [0]})
+    sweep = load_sweep(path)
     assert [r.status for r in run_sweep(sweep, progress=True)] == ["done"]
     err = capsys.readouterr().err
     assert "sweep tiny" in err and "running tiny seed 0" in err and "task 1" in err  # the run's own task bars
+    assert cli_main(["sweep", str(path), "--no-progress"]) == 0  # nothing left to run: it names what it wrote
+    tables_line = capsys.readouterr().out.splitlines()[-1]
+    assert tables_line == f"tables: {sweep.directory / 'summary.md'}"
