@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import tables
+from .sweeps import load_manifest
 
 DEPTH_AXIS = "model.args.conv_layers"
 
@@ -26,7 +26,7 @@ def _conv_layers(run_dir: Path) -> int:
 
 def depth_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """By conv-layer count: task 1 after task 1, task 2 after task 2, forgetting of task 1 (%, mean/std)."""
-    manifest = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    manifest = load_manifest(sweep_dir)
     rows: dict[int, list[list[float]]] = {}
     for config in manifest["configs"]:
         for run in tables.seed_dirs(sweep_dir / config):
@@ -44,7 +44,7 @@ def depth_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
 def extractor_length(sweep_dir: Path) -> int | None:
     """The full model's extractor (in conv layers): the base scenario's ``analyses.tunnel_start`` when it
     is a number, else the tunnel start its runs' tunnel analysis found."""
-    manifest = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    manifest = load_manifest(sweep_dir)
     base = (manifest.get("source") or {}).get("base")
     given = str(((base or {}).get("analyses") or {}).get("tunnel_start", "auto")) if isinstance(base, dict) else "auto"
     if given.isdigit():

@@ -131,7 +131,7 @@ def phase_plan(cfg: RunConfig) -> list[tuple[str, int]]:
 def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:
     """Train (or resume) the phases of one seed, then the before/after analyses; returns the run directory."""
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    run_dir = tables.seed_dir(cfg, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     tables.save_run_config(run_dir, cfg, seed)
     scenario = build_scenario(cfg, data)

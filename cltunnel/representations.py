@@ -204,7 +204,7 @@ def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bo
     rc = parse_rep_config(cfg.representations)
     rc.bottleneck = rc.bottleneck or (128 if data.name.startswith("cifar") else 8)
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    run_dir = tables.seed_dir(cfg, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     tables.save_run_config(run_dir, cfg, seed)
     scenario = build_scenario(cfg, data)

@@ -102,7 +102,7 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
         return protocol[0](cfg, seed, data, progress)
     device = resolve_device(cfg.device)
     scenario = build_scenario(cfg, data)
-    run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    run_dir = tables.seed_dir(cfg, seed)
     spec = model_spec(cfg, scenario)
     model = make_model(spec, seed)
     state = latest_checkpoint(run_dir, cfg)

@@ -183,7 +183,7 @@ def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, thr
         torch.set_num_threads(threads)
 
     cfg = parse_config(cfg_dict)
-    out = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    out = tables.seed_dir(cfg, seed)
     start = time.perf_counter()
     try:
         run_seed(cfg, seed, data, progress=progress)
@@ -288,10 +288,15 @@ def is_sweep_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
 
+def load_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """The sweep's ``sweep.yaml`` in its output directory: its configurations and their axis labels."""
+    return yaml.safe_load((Path(sweep_dir) / MANIFEST).read_text())
+
+
 def summary_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """One row per configuration: average final accuracy, average forgetting, final accuracy per task
     (mean and std over its finished seeds), with the axis labels as columns."""
-    manifest = yaml.safe_load((sweep_dir / MANIFEST).read_text())
+    manifest = load_manifest(sweep_dir)
     rows_mean, rows_std, labels = {}, {}, {}
     for config, info in manifest["configs"].items():
         metrics = [tables.load_metrics(r) for r in tables.seed_dirs(sweep_dir / config)]
@@ -320,7 +325,7 @@ def aggregate_sweep(sweep_dir: str | Path) -> str:
     from .experiments import aggregate_seeds
 
     sweep_dir = Path(sweep_dir)
-    manifest = yaml.safe_load((sweep_dir / MANIFEST).read_text())
+    manifest = load_manifest(sweep_dir)
     if list(sweep_dir.glob("*/seed*/erosion_summary.json")):  # erosion runs: phases, not a task sequence
         from .erosion import aggregate_erosion, ratio_report
 

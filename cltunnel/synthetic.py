@@ -376,7 +376,7 @@ def run_synthetic(cfg: RunConfig, seed: int, data: ImageData, progress: bool = T
     """Meta-train G for one seed, then every (source, learner) through the task sequence; CSVs in the run dir."""
     sc = parse_synthetic_config(cfg.synthetic)
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+    run_dir = tables.seed_dir(cfg, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     tables.save_run_config(run_dir, cfg, seed)
     task_classes = [t.classes for t in build_scenario(cfg, data).tasks]

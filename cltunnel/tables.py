@@ -98,6 +98,11 @@ def load_run_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((run_dir / CONFIG_FILE).read_text())
 
 
+def seed_dir(cfg: Any, seed: int) -> Path:
+    """Where one seed of a scenario writes: ``<output_dir>/<name>/seed<k>/`` (what seed_dirs lists)."""
+    return Path(cfg.output_dir) / cfg.name / f"seed{seed}"
+
+
 def seed_dirs(scenario_dir: Path) -> list[Path]:
     return sorted(p for p in scenario_dir.glob("seed*") if (p / METRICS_FILE).exists())
 
