@@ -3,25 +3,41 @@
 Layers are stored by name (``layers[name] = layer.state_dict()``) so that surgery can pick layer k of one
 checkpoint and layer k+1 of another without knowing the architecture. Files are written to a temporary
 name and renamed, so a run killed mid-write leaves the previous checkpoint intact.
+
+Checkpoints are data, not code: every value in them is a tensor or a plain value (strategy and plugin state
+through :mod:`cltunnel.plain_state`), and every file cltunnel reads is loaded with ``weights_only=True``
+(:func:`safe_load`), so a shared run directory cannot execute anything on the machine that analyses it.
 """
 from __future__ import annotations
 
 import os
-import warnings
+import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import RunConfig, parse_config
+from .errors import CheckpointError
 from .models import LayeredModel, build_model
+from .plain_state import decode, encode, restore_object
 
 CHECKPOINT_PATTERN = "task{}.pt"
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointMismatch(CheckpointError):
     """A run directory holds checkpoints made with a different configuration."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A file that holds pickled objects: loading it could run code, so it is refused."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A truncated or unreadable file (a copy cut short, a full disk)."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -70,34 +86,40 @@ def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimize
     return path
 
 
-# Plugins whose state belongs to this process (loggers, progress bars, schedules rebuilt every task), and
-# Avalanche's ReplayPlugin, whose buffer pickles the whole dataset it indexes: a resumed run refills it.
-TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugin", "LRSchedulerPlugin",
-                     "ReplayPlugin")
+# Plugins whose state belongs to this process (loggers, progress bars, schedules rebuilt every task).
+TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugin", "LRSchedulerPlugin")
+# Avalanche plugins whose memory is a dataset object with loaders and iterators (no plain-data form): not
+# stored, so a run resumed after task t continues with that memory empty, and says so.
+MEMORY_NOT_STORED = {"ReplayPlugin": "Avalanche's ReplayPlugin: its buffer starts empty (use 'replay', which is restored)",
+                     "AGEMPlugin": "Avalanche's AGEMPlugin: its memory of earlier tasks starts empty"}
+
+
+def _stored(plugin: Any) -> bool:
+    return type(plugin).__name__ not in TRANSIENT_PLUGINS and type(plugin).__name__ not in MEMORY_NOT_STORED
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """What a strategy learned besides the weights (EWC importances, replay buffers, distillation targets,
-    the clock), so that resuming after task t continues the same strategy, not a fresh one."""
-    plugins = [(type(p).__name__, dict(p.__dict__)) for p in strategy.plugins
-               if type(p).__name__ not in TRANSIENT_PLUGINS]
-    return {"plugins": plugins, "clock": dict(strategy.clock.__dict__)}
+    the clock), as plain data, so that resuming after task t continues the same strategy, not a fresh one."""
+    plugins = [(type(p).__name__, encode(dict(p.__dict__), f"strategy plugin {type(p).__name__}"))
+               for p in strategy.plugins if _stored(p)]
+    return {"plugins": plugins, "clock": encode(dict(strategy.clock.__dict__), "strategy clock")}
 
 
 def load_strategy_state(strategy: Any, state: dict[str, Any] | None) -> None:
     """Put :func:`strategy_state` back into a freshly built strategy of the same configuration."""
     if state is None:
         return
-    ours = [p for p in strategy.plugins if type(p).__name__ not in TRANSIENT_PLUGINS]
+    ours = [p for p in strategy.plugins if _stored(p)]
     if [type(p).__name__ for p in ours] != [name for name, _ in state["plugins"]]:
         raise CheckpointMismatch(f"the checkpoint's strategy plugins {[n for n, _ in state['plugins']]} differ from "
                                  f"this strategy's {[type(p).__name__ for p in ours]}")
-    for plugin, (_, saved) in zip(ours, state["plugins"]):
-        plugin.__dict__.update(saved)
-    if any(type(p).__name__ == "ReplayPlugin" for p in strategy.plugins):
-        warnings.warn("resuming with Avalanche's ReplayPlugin: its buffer starts empty (use 'replay', which is "
-                      "restored)", stacklevel=2)
-    strategy.clock.__dict__.update(state["clock"])
+    for plugin, (name, saved) in zip(ours, state["plugins"]):
+        restore_object(plugin, {"__object__": name, "state": saved}, strategy.model, f"strategy plugin {name}")
+    for plugin in strategy.plugins:
+        if type(plugin).__name__ in MEMORY_NOT_STORED:
+            warnings.warn(f"resuming with {MEMORY_NOT_STORED[type(plugin).__name__]}", stacklevel=2)
+    strategy.clock.__dict__.update(decode(state["clock"], None, None))
 
 
 EPOCH_DIR = "epochs"
@@ -119,19 +141,67 @@ def finished_tasks(run_dir: Path) -> list[int]:
     return sorted(int(p.stem[4:]) for p in run_dir.glob("task*.pt") if p.stem[4:].isdigit())
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` restricted to tensors and plain values; a file that is damaged, not a torch file, or
+    carries pickled objects (which would run code) is refused with its name."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own files: plugin state is pickled
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpoint(
+            f"{path}: refused, it holds pickled Python objects, which could run code ({_first_line(err)}). "
+            "cltunnel's checkpoints hold tensors and plain values only. If it is a checkpoint you made yourself "
+            f"with cltunnel < 0.2, convert it: cltunnel convert {path} --trust") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise DamagedCheckpoint(f"{path}: damaged or not a torch checkpoint ({_first_line(err)}); "
+                              "delete it to redo the work it held") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:160] if text else type(err).__name__
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    state = safe_load(path)
+    if not isinstance(state, dict) or "layers" not in state or "model_spec" not in state:
+        raise CheckpointError(f"{path}: not a cltunnel checkpoint (no layers / model_spec)")
+    return state
+
+
+def convert_legacy_checkpoint(path: str | Path) -> Path:
+    """Rewrite a checkpoint of cltunnel < 0.2 (strategy state pickled) as plain data. This one call unpickles
+    the file, so run it only on files you made yourself (the CLI asks for ``--trust``)."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    strategy = state.pop("strategy", None)
+    state = encode(state, str(path))
+    if strategy is not None:
+        state["strategy"] = {"plugins": [(name, encode(saved, f"strategy plugin {name}"))
+                                         for name, saved in strategy["plugins"]],
+                             "clock": encode(strategy["clock"], "strategy clock")}
+    atomic_save(state, path)
+    safe_load(path)  # proves the rewritten file loads without unpickling objects
+    return path
 
 
 def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The last finished task's checkpoint, refused when it was made from another configuration."""
-    done = finished_tasks(run_dir)
-    if not done:
+    state = None
+    for task in reversed(finished_tasks(run_dir)):
+        path = run_dir / CHECKPOINT_PATTERN.format(task)
+        try:
+            state = load_checkpoint(path)
+            break
+        except DamagedCheckpoint as err:
+            aside = path.with_name(path.name + ".damaged")
+            os.replace(path, aside)
+            print(f"warning: {err}; moved it to {aside.name} and resuming from the task before it "
+                  f"(task {task + 1} is trained again)", flush=True)
+    if state is None:
         return None
-    state = load_checkpoint(run_dir / CHECKPOINT_PATTERN.format(done[-1]))
     if state["fingerprint"] != cfg.fingerprint():
         diffs = _config_diff(state["config"], cfg.to_dict())
         raise CheckpointMismatch(

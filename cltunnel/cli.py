@@ -6,16 +6,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import CltunnelError
 
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .checkpoints import CheckpointMismatch
     from .config import load_config
-    from .data import DataNotFoundError
-    from .runs import TrainingDiverged, run_scenario
+    from .runs import run_scenario
 
     overrides = {}
     if args.seed is not None:
@@ -27,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.scenario, overrides)
         out = run_scenario(cfg, progress=not args.no_progress)
-    except (ConfigError, DataNotFoundError, CheckpointMismatch, TrainingDiverged) as err:
+    except CltunnelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from .tables import render
@@ -70,7 +68,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
             print(protocol[1](Path(args.run_dir)))
         else:
             print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))
-    except FileNotFoundError as err:
+    except (CltunnelError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -88,9 +86,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     try:
         for run in runs:
             run_analyses(run, names, args.device, progress=not args.no_progress,
-                         tunnel_start=str(args.tunnel_start) if args.tunnel_start else None)
+                         tunnel_start=str(args.tunnel_start) if args.tunnel_start is not None else None)
             print(f"analysed {run}")
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (CltunnelError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     scenario_dir = target if runs[0] != target else target.parent
@@ -107,7 +105,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(describe(sweep))
             return 0
         results = run_sweep(sweep, args.backend, progress=not args.no_progress)
-    except ConfigError as err:
+    except CltunnelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     failed = [r for r in results if r.status == "failed"]
@@ -118,6 +116,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     written = sorted(str(p) for p in sweep.directory.glob("*.md"))  # summary.md, or erosion_ratio.md, ...
     print(f"tables: {', '.join(written) or 'none yet'}")
     return 1 if failed else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints import convert_legacy_checkpoint
+
+    if not args.trust:
+        print("error: converting unpickles the file, which runs any code it carries; add --trust only for "
+              "checkpoints you made yourself", file=sys.stderr)
+        return 2
+    for path in args.checkpoints:
+        print(f"converted {convert_legacy_checkpoint(path)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--tunnel", action="store_true",
                      help="Table 5.2.1: the tunnel start of every analysed run below run_dir")
     tab.set_defaults(func=_cmd_table)
+    cnv = sub.add_parser("convert", help="rewrite checkpoints of cltunnel < 0.2 (pickled strategy state) as plain data")
+    cnv.add_argument("checkpoints", nargs="+", help="task<t>.pt files you made yourself")
+    cnv.add_argument("--trust", action="store_true", help="I made these files: unpickling them is safe")
+    cnv.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from .errors import CltunnelError
 
-class ConfigError(ValueError):
+
+class ConfigError(CltunnelError, ValueError):
     """A scenario file that cannot be run, with the key that is wrong."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CltunnelError
+
 DATA_ENV = "CLTUNNEL_DATA"
 CACHE_ENV = "CLTUNNEL_CACHE"
 
@@ -30,7 +32,7 @@ DATASETS: dict[str, tuple[str, int]] = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(CltunnelError, FileNotFoundError):
     """Raised when neither the npz directory nor torchvision can provide a dataset."""
 
 

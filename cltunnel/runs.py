@@ -19,6 +19,7 @@ from .checkpoints import (latest_checkpoint, load_model_state, load_strategy_sta
                           save_task_checkpoint)
 from .config import ErosionConfig, RunConfig
 from .data import ImageData, load_dataset
+from .errors import CltunnelError
 from .models import LayeredModel, build_model
 from .scenarios import SplitScenario, avalanche_benchmark, build_scenario
 from .strategies import build_strategy
@@ -163,7 +164,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
             break
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CltunnelError, RuntimeError):
     """Parameters became NaN or infinite: the run's numbers would be chance, not a result."""
 
 

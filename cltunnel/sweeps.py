@@ -41,7 +41,9 @@ from tqdm.auto import tqdm
 from . import tables
 from .config import ConfigError, RunConfig, _set_dotted, parse_config
 
-DONE_FILE, ERROR_FILE, MANIFEST = "sweep_done.json", "sweep_error.txt", "sweep.yaml"
+DONE_FILE = "sweep_done.json"  # in a run directory: the sweep finished this run
+ERROR_FILE = "sweep_error.txt"
+MANIFEST = "sweep.yaml"  # in a sweep's output directory: its configurations and axis labels
 AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed",
                 "conv_layers": "model.args.conv_layers"}
 SHORT = {"width": "w", "tasks": "split", "epochs": "ep", "lr": "lr", "n_tasks": "tasks", "conv_layers": "conv"}

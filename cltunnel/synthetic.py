@@ -35,7 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import tables
-from .checkpoints import atomic_save
+from .checkpoints import atomic_save, safe_load
 from .config import RunConfig
 from .data import ImageData
 from .models import LayeredModel
@@ -276,7 +276,7 @@ def meta_train(real: RealImages, task_classes: list[list[int]], cfg: SyntheticCo
     opt = torch.optim.Adam([*generator.parameters(), *hyper.parameters()], lr=cfg.meta_lr)
     path, losses, start = run_dir / "generator.pt", [], 0
     if path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = safe_load(path, map_location=device)
         generator.load_state_dict(state["generator"])
         hyper.load_state_dict(state["hyper"])
         opt.load_state_dict(state["optimizer"])
@@ -307,7 +307,7 @@ def fit_cvae(real: RealImages, cfg: SyntheticConfig, seed: int, run_dir: Path, p
     torch.manual_seed(seed)
     cvae = ConditionalVAE(real.n_classes, real.shape).to(real.x_train.device)
     if path.exists():
-        cvae.load_state_dict(torch.load(path, map_location=real.x_train.device))
+        cvae.load_state_dict(safe_load(path, map_location=real.x_train.device))
         return cvae.eval()
     x01 = real.x_train * real.std + real.mean  # back to [0, 1] pixels
     opt = torch.optim.Adam(cvae.parameters(), lr=1e-3)

@@ -8,6 +8,7 @@ import torch
 from cltunnel.analysis import ProbeConfig, train_probes, tunnel_start
 from cltunnel.checkpoints import load_checkpoint, model_from_checkpoint
 from cltunnel.config import parse_config
+from cltunnel.plain_state import restore_object
 from cltunnel.runs import run_seed
 from cltunnel.scenarios import build_scenario
 from cltunnel.tables import load_metrics
@@ -45,7 +46,8 @@ def test_extractor_ewc_penalises_only_extractor_parameters(cifar10, tmp_path):
     state = load_checkpoint(run_dir / "task0.pt")
     model = model_from_checkpoint(state)
     plugin = LayerwiseEWCPlugin(100.0, "extractor", 3)
-    plugin.__dict__.update(dict(state["strategy"]["plugins"])["LayerwiseEWCPlugin"])
+    saved = dict(state["strategy"]["plugins"])["LayerwiseEWCPlugin"]
+    restore_object(plugin, {"__object__": "LayerwiseEWCPlugin", "state": saved}, model)
     extractor = parameter_names(model, "extractor", 3)
     first3 = {f"body.{name}." for name in model.layer_names[:3]}
     assert set(plugin.saved_params[0]) == extractor == {n for n, _ in model.named_parameters()
@@ -65,8 +67,10 @@ def test_extractor_ewc_penalises_only_extractor_parameters(cifar10, tmp_path):
     assert all(float(v) == 0 for n, v in terms.items() if n != first_conv)
 
 
-@pytest.mark.parametrize("strategy", [{"name": "ewc"}, {"name": "lwf"}, {"name": "replay"},
-                                      {"name": "feature_replay", "args": {"tunnel_start": 2}}])
+@pytest.mark.parametrize("strategy", [{"name": "ewc"}, {"name": "lwf"}, {"name": "replay"}, {"name": "si"},
+                                      {"name": "mas"}, {"name": "feature_replay", "args": {"tunnel_start": 2}},
+                                      {"name": "ewc_extractor", "args": {"tunnel_start": 1}},
+                                      {"name": "freeze_tunnel", "args": {"tunnel_start": 1}}])
 def test_stateful_strategies_resume_to_the_uninterrupted_numbers(mnist, tmp_path, strategy):
     raw = mnist_tiny(tmp_path / "a", strategy=strategy, training={"epochs": 3})
     whole = load_metrics(run_seed(parse_config(raw), 0, mnist, progress=False))["acc"]
@@ -74,6 +78,14 @@ def test_stateful_strategies_resume_to_the_uninterrupted_numbers(mnist, tmp_path
     run_seed(parse_config(raw), 0, mnist, progress=False, stop_after=1)  # a fresh process would hold no state
     resumed = load_metrics(run_seed(parse_config(raw), 0, mnist, progress=False))["acc"]
     assert resumed == whole
+
+
+def test_agem_checkpoints_and_says_its_memory_starts_empty_on_resume(mnist, tmp_path):
+    raw = mnist_tiny(tmp_path, strategy={"name": "agem"}, training={"epochs": 1})
+    run_seed(parse_config(raw), 0, mnist, progress=False, stop_after=0)
+    with pytest.warns(UserWarning, match="AGEMPlugin: its memory of earlier tasks starts empty"):
+        run_dir = run_seed(parse_config(raw), 0, mnist, progress=False)
+    assert len(load_metrics(run_dir)["acc"]) == 5
 
 
 def test_replay_rescues_class_incremental_learning_and_feature_replay_stores_extractor_outputs(mnist, tmp_path):
@@ -102,7 +114,7 @@ def test_automatic_tunnel_start_is_the_probe_rule_on_the_first_model(mnist, tmp_
     raw = mnist_tiny(tmp_path, strategy={"name": "freeze_tunnel"}, training={"epochs": 3})
     run_dir = run_seed(parse_config(raw), 0, mnist, progress=False, stop_after=0)
     state = load_checkpoint(run_dir / "task0.pt")
-    found = dict(state["strategy"]["plugins"])["FreezeLayersPlugin"]["tunnel"].value
+    found = dict(state["strategy"]["plugins"])["FreezeLayersPlugin"]["tunnel"]["state"]["value"]
     cfg = parse_config(raw)
     data = DeviceData.create(build_scenario(cfg, mnist), torch.device("cpu"), False, False)
     acc = train_probes(model_from_checkpoint(state), data, data.scenario.tasks[0], cfg=ProbeConfig(epochs=10),
