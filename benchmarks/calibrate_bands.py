@@ -18,9 +18,10 @@ from bands import BAND_SCENARIO  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cltunnel.config import parse_config  # noqa: E402
-from cltunnel.experiments import run_analyses  # noqa: E402
-from cltunnel.runs import load_data, run_seed  # noqa: E402
-from cltunnel.tables import load_metrics  # noqa: E402
+from cltunnel.data.images import load_data  # noqa: E402
+from cltunnel.experiments.analyses import run_analyses  # noqa: E402
+from cltunnel.runs import run_seed  # noqa: E402
+from cltunnel.store import load_metrics  # noqa: E402
 
 
 NAMES = ["task0 just trained", "task1 just trained", "forgetting task0", "E2(FT) - E2+T2 on task 1",

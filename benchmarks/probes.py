@@ -16,11 +16,12 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from cltunnel.analysis import ProbeConfig, train_probes  # noqa: E402
 from cltunnel.config import parse_config  # noqa: E402
-from cltunnel.runs import load_data, make_model, model_spec  # noqa: E402
-from cltunnel.scenarios import build_scenario  # noqa: E402
-from cltunnel.training import DeviceData, resolve_device  # noqa: E402
+from cltunnel.data.device import DeviceData, resolve_device  # noqa: E402
+from cltunnel.data.images import load_data  # noqa: E402
+from cltunnel.data.scenarios import build_scenario  # noqa: E402
+from cltunnel.measures.probes import ProbeConfig, train_probes  # noqa: E402
+from cltunnel.models.zoo import make_model, model_spec  # noqa: E402
 
 
 def timed(fn):

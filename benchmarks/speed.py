@@ -21,11 +21,13 @@ from torch.utils.data import Dataset
 warnings.filterwarnings("ignore")
 
 from cltunnel.config import parse_config  # noqa: E402
-from cltunnel.runs import load_data, make_model, model_spec  # noqa: E402
-from cltunnel.scenarios import build_scenario  # noqa: E402
-from cltunnel.strategies import build_strategy  # noqa: E402
-from cltunnel.training import (DeviceData, TemperatureCrossEntropy, amp_enabled, channels_last_enabled,  # noqa: E402
-                               predict_accuracy, resolve_device, task_generator)
+from cltunnel.data.device import DeviceData, resolve_device, task_generator  # noqa: E402
+from cltunnel.data.images import load_data  # noqa: E402
+from cltunnel.data.scenarios import avalanche_benchmark, build_scenario  # noqa: E402
+from cltunnel.models.zoo import make_model, model_spec  # noqa: E402
+from cltunnel.training.evaluation import predict_accuracy  # noqa: E402
+from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled  # noqa: E402
+from cltunnel.training.strategies import build_strategy  # noqa: E402
 
 
 class PILImages(Dataset):
@@ -80,15 +82,13 @@ def time_stock_avalanche(cfg, scenario, device, workers: int) -> tuple[float, nn
 
 
 def time_cltunnel(cfg, scenario, device, ddata: DeviceData) -> tuple[float, nn.Module]:
-    from cltunnel.scenarios import avalanche_benchmark
-
     model = make_model(model_spec(cfg, scenario), seed=0).to(device)
     if ddata.channels_last:
         model.to(memory_format=torch.channels_last)
     mean, std = scenario.data.channel_stats()
     bm = avalanche_benchmark(scenario, mean, std)
-    strategy = build_strategy(cfg.strategy, model, cfg.training, TemperatureCrossEntropy(1.0), device, [])
-    strategy.cltunnel_data, strategy.cltunnel_amp = ddata, amp_enabled(cfg.training, device)
+    strategy = build_strategy(cfg.strategy, model, cfg.training, TemperatureCrossEntropy(1.0), device, [],
+                              RunContext(ddata, 0, amp_enabled(cfg.training, device)))
     sync(device)
     start = time.perf_counter()
     strategy.train(bm.train_stream[0], eval_streams=[], reset_optimizer_state=True)

@@ -1,4 +1,8 @@
-"""``cltunnel run | list | analyze | sweep | table``."""
+"""``cltunnel run | check | list | analyze | sweep | table | convert``: argument parsing and one-line errors.
+
+Expected failures (:class:`~cltunnel.errors.CltunnelError`) print one line and exit 2; anything else is a
+bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,47 +10,58 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import CltunnelError
+from cltunnel.config import load_config
+from cltunnel.errors import CltunnelError
+from cltunnel.experiments import protocol_for
+from cltunnel.experiments.analyses import aggregate_seeds, run_analyses, tunnel_table
+from cltunnel.experiments.registry import TASK_SEQUENCE
+from cltunnel.models.zoo import MODELS
+from cltunnel.reports.tables import render
+from cltunnel.runs import describe_plan, run_scenario, saved_protocol
+from cltunnel.store import is_sweep_dir
+from cltunnel.sweeps import aggregate_sweep, describe, load_sweep, run_sweep
+from cltunnel.training.checkpoints import convert_legacy_checkpoint
+from cltunnel.training.strategies import STRATEGIES
 
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .runs import run_scenario
-
-    overrides = {}
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
     if args.seed is not None:
         overrides["seeds"] = [args.seed]
     if args.device:
         overrides["device"] = args.device
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _cmd_check(args)
     try:
-        cfg = load_config(args.scenario, overrides)
+        cfg = load_config(args.scenario, _overrides(args))
         out = run_scenario(cfg, progress=not args.no_progress)
     except CltunnelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .tables import render
-
-    if cfg.erosion is not None:
-        summary = out / (f"seed{cfg.seeds[0]}/erosion_summary.md" if len(cfg.seeds) == 1 else "erosion_summary.md")
-        print(summary.read_text())
-    elif cfg.representations is not None:
-        print("\n".join(p.read_text() for p in sorted(out.glob(f"{out.name}_table_3_3_*.md"))))
-    elif cfg.synthetic is not None:
-        print((out / f"{out.name}_forgetting.md").read_text())
-    else:
-        print(render(out / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else out))
+    print(protocol_for(cfg).summarise(out, cfg))
     print(f"results: {out}")
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from .models import MODELS
-    from .strategies import STRATEGIES
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        print(describe_plan(load_config(args.scenario, _overrides(args))))
+    except CltunnelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("ok: checked without loading data")
+    return 0
 
+
+def _cmd_list(args: argparse.Namespace) -> int:
     scenarios = sorted(Path(args.scenarios).rglob("*.yaml")) if Path(args.scenarios).is_dir() else []
     print("scenarios:", ", ".join(str(p) for p in scenarios) or f"(none in {args.scenarios})")
     print("models:", ", ".join(sorted(MODELS)))
@@ -55,19 +70,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
-    from .runs import saved_protocol
-    from .sweeps import aggregate_sweep, is_sweep_dir
-    from .tables import render
-
     try:
         if args.tunnel:
-            from .experiments import tunnel_table
-
             print(tunnel_table(args.run_dir))
-        elif (protocol := saved_protocol(args.run_dir)) is not None:  # erosion, representations, synthetic
-            print(protocol[1](Path(args.run_dir)))
+        elif is_sweep_dir(args.run_dir):
+            print(aggregate_sweep(args.run_dir))
+        elif (protocol := saved_protocol(args.run_dir)) is None or protocol.name == TASK_SEQUENCE:
+            print(render(args.run_dir))  # one seed's or a scenario's accuracy and forgetting tables
         else:
-            print(aggregate_sweep(args.run_dir) if is_sweep_dir(args.run_dir) else render(args.run_dir))
+            print(protocol.aggregate(Path(args.run_dir)))
     except (CltunnelError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -75,8 +86,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .experiments import aggregate_seeds, run_analyses
-
     target = Path(args.run_dir)
     runs = [target] if list(target.glob("task*.pt")) else sorted(p for p in target.glob("seed*") if p.is_dir())
     if not runs:
@@ -97,8 +106,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweeps import describe, load_sweep, run_sweep
-
     try:
         sweep = load_sweep(args.sweep)
         if args.dry_run:
@@ -119,8 +126,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoints import convert_legacy_checkpoint
-
     if not args.trust:
         print("error: converting unpickles the file, which runs any code it carries; add --trust only for "
               "checkpoints you made yourself", file=sys.stderr)
@@ -139,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (overrides 'device')")
     run.add_argument("--output-dir", help="where run directories go (overrides 'output_dir')")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true", help="check and show what would run (as `cltunnel check`)")
     run.set_defaults(func=_cmd_run)
+    chk = sub.add_parser("check", help="validate a scenario and show what would run, without loading data")
+    chk.add_argument("scenario", help="scenario YAML file")
+    chk.add_argument("--seed", type=int, help="only this seed (overrides 'seeds')")
+    chk.add_argument("--device", help="overrides 'device'")
+    chk.add_argument("--output-dir", help="overrides 'output_dir'")
+    chk.set_defaults(func=_cmd_check)
     lst = sub.add_parser("list", help="scenarios, models and strategies")
     lst.add_argument("--scenarios", default="scenarios", help="directory of scenario files")
     lst.set_defaults(func=_cmd_list)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CltunnelError
+from cltunnel.errors import CltunnelError
 
 
 class ConfigError(CltunnelError, ValueError):
@@ -75,7 +75,7 @@ class StrategyConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")  # implemented in cltunnel.experiments
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")  # implemented in cltunnel.experiments.analyses
 
 
 @dataclass
@@ -106,6 +106,59 @@ class ErosionConfig:
     eval_every: int = 1  # epochs between clean/squared test evaluations
 
 
+REPRESENTATION_KINDS = ("D", "AE", "VAE")
+
+
+@dataclass
+class RepresentationsConfig:
+    """``representations:``: discriminative vs generative (AE, VAE) representations (thesis chapter 3)."""
+
+    models: list[str] = field(default_factory=lambda: list(REPRESENTATION_KINDS))
+    bottleneck: int | None = None  # default: 8, or 128 for CIFAR-10
+    epochs: int = 10  # per task
+    lr: float = 1e-3  # Adam
+    batch_size: int = 128
+    classifier_epochs: int = 30
+
+
+SYNTHETIC_SOURCES = ("synthetic", "real", "generative")
+SYNTHETIC_LEARNERS = ("conv", "mlp")
+
+
+@dataclass
+class SyntheticConfig:
+    """``synthetic:``: meta-learned synthetic data (thesis chapter 2). Defaults are the CPU-minutes budget;
+    the thesis trained G far longer."""
+
+    meta_steps: int = 300
+    meta_lr: float = 3e-4  # Adam on G and the learner's lr, momentum (200 steps on MNIST: 1e-2 diverged, 1e-4 slower)
+    meta_clip: float = 1.0  # largest meta-gradient norm (0: no clipping)
+    samples_per_class: int = 250
+    inner_steps: int = 5  # per task
+    batch_per_class: int = 20  # batch 40 for two classes per task
+    latent: int = 32
+    generator_hidden: int = 256
+    learner_channels: int = 8  # conv learner: c and 2c channels
+    mlp_hidden: int = 128
+    init_lr: float = 0.05
+    init_momentum: float = 0.5
+    meta_batch: int = 500  # real training images (all classes) in S's loss after the sequence
+    test_per_class: int = 200  # real test images per class in the evaluation batch (0: the whole test set)
+    eval_learners: int = 5  # fresh learners per (source, learner, steps) at evaluation
+    eval_inner_steps: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
+    sources: list[str] = field(default_factory=lambda: list(SYNTHETIC_SOURCES))
+    learners: list[str] = field(default_factory=lambda: list(SYNTHETIC_LEARNERS))
+    cvae_epochs: int = 5
+    checkpoint_every: int = 50
+
+
+# The sections that select a protocol other than the task sequence (cltunnel.experiments.registry).
+PROTOCOL_SECTIONS = ("erosion", "representations", "synthetic")
+# Sections that were free-form mappings before cltunnel 0.2: their fingerprint counts only the keys that
+# differ from the defaults, as the mapping did, so runs made then still resume.
+SPARSE_FINGERPRINT = {"representations": RepresentationsConfig, "synthetic": SyntheticConfig}
+
+
 @dataclass
 class RunConfig:
     name: str = "scenario"
@@ -119,8 +172,8 @@ class RunConfig:
     output_dir: str = "runs"
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
     erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
-    representations: dict[str, Any] | None = None  # set: D/AE/VAE representation protocols (cltunnel.representations)
-    synthetic: dict[str, Any] | None = None  # set: meta-learned synthetic data (cltunnel.synthetic)
+    representations: RepresentationsConfig | None = None  # set: D/AE/VAE representations (experiments.representations)
+    synthetic: SyntheticConfig | None = None  # set: meta-learned synthetic data (experiments.synthetic)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -135,9 +188,12 @@ class RunConfig:
         d = self.to_dict()
         for key in ("seeds", "device", "output_dir", "analyses", "name"):
             d.pop(key)
-        for section in ("erosion", "representations", "synthetic"):  # runs from before these sections keep their fingerprint
+        for section in PROTOCOL_SECTIONS:  # runs from before these sections keep their fingerprint
             if d[section] is None:
                 d.pop(section)
+            elif section in SPARSE_FINGERPRINT:
+                defaults = dataclasses.asdict(SPARSE_FINGERPRINT[section]())
+                d[section] = {k: v for k, v in d[section].items() if v != defaults[k]}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -239,16 +295,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     try:
         return parse_config(raw, default_name=path.stem)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = raw
     for key in keys[:-1]:
@@ -283,23 +341,31 @@ def validate(cfg: RunConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key}: must be at least 1, got {getattr(cfg.training, key)}")
+    _validate_ranges(cfg)
     unknown = [n for n in cfg.analyses.run if n not in ANALYSIS_NAMES]
     if unknown:
         raise ConfigError(f"analyses.run: unknown {unknown}; valid: {', '.join(ANALYSIS_NAMES)}")
-    if cfg.analyses.tunnel_start != "auto" and not cfg.analyses.tunnel_start.isdigit():
-        raise ConfigError(f"analyses.tunnel_start: 'auto' or a layer number, got {cfg.analyses.tunnel_start!r}")
+    parse_tunnel_start(cfg.analyses.tunnel_start, "analyses.tunnel_start")
     if cfg.erosion is not None:
         _validate_erosion(cfg)
     if cfg.representations is not None:
-        from .representations import parse_rep_config
-
-        parse_rep_config(cfg.representations)
+        _validate_representations(cfg.representations)
     if cfg.synthetic is not None:
-        from .synthetic import parse_synthetic_config
-
-        parse_synthetic_config(cfg.synthetic)
+        _validate_synthetic(cfg.synthetic)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
+
+
+def parse_tunnel_start(value: Any, where: str) -> int | str:
+    """The one reading of a tunnel start, wherever it is given (analyses, strategy arguments, a sweep's base):
+    ``"auto"`` (found from probes) or a layer number k >= 0, the extractor being body layers 1..k. Whether k
+    fits the network is checked against the model (:func:`cltunnel.measures.tunnel.check_tunnel_start`)."""
+    if value == "auto":
+        return "auto"
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise ConfigError(f"{where}: 'auto' or a layer number (0..n), got {value!r}")
+    return int(text)
 
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -316,3 +382,49 @@ def _validate_erosion(cfg: RunConfig) -> None:
     if cfg.scenario.tasks is not None and len(cfg.scenario.tasks) != 1 or cfg.scenario.n_tasks not in (None, 1):
         raise ConfigError("erosion: runs on one task holding every class (scenario: {tasks: [10]}), "
                           f"got scenario.tasks={cfg.scenario.tasks}, n_tasks={cfg.scenario.n_tasks}")
+
+
+def _validate_representations(rc: RepresentationsConfig) -> None:
+    bad = [m for m in rc.models if m not in REPRESENTATION_KINDS]
+    if bad:
+        raise ConfigError(f"representations.models: unknown {bad}; valid: {', '.join(REPRESENTATION_KINDS)}")
+
+
+def _validate_synthetic(sc: SyntheticConfig) -> None:
+    for key, valid in (("sources", SYNTHETIC_SOURCES), ("learners", SYNTHETIC_LEARNERS)):
+        bad = [v for v in getattr(sc, key) if v not in valid]
+        if bad:
+            raise ConfigError(f"synthetic.{key}: unknown {bad}; valid: {', '.join(valid)}")
+    values = {k: getattr(sc, k) for k in ("samples_per_class", "inner_steps", "batch_per_class", "meta_batch",
+                                           "eval_learners", "checkpoint_every")}
+    values["eval_inner_steps"] = min(sc.eval_inner_steps, default=1)
+    bad = [k for k, v in values.items() if v < 1] + [k for k in ("meta_steps", "test_per_class") if getattr(sc, k) < 0]
+    if bad:
+        raise ConfigError(f"synthetic: {', '.join(bad)} must be positive (meta_steps, test_per_class: not negative)")
+
+
+def _validate_ranges(cfg: RunConfig) -> None:
+    """Values that would train without error and give a meaningless number (a negative width trains to
+    chance accuracy; a momentum of 1 never forgets a step): refused before any work."""
+    t, d, a = cfg.training, cfg.data, cfg.analyses
+    checks = [
+        ("model.width", cfg.model.width, cfg.model.width > 0, "must be positive"),
+        ("training.lr", t.lr, t.lr >= 0, "must not be negative"),
+        ("training.momentum", t.momentum, 0 <= t.momentum < 1, "must be in [0, 1)"),
+        ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, "must not be negative"),
+        ("training.lr_gamma", t.lr_gamma, t.lr_gamma > 0, "must be positive"),
+        ("training.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "must not be negative"),
+        ("training.lr_milestones", t.lr_milestones, all(m >= 1 for m in t.lr_milestones), "epochs are at least 1"),
+        ("data.train_per_class", d.train_per_class, d.train_per_class is None or d.train_per_class >= 1,
+         "must be at least 1 (or empty: every image)"),
+        ("data.test_per_class", d.test_per_class, d.test_per_class is None or d.test_per_class >= 1,
+         "must be at least 1 (or empty: every image)"),
+        ("analyses.tunnel_threshold", a.tunnel_threshold, 0 < a.tunnel_threshold <= 1, "is a share in (0, 1]"),
+        ("analyses.rank_samples", a.rank_samples, a.rank_samples >= 2, "must be at least 2"),
+        ("analyses.rank_threshold", a.rank_threshold, 0 < a.rank_threshold < 1, "is a share in (0, 1)"),
+        ("analyses.ood_train_per_class", a.ood_train_per_class, a.ood_train_per_class >= 1, "must be at least 1"),
+        ("analyses.ood_test_per_class", a.ood_test_per_class, a.ood_test_per_class >= 1, "must be at least 1"),
+    ]
+    for where, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {rule}, got {value!r}")

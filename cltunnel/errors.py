@@ -5,6 +5,7 @@ Anything else is a bug and keeps its traceback. This module imports nothing, so 
 from __future__ import annotations
 
 
+
 class CltunnelError(Exception):
     """A failure the user can fix (a config key, a data file, a checkpoint, a directory), said in one line."""
 

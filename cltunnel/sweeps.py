@@ -33,20 +33,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
+import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import tables
-from .config import ConfigError, RunConfig, _set_dotted, parse_config
+from cltunnel.config import ConfigError, RunConfig, parse_config, set_dotted
+from cltunnel.data.images import load_data
+from cltunnel.errors import CltunnelError
+from cltunnel.runs import preflight, run_seed, saved_protocol
+from cltunnel.store import MANIFEST, load_manifest, seed_dir
 
 DONE_FILE = "sweep_done.json"  # in a run directory: the sweep finished this run
+
+
 ERROR_FILE = "sweep_error.txt"
-MANIFEST = "sweep.yaml"  # in a sweep's output directory: its configurations and axis labels
+
+
 AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed",
                 "conv_layers": "model.args.conv_layers"}
+
+
 SHORT = {"width": "w", "tasks": "split", "epochs": "ep", "lr": "lr", "n_tasks": "tasks", "conv_layers": "conv"}
+
+
 SWEEP_KEYS = {"name", "base", "set", "axes", "backend", "resources", "output_dir", "ray_init"}
 
 
@@ -96,18 +105,14 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: base: give a scenario file or a scenario mapping")
     base = copy.deepcopy(base)
     for dotted, value in (raw.get("set") or {}).items():
-        _set_dotted(base, dotted, value)
+        set_dotted(base, dotted, value)
     axes, seeds = _parse_axes(raw.get("axes") or {}, base)
     sweep = Sweep(raw.get("name", path.stem), base, axes, seeds, raw.get("backend", "local"),
                   {"cpus": 1, "gpus": 0, **(raw.get("resources") or {})}, raw.get("output_dir", "runs/sweeps"),
                   raw.get("ray_init") or {}, raw)
     if sweep.backend not in ("local", "ray"):
         raise ConfigError(f"{path}: backend: '{sweep.backend}' is not one of local, ray")
-    for job in expand(sweep):  # every configuration must parse before anything runs
-        try:
-            job_config(sweep, job)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: configuration '{job.config}': {err}") from None
+    check_jobs(sweep, expand(sweep), path)
     return sweep
 
 
@@ -150,7 +155,7 @@ def expand(sweep: Sweep) -> list[Job]:
 def job_config(sweep: Sweep, job: Job) -> RunConfig:
     raw = copy.deepcopy(sweep.base)
     for dotted, value in job.overrides.items():
-        _set_dotted(raw, dotted, copy.deepcopy(value))
+        set_dotted(raw, dotted, copy.deepcopy(value))
     raw.update(name=job.config, seeds=[job.seed], output_dir=str(sweep.directory))
     return parse_config(raw)
 
@@ -177,15 +182,11 @@ def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, thr
     depend on it, so the same value gives the same numbers sequentially and on Ray. ``progress`` shows the
     run's own bars (the local backend, one run at a time, under the sweep's bar)."""
     os.chdir(cwd)  # user strategy modules resolve against the sweep's working directory
-    import torch
-
-    from .runs import run_seed
-
     if threads:
         torch.set_num_threads(threads)
 
     cfg = parse_config(cfg_dict)
-    out = tables.seed_dir(cfg, seed)
+    out = seed_dir(cfg, seed)
     start = time.perf_counter()
     try:
         run_seed(cfg, seed, data, progress=progress)
@@ -214,6 +215,20 @@ def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True) -
     return results
 
 
+def check_jobs(sweep: Sweep, jobs: list[Job], path: Path) -> None:
+    """Every configuration of the sweep through :func:`cltunnel.runs.preflight` when the sweep is loaded,
+    before the first run starts; all the bad ones are named at once, not one per failed run minutes apart."""
+    bad = []
+    for job in {j.config: j for j in jobs}.values():
+        try:
+            preflight(job_config(sweep, job))
+        except CltunnelError as err:
+            bad.append(f"{job.config}: {err}")
+    if bad:
+        raise ConfigError(f"{path}: {len(bad)} of {len({j.config for j in jobs})} configurations are invalid; "
+                          "nothing was run:\n  " + "\n  ".join(bad))
+
+
 def _tick(bar: tqdm, results: list[JobResult], running: int) -> None:
     failed = sum(r.status == "failed" for r in results)
     bar.update(1)
@@ -221,8 +236,6 @@ def _tick(bar: tqdm, results: list[JobResult], running: int) -> None:
 
 
 def _run_local(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
-    from .runs import load_data
-
     cache: dict[str, Any] = {}
     results: list[JobResult] = []
     for i, job in enumerate(jobs):
@@ -285,102 +298,11 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-# -------------------------------------------------------------------------------------- aggregation
-def is_sweep_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).exists()
-
-
-def load_manifest(sweep_dir: Path) -> dict[str, Any]:
-    """The sweep's ``sweep.yaml`` in its output directory: its configurations and their axis labels."""
-    return yaml.safe_load((Path(sweep_dir) / MANIFEST).read_text())
-
-
-def summary_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """One row per configuration: average final accuracy, average forgetting, final accuracy per task
-    (mean and std over its finished seeds), with the axis labels as columns."""
-    manifest = load_manifest(sweep_dir)
-    rows_mean, rows_std, labels = {}, {}, {}
-    for config, info in manifest["configs"].items():
-        metrics = [tables.load_metrics(r) for r in tables.seed_dirs(sweep_dir / config)]
-        if not metrics:
-            continue
-        frames = [_summary_row(m["acc"]) for m in metrics]
-        mean, std = tables.aggregate(frames)
-        if len(frames) == 1:
-            std.iloc[0] = np.nan  # one seed: shown without ± while other rows keep theirs
-        rows_mean[config], rows_std[config] = mean.iloc[0], std.iloc[0]
-        labels[config] = {**info["labels"], "seeds": len(metrics)}
-    mean, std = pd.DataFrame(rows_mean).T, pd.DataFrame(rows_std).T
-    return mean, std, pd.DataFrame(labels).T
-
-
-def _summary_row(acc: list[list[float]]) -> pd.DataFrame:
-    frame = tables.forgetting_frame(acc)
-    row = {"avg acc": frame.loc["average", "after last task"], "avg forgetting": frame.loc["average", "forgetting"]}
-    row.update({f"{task} final": v for task, v in frame["after last task"].drop("average").items()})
-    return pd.DataFrame([row])
-
-
 def aggregate_sweep(sweep_dir: str | Path) -> str:
-    """Per configuration: its mean ± std tables and analyses; across them: the summary table and the
-    per-layer CKA (M1 vs M2) of every configuration side by side."""
-    from .experiments import aggregate_seeds
-
+    """The sweep's protocol's report: per configuration its tables over seeds, and the tables across them."""
     sweep_dir = Path(sweep_dir)
     manifest = load_manifest(sweep_dir)
-    if list(sweep_dir.glob("*/seed*/erosion_summary.json")):  # erosion runs: phases, not a task sequence
-        from .erosion import aggregate_erosion, ratio_report
-
-        return "\n".join([aggregate_erosion(sweep_dir / c) for c in manifest["configs"]] + [ratio_report(sweep_dir)])
-    for config in manifest["configs"]:
-        if tables.seed_dirs(sweep_dir / config):
-            tables.render(sweep_dir / config)
-            aggregate_seeds(sweep_dir / config)
-    mean, std, labels = summary_frames(sweep_dir)
-    if mean.empty:
+    protocol = next((p for p in map(saved_protocol, (sweep_dir / c for c in manifest["configs"])) if p), None)
+    if protocol is None:
         return f"{sweep_dir}: no finished runs yet"
-    n = int(labels["seeds"].max())
-    notes = [f"seeds per configuration: {dict(labels['seeds'])}",
-             "avg forgetting: mean over all tasks but the last of (accuracy right after the task - after the last)"]
-    md = tables.write_table(mean, std, n, sweep_dir / "summary", f"{manifest['name']}: accuracy and forgetting (%)",
-                            notes)
-    md += _combined_cka(sweep_dir, list(manifest["configs"]))
-    from .baselines import DEPTH_AXIS, depth_report
-
-    if DEPTH_AXIS in manifest["axes"]:
-        md += "\n" + depth_report(sweep_dir)
-    return md
-
-
-def _combined_cka(sweep_dir: Path, configs: list[str]) -> str:
-    per_config = {}
-    for config in configs:
-        path = sweep_dir / config / f"{config}_cka_m1_m2.csv"
-        if path.exists():
-            frame = pd.read_csv(path, header=[0, 1], index_col=0)
-            column = frame["mean"].iloc[:, 0]
-            column.index = [int(str(label).split()[0]) for label in column.index]  # "3 conv3" -> 3
-            per_config[config] = column
-    if not per_config:
-        return ""
-    table = pd.DataFrame(per_config).sort_index()  # by layer number: models of other depths share the rows
-    table.index.name = "layer"
-    table.to_csv(sweep_dir / "cka_m1_m2.csv")
-    _plot_cka(table, sweep_dir / "cka_m1_m2.png")
-    md = "\n### CKA between the model after task 1 and after task 2, per layer (task-1 test data, mean over seeds)\n\n"
-    md += table.round(3).to_markdown() + "\n"
-    (sweep_dir / "cka_m1_m2.md").write_text(md)
-    return md
-
-
-def _plot_cka(table: pd.DataFrame, path: Path) -> None:
-    plt = tables.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for config in table.columns:
-        ax.plot(table.index, table[config].to_numpy(), marker="o", ms=3, label=config)
-    ax.set(xlabel="layer", ylabel="CKA(M1, M2)", ylim=(0, 1.05), title="where each configuration let the network move")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return protocol.report_sweep(sweep_dir, manifest)

@@ -31,13 +31,13 @@ def real_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cifar10(real_data_dir):
-    from cltunnel.data import load_dataset
+    from cltunnel.data.images import load_dataset
 
     return load_dataset("cifar10", real_data_dir)
 
 
 @pytest.fixture(scope="session")
 def mnist(real_data_dir):
-    from cltunnel.data import load_dataset
+    from cltunnel.data.images import load_dataset
 
     return load_dataset("mnist", real_data_dir)

@@ -16,10 +16,9 @@ import pytest
 import torch
 import yaml
 
-from cltunnel.checkpoints import (DamagedCheckpoint, UnsafeCheckpoint, load_checkpoint, model_from_checkpoint,
-                                  safe_load)
+from cltunnel.training.checkpoints import DamagedCheckpoint, UnsafeCheckpoint, load_checkpoint, model_from_checkpoint, safe_load
 from cltunnel.config import parse_config
-from cltunnel.plain_state import decode, encode
+from cltunnel.training.plain_state import decode, encode
 from cltunnel.runs import run_seed
 from test_training import mnist_tiny
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cltunnel.config import ConfigError, load_config, parse_config
-from cltunnel.scenarios import build_scenario
+from cltunnel.data.scenarios import build_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"name": "cifar10"}, "scenario": {"tasks": [5, 5]}, "model": {"name": "vgg19"}}
@@ -59,8 +59,8 @@ def test_bad_class_order_is_refused(cifar10):
 
 
 def test_unknown_model_and_strategy_list_the_valid_names():
-    from cltunnel.models import build_model
-    from cltunnel.strategies import resolve_strategy
+    from cltunnel.models.zoo import build_model
+    from cltunnel.training.strategies import resolve_strategy
 
     with pytest.raises(ValueError, match=r"unknown model 'vgg20'.*vgg19"):
         build_model("vgg20", [5], (3, 32, 32))
@@ -89,7 +89,7 @@ def test_unquoted_on_off_in_yaml_reach_the_choice_fields(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_cuda_without_gpu_says_so():
-    from cltunnel.training import resolve_device
+    from cltunnel.data.device import resolve_device
 
     with pytest.raises(ConfigError, match="no CUDA GPU is available"):
         resolve_device("cuda")

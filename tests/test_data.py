@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cltunnel.data import (DataNotFoundError, DeviceAugment, Normalise, from_torchvision, load_dataset)
+from cltunnel.data.images import DataNotFoundError, DeviceAugment, Normalise, from_torchvision, load_dataset
 
 
 def test_cifar10_loads_exact_train_and_marks_lossless_test_rows(cifar10):
@@ -31,7 +31,7 @@ def test_mnist_loads_with_channel_axis(mnist):
 
 
 def test_mnist_rendered_as_cifar_input_keeps_every_pixel(mnist):
-    from cltunnel.data import rendered_as
+    from cltunnel.data.images import rendered_as
 
     rgb = rendered_as(mnist, (3, 32, 32))
     assert rgb.shape == (3, 32, 32) and rgb.x_test.dtype == torch.uint8 and torch.equal(rgb.y_test, mnist.y_test)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cltunnel.config import ConfigError, parse_config
-from cltunnel.erosion import Squares, add_squares, square_colours, squared_rows
+from cltunnel.experiments.erosion import Squares, add_squares, square_colours, squared_rows
 from cltunnel.runs import run_seed
-from cltunnel.training import DeviceData
-from cltunnel.scenarios import build_scenario
+from cltunnel.data.device import DeviceData
+from cltunnel.data.scenarios import build_scenario
 from erosion_band import EROSION_BAND
 
 

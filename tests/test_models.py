@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from cltunnel.models import LayeredModel, build_model, wrap_model
+from cltunnel.models.layered import LayeredModel, wrap_model
+from cltunnel.models.zoo import build_model
 
 
 @pytest.mark.parametrize("name,depth,convs", [("vgg11", 11, 8), ("vgg13", 13, 10), ("vgg16", 16, 13),
@@ -90,7 +91,7 @@ def test_wrap_refuses_a_model_whose_forward_is_not_the_chain():
 
 @pytest.mark.parametrize("depth", [11, 13, 16, 19])
 def test_shallow_vgg_variants_have_the_layer_counts_they_claim(depth):
-    from cltunnel.models import VGG_STAGES
+    from cltunnel.models.zoo import VGG_STAGES
 
     for k in range(1, sum(VGG_STAGES[depth]) + 1):
         m = build_model(f"vgg{depth}", [5, 5], (3, 32, 32), 0.125, conv_layers=k)

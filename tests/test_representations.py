@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cltunnel.config import ConfigError, parse_config
-from cltunnel.representations import GaussianLatent, aggregate_representations, representation_model
+from cltunnel.experiments.representations import GaussianLatent, aggregate_representations, representation_model
 from cltunnel.runs import run_seed
 
 

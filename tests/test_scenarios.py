@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cltunnel.config import parse_config
-from cltunnel.scenarios import avalanche_benchmark, build_scenario
+from cltunnel.data.scenarios import avalanche_benchmark, build_scenario
 
 
 def _cfg(tasks=None, n_tasks=None, order=None, mode="task", name="cifar10", **data):

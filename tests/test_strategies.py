@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from cltunnel.analysis import ProbeConfig, train_probes, tunnel_start
-from cltunnel.checkpoints import load_checkpoint, model_from_checkpoint
+from cltunnel.measures.probes import ProbeConfig, train_probes
+from cltunnel.measures.tunnel import tunnel_start
+from cltunnel.training.checkpoints import load_checkpoint, model_from_checkpoint
 from cltunnel.config import parse_config
-from cltunnel.plain_state import restore_object
+from cltunnel.training.plain_state import restore_object
 from cltunnel.runs import run_seed
-from cltunnel.scenarios import build_scenario
-from cltunnel.tables import load_metrics
-from cltunnel.training import DeviceData
-from cltunnel.tunnel_aware import LayerwiseEWCPlugin, parameter_names
+from cltunnel.data.scenarios import build_scenario
+from cltunnel.store import load_metrics
+from cltunnel.data.device import DeviceData
+from cltunnel.models.surgery import parameter_names
+from cltunnel.training.tunnel_aware import LayerwiseEWCPlugin
 from test_training import mnist_tiny, tiny
 
 pytestmark = pytest.mark.slow

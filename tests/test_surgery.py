@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
-from cltunnel.analysis import class_variance, minibatch_cka, numerical_rank, tunnel_start
-from cltunnel.models import build_model
-from cltunnel.surgery import compose, own_heads
+from cltunnel.measures.similarity import class_variance, minibatch_cka, numerical_rank
+from cltunnel.measures.tunnel import tunnel_start
+from cltunnel.models.zoo import build_model
+from cltunnel.models.surgery import compose, own_heads
 
 
 def trained_like(seed: int, name: str = "vgg11"):
@@ -84,7 +85,7 @@ def test_own_heads_take_head_t_from_the_model_after_task_t(pair):
 def test_compose_refuses_different_architectures(pair):
     with pytest.raises(ValueError, match="different layers"):
         compose(pair[0], trained_like(3, "vgg13"), 2)
-    with pytest.raises(ValueError, match="x must be in 0..10"):
+    with pytest.raises(ValueError, match="cannot cut a body of 10 layers at layer"):
         compose(pair[0], pair[1], 11)
 
 
@@ -131,7 +132,7 @@ def test_class_variance_matches_hand_computation():
 
 
 def test_kappa_is_the_first_layer_near_the_best_probe_over_depth():
-    from cltunnel.analysis import kappa
+    from cltunnel.measures.tunnel import kappa
 
     curve = {1: 0.5, 2: 0.7, 3: 0.895, 4: 0.90, 5: 0.88}
     assert kappa(curve, depth=6) == pytest.approx(3 / 6)  # 0.895 >= 0.99 * 0.90 = 0.891
@@ -139,7 +140,7 @@ def test_kappa_is_the_first_layer_near_the_best_probe_over_depth():
 
 
 def test_cka_matrix_agrees_with_pairwise_cka_and_is_symmetric():
-    from cltunnel.analysis import cka_matrix
+    from cltunnel.measures.similarity import cka_matrix
 
     g = torch.Generator().manual_seed(1)
     layers = [torch.randn(400, 30, generator=g)]
@@ -156,7 +157,7 @@ def test_cka_matrix_agrees_with_pairwise_cka_and_is_symmetric():
 def test_tables_keep_dotted_names_whole(tmp_path):
     import pandas as pd
 
-    from cltunnel.tables import write_table
+    from cltunnel.reports.tables import write_table
 
     df = pd.DataFrame({"a": [1.0]})
     write_table(df, df * 0, 2, tmp_path / "split5_vgg13_w0.25_table", "t")

@@ -127,3 +127,12 @@ def test_local_sweep_shows_each_runs_progress_under_its_own_bar(mnist, tmp_path,
     assert cli_main(["sweep", str(path), "--no-progress"]) == 0  # nothing left to run: it names what it wrote
     tables_line = capsys.readouterr().out.splitlines()[-1]
     assert tables_line == f"tables: {sweep.directory / 'summary.md'}"
+
+
+def test_every_bad_configuration_is_named_before_the_first_run(tmp_path, capsys):
+    path = write_sweep(tmp_path, axes={"model.width": [0.25, -1.0], "training.lr": [0.1, -0.1], "seed": [0]})
+    assert cli_main(["sweep", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 4 configurations are invalid; nothing was run" in err
+    assert "model.width: must be positive" in err and "training.lr: must not be negative" in err
+    assert not list((tmp_path / "out").glob("tiny/*/seed0"))  # not one run started

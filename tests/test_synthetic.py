@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cltunnel.config import ConfigError, load_config
-from cltunnel.synthetic import (ConditionalGenerator, InnerOptimiser, RealImages, SyntheticConfig, evaluate, learner,
-                                meta_train, parse_synthetic_config, seen_accuracy, sequence_loss, step_generator)
+from cltunnel.config import ConfigError, SyntheticConfig, load_config, parse_config
+from cltunnel.experiments.synthetic import (ConditionalGenerator, InnerOptimiser, RealImages, evaluate, learner,
+                                            meta_train, seen_accuracy, sequence_loss, step_generator)
 
 
 def tiny_problem():
@@ -62,7 +62,12 @@ def test_learners_have_the_layers_they_claim():
     assert [c for c, _ in pool] == [3, 7] and all(x.shape == (250, 1, 28, 28) for _, x in pool)
 
 
+def parse_synthetic_config(section: dict) -> SyntheticConfig:
+    return parse_config({"data": {"name": "mnist"}, "scenario": {"n_tasks": 5}, "synthetic": section}).synthetic
+
+
 def test_bad_synthetic_config_names_the_key():
+    assert parse_synthetic_config({"meta_steps": 7}).meta_steps == 7
     with pytest.raises(ConfigError, match="synthetic.sources.*'gan'"):
         parse_synthetic_config({"sources": ["real", "gan"]})
     with pytest.raises(ConfigError, match="synthetic.inner_step"):
@@ -73,7 +78,7 @@ def test_bad_synthetic_config_names_the_key():
 
 @pytest.fixture(scope="module")
 def mnist():
-    from cltunnel.runs import load_data
+    from cltunnel.data.images import load_data
 
     cfg = load_config("scenarios/synthetic/mnist.yaml")
     return RealImages(load_data(cfg), torch.device("cpu"), test_per_class=100)

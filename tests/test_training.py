@@ -11,14 +11,15 @@ import torch
 import yaml
 
 from bands import BAND_SCENARIO
-from cltunnel import checkpoints
-from cltunnel.checkpoints import CheckpointMismatch, load_checkpoint, model_from_checkpoint
+from cltunnel import store
+from cltunnel.training.checkpoints import CheckpointMismatch, load_checkpoint, model_from_checkpoint
 from cltunnel.cli import main as cli_main
 from cltunnel.config import ConfigError, parse_config
 from cltunnel.runs import run_seed
-from cltunnel.scenarios import build_scenario
-from cltunnel.tables import load_metrics
-from cltunnel.training import DeviceData, predict_accuracy
+from cltunnel.data.scenarios import build_scenario
+from cltunnel.store import load_metrics
+from cltunnel.data.device import DeviceData
+from cltunnel.training.evaluation import predict_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,13 +70,13 @@ def test_band_scenario_lands_in_calibrated_bands(cifar10, tmp_path):
     assert BANDS["task0"][0] <= acc[0, 0] <= BANDS["task0"][1]
     assert BANDS["task1"][0] <= acc[1, 1] <= BANDS["task1"][1]
     assert BANDS["forgetting"][0] <= acc[0, 0] - acc[1, 0] <= BANDS["forgetting"][1]
-    from cltunnel.experiments import run_analyses
+    from cltunnel.experiments.analyses import run_analyses
 
     swap = run_analyses(run_dir, ["swap"], "cpu", cfg.analyses, progress=False, data=cifar10)["swap"]["first task"]
     assert swap["E2 + T2"] == pytest.approx(acc[1, 0]) and swap["E1 + T1"] == pytest.approx(acc[0, 0])
     assert BANDS["probe_gain"][0] <= swap["E2 (FT)"] - swap["E2 + T2"] <= BANDS["probe_gain"][1]
-    from cltunnel.analysis import train_probes
-    from cltunnel.experiments import load_run
+    from cltunnel.measures.probes import train_probes
+    from cltunnel.experiments.analyses import load_run
 
     run = load_run(run_dir, "cpu", cfg.analyses, progress=False, data=cifar10)
     last = run.n_layers  # the head's input
@@ -92,7 +93,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_numbers(cifar10, tmp_
     full = run_seed(parse_config(tiny(tmp_path / "a")), 0, cifar10, progress=False)
     cfg_b = parse_config(tiny(tmp_path / "b"))
     part = run_seed(cfg_b, 0, cifar10, progress=False, stop_after=0)
-    assert checkpoints.finished_tasks(part) == [0] and not (part / "metrics.json").exists()
+    assert store.finished_tasks(part) == [0] and not (part / "metrics.json").exists()
     resumed = run_seed(cfg_b, 0, cifar10, progress=False)
     assert load_metrics(full)["acc"] == load_metrics(resumed)["acc"]
     a, b = load_checkpoint(full / "task1.pt"), load_checkpoint(resumed / "task1.pt")
@@ -119,15 +120,15 @@ def test_checkpoint_rebuilds_the_model_that_made_the_metrics(cifar10, tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "task0.pt"
-    checkpoints.atomic_save({"v": 1}, path)
+    store.atomic_save({"v": 1}, path)
 
     def broken_save(obj, f):
         Path(f).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
+    monkeypatch.setattr(store.torch, "save", broken_save)
     with pytest.raises(OSError):
-        checkpoints.atomic_save({"v": 2}, path)
+        store.atomic_save({"v": 2}, path)
     assert torch.load(path)["v"] == 1 and [p.name for p in tmp_path.iterdir()] == ["task0.pt"]
 
 
@@ -174,7 +175,7 @@ def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_analyses_on_a_real_run_agree_with_its_training_metrics(cifar10, tmp_path):
     """Surgery endpoints reproduce the accuracy matrix; swap table, curves and CKA are written."""
-    from cltunnel.experiments import aggregate_seeds, run_analyses
+    from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
 
     raw = tiny(tmp_path, analyses={"run": ["swap", "substitution", "cka", "cka_layers"], "probe": {"epochs": 3}})
     run_dir = run_seed(parse_config(raw), 0, cifar10, progress=False)
@@ -216,7 +217,7 @@ def test_ood_probes_read_mnist_through_a_cifar_backbone(cifar10, tmp_path):
     best = ood["ood_probe_acc"].max()
     assert rho == pytest.approx((best - ood["ood_probe_acc"].iloc[-1]) / best, abs=1e-4) and 0 <= rho <= 1
     assert (run_dir / "ood_probes.png").exists() and (run_dir / "variance_profile.png").exists()
-    from cltunnel.experiments import run_analyses, tunnel_table
+    from cltunnel.experiments.analyses import run_analyses, tunnel_table
 
     md = tunnel_table(tmp_path)  # Table 5.2.1 over the runs below: this one, with its own tunnel starts
     starts = dict(line.split(": ") for line in (run_dir / "tunnel_start.txt").read_text().splitlines()[:2])
@@ -240,8 +241,8 @@ def test_single_task_run_with_epoch_checkpoints_gives_rank_over_training(cifar10
 
 def test_probes_trained_together_equal_probes_trained_one_by_one(mnist):
     """The joint probe trainer's claim: independent probes, so one Adam over all equals one per layer."""
-    from cltunnel.analysis import ProbeConfig, train_probes
-    from cltunnel.runs import make_model, model_spec
+    from cltunnel.measures.probes import ProbeConfig, train_probes
+    from cltunnel.models.zoo import make_model, model_spec
 
     cfg = parse_config(mnist_tiny(Path("unused")))
     scenario = build_scenario(cfg, mnist)
@@ -261,7 +262,7 @@ def test_probes_trained_together_equal_probes_trained_one_by_one(mnist):
                                             ({"name": "vgg13", "width": 1.0}, False)])
 def test_thesis_swap_values_are_shown_only_beside_the_thesis_model(tmp_path, model, expected):
     """Table 5.4.1's numbers are for the full VGG-19 at width 1: a narrower or cut one gets no thesis column."""
-    from cltunnel.experiments import _is_table_5_4_1_setup
+    from cltunnel.experiments.analyses import _is_table_5_4_1_setup
 
     cfg = {"data": {"name": "cifar10"}, "scenario": {"tasks": [5, 5]}, "model": {"args": {}, **model}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -272,7 +273,7 @@ def test_thesis_swap_values_are_shown_only_beside_the_thesis_model(tmp_path, mod
 def test_progress_bar_says_which_part_of_the_run_is_training(label, expected):
     from types import SimpleNamespace
 
-    from cltunnel.training import ProgressPlugin
+    from cltunnel.training.plugins import ProgressPlugin
 
     plugin = ProgressPlugin(enabled=True, label=label)
     strategy = SimpleNamespace(train_epochs=2, dataloader=range(5), experience=SimpleNamespace(current_experience=3))

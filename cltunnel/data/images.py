@@ -11,29 +11,68 @@ per-sample Python in the hot loop is what makes stock pipelines slow on a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 
-from .errors import CltunnelError
+from cltunnel.config import RunConfig
+from cltunnel.errors import CltunnelError
+
 
 DATA_ENV = "CLTUNNEL_DATA"
+
+
 CACHE_ENV = "CLTUNNEL_CACHE"
 
-# name -> (torchvision class name, number of classes)
-DATASETS: dict[str, tuple[str, int]] = {
-    "cifar10": ("CIFAR10", 10),
-    "cifar100": ("CIFAR100", 100),
-    "mnist": ("MNIST", 10),
-    "fashion_mnist": ("FashionMNIST", 10),
+
+# name -> (torchvision class name, number of classes, image shape C×H×W)
+DATASETS: dict[str, tuple[str, int, tuple[int, int, int]]] = {
+    "cifar10": ("CIFAR10", 10, (3, 32, 32)),
+    "cifar100": ("CIFAR100", 100, (3, 32, 32)),
+    "mnist": ("MNIST", 10, (1, 28, 28)),
+    "fashion_mnist": ("FashionMNIST", 10, (1, 28, 28)),
 }
 
 
 class DataNotFoundError(CltunnelError, FileNotFoundError):
     """Raised when neither the npz directory nor torchvision can provide a dataset."""
+
+
+class DamagedDataError(CltunnelError):
+    """A data file that exists but cannot be read (truncated copy, full disk, not an npz)."""
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file (no pickles); a damaged file is named, with its checksum verdict when the
+    directory has a SHA256SUMS list, and how to re-create it."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise DamagedDataError(f"data file {path} is damaged or not an npz ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:120] if str(err) else ''}){_checksum_verdict(path)}; "
+                               "copy it again, or re-create it with np.savez_compressed (layout in the README)"
+                               ) from None
+
+
+def _checksum_verdict(path: Path) -> str:
+    sums = path.parent / "SHA256SUMS"
+    if not sums.exists():
+        return ""
+    listed = {line.split()[-1].lstrip("*"): line.split()[0] for line in sums.read_text().splitlines() if line.strip()}
+    if path.name not in listed:
+        return f"; {path.name} is not listed in {sums}"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return "; its SHA256 matches SHA256SUMS" if digest == listed[path.name] else (
+        f"; its SHA256 differs from the one in {sums}")
 
 
 @dataclass
@@ -66,6 +105,13 @@ class ImageData:
     @property
     def has_lossy_test_rows(self) -> bool:
         return not bool(self.test_lossless.all())
+
+    def with_test_images(self, x_test: torch.Tensor, name: str) -> ImageData:
+        """This dataset with other test images (e.g. squared ones); the training images and the
+        normalisation statistics taken from them stay as they are."""
+        out = dataclasses.replace(self, name=name, x_test=x_test)
+        out._stats = self.channel_stats()
+        return out
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std of the training images on the [0, 1] scale (computed once).
@@ -117,15 +163,15 @@ def _load_split(root: Path, name: str, split: str) -> dict[str, np.ndarray] | No
             continue
         if "-part0" in fname:
             return _load_parts(root, name)
-        with np.load(path) as f:
-            if f"x_{split}" in f:
-                return {k: f[k] for k in f.files}
+        arrays = read_npz(path)
+        if f"x_{split}" in arrays:
+            return arrays
     return None
 
 
 def _load_parts(root: Path, name: str) -> dict[str, np.ndarray]:
     parts = sorted(root.glob(f"{name}-train-part*.npz"), key=lambda p: int(p.stem.rsplit("part", 1)[1]))
-    loaded = [np.load(p) for p in parts]
+    loaded = [read_npz(p) for p in parts]
     order = np.argsort([int(f["index_offset"]) if "index_offset" in f else i for i, f in enumerate(loaded)])
     out = {
         "x_train": np.concatenate([loaded[i]["x_train"] for i in order]),
@@ -176,8 +222,6 @@ def from_torchvision(name: str, train_set, test_set) -> ImageData:
 
 
 def load_torchvision(name: str, cache_dir: Path, download: bool) -> ImageData:
-    import torchvision.datasets as tvd
-
     cls = getattr(tvd, DATASETS[name][0])
     try:
         train = cls(str(cache_dir), train=True, download=download)
@@ -214,7 +258,7 @@ def load_dataset(name: str, root: str | Path | None = None, source: str = "auto"
     ``auto`` prefers the npz directory (exact, offline) and falls back to torchvision's cache.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+        raise DataNotFoundError(f"data.name: unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     root_path = Path(root).expanduser() if root else default_data_dir()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     errors: list[str] = []
@@ -275,3 +319,8 @@ class Normalise:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.scale + self.shift
+
+
+def load_data(cfg: RunConfig) -> ImageData:
+    d = cfg.data
+    return load_dataset(d.name, d.root, d.source, d.download, d.cache_dir)

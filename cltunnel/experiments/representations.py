@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -29,20 +30,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import tables
-from .analysis import ProbeConfig, fit_probes, layer_features, minibatch_cka, probe_accuracy
-from .config import RunConfig
-from .data import ImageData
-from .models import LayeredModel
-from .scenarios import SplitScenario, Task, build_scenario
-from .training import DeviceData, resolve_device, task_generator
+from cltunnel.config import REPRESENTATION_KINDS, RepresentationsConfig, RunConfig
+from cltunnel.data.device import DeviceData, resolve_device, task_generator
+from cltunnel.data.images import ImageData
+from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
+from cltunnel.measures.probes import ProbeConfig, fit_probes, layer_features, probe_accuracy
+from cltunnel.measures.similarity import minibatch_cka
+from cltunnel.models.layered import LayeredModel
+from cltunnel.reports.figures import pyplot
+from cltunnel.reports.tables import write_table
+from cltunnel.experiments.registry import Protocol, register_protocol
+from cltunnel.store import load_run_config, save_run_config, seed_dir, seed_dirs
 
-KINDS = ("D", "AE", "VAE")
 PENULTIMATE = 5
+FINISHED = "protocol3_*.json"  # in a seed directory: written when a model kind has been through protocol 3
+
+
 # Thesis Tables 3.3.1 and 3.3.2 (mean, std), for the reference columns.
 THESIS_3_3_1 = {"mnist": {"D": (76.8, 12.0), "AE": (96.8, 5.4), "VAE": (88.9, 6.7)},
                 "fashion_mnist": {"D": (74.3, 11.5), "AE": (92.1, 7.2), "VAE": (94.2, 5.5)},
                 "cifar10": {"D": (69.2, 6.4), "AE": (80.5, 2.0), "VAE": (78.9, 3.0)}}
+
+
 THESIS_3_3_2 = {"mnist": {"D": (31.4, 3.1), "AE": (82.9, 2.4), "VAE": (58.6, 5.2)},
                 "fashion_mnist": {"D": (36.0, 3.0), "AE": (74.6, 1.6), "VAE": (61.1, 0.9)},
                 "cifar10": {"D": (23.3, 2.3), "AE": (44.4, 1.0), "VAE": (37.4, 0.2)}}
@@ -87,29 +96,7 @@ def loss_fn(kind: str, model: LayeredModel, x: torch.Tensor, y: torch.Tensor, ta
 
 
 # ----------------------------------------------------------------------------------------- training
-@dataclass
-class RepConfig:
-    """``representations:`` in a scenario file."""
-
-    models: tuple[str, ...] = KINDS
-    bottleneck: int | None = None  # default: 8, or 128 for CIFAR-10
-    epochs: int = 10  # per task
-    lr: float = 1e-3  # Adam
-    batch_size: int = 128
-    classifier_epochs: int = 30
-
-
-def parse_rep_config(raw: dict[str, Any] | None) -> RepConfig:
-    from .config import ConfigError, _build
-
-    cfg = _build(RepConfig, dict(raw or {}), "representations")
-    bad = [m for m in cfg.models if m not in KINDS]
-    if bad:
-        raise ConfigError(f"representations.models: unknown {bad}; valid: {', '.join(KINDS)}")
-    return cfg
-
-
-def train_task(kind: str, model: LayeredModel, data: DeviceData, task: Task, rc: RepConfig, seed: int,
+def train_task(kind: str, model: LayeredModel, data: DeviceData, task: Task, rc: RepresentationsConfig, seed: int,
                on_epoch: Any = None, progress: bool = False) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=rc.lr)
     gen = task_generator(data.device, seed, task.id)
@@ -135,7 +122,7 @@ def recon_loss(model: LayeredModel, data: DeviceData, task: Task) -> float:
     return total / max(n, 1)
 
 
-def protocols_1_2(kind: str, data: DeviceData, rc: RepConfig, seed: int, probe: ProbeConfig,
+def protocols_1_2(kind: str, data: DeviceData, rc: RepresentationsConfig, seed: int, probe: ProbeConfig,
                   progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train through every task; classifier j's accuracy (%) and CKA of task j's representations after each task i."""
     tasks = data.scenario.tasks
@@ -163,7 +150,7 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor, batch: int = 500) -> float:
                          or [(a, b)])
 
 
-def protocol_3(kind: str, data: DeviceData, all_classes: DeviceData, rc: RepConfig, seed: int, probe: ProbeConfig,
+def protocol_3(kind: str, data: DeviceData, all_classes: DeviceData, rc: RepresentationsConfig, seed: int, probe: ProbeConfig,
                progress: bool) -> dict[str, Any]:
     """Train on task 1 only; per-task and 10-way classifier accuracy (%) on the frozen representations, and
     (AE/VAE) reconstruction loss on every task's test images after each epoch."""
@@ -201,12 +188,12 @@ def classifier_accuracy(model: LayeredModel, data: DeviceData, task: Task, probe
 
 def run_representations(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:
     """Every model kind through the three protocols for one seed; results beside the run's config."""
-    rc = parse_rep_config(cfg.representations)
+    rc = dataclasses.replace(cfg.representations)
     rc.bottleneck = rc.bottleneck or (128 if data.name.startswith("cifar") else 8)
     device = resolve_device(cfg.device)
-    run_dir = tables.seed_dir(cfg, seed)
+    run_dir = seed_dir(cfg, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tables.save_run_config(run_dir, cfg, seed)
+    save_run_config(run_dir, cfg, seed)
     scenario = build_scenario(cfg, data)
     whole = SplitScenario(data, [_all_classes_task(scenario)], "class", scenario.class_order)
     ddata, dwhole = (DeviceData.create(s, device, augment=False, channels_last=False) for s in (scenario, whole))
@@ -240,11 +227,11 @@ def _all_classes_task(scenario: SplitScenario) -> Task:
 def aggregate_representations(scenario_dir: str | Path) -> str:
     """Tables 3.3.1 and 3.3.2 (mean ± std over seeds, thesis values beside) and Figures 3.3.2-3.3.4."""
     scenario_dir = Path(scenario_dir)
-    runs = sorted(p for p in scenario_dir.glob("seed*") if list(p.glob("protocol3_*.json")))
+    runs = seed_dirs(scenario_dir, FINISHED)
     if not runs:
         return ""
-    dataset = tables.load_run_config(runs[0])["data"]["name"]
-    kinds = [k for k in KINDS if all((r / f"protocol3_{k}.json").exists() for r in runs)]
+    dataset = load_run_config(runs[0])["data"]["name"]
+    kinds = [k for k in REPRESENTATION_KINDS if all((r / f"protocol3_{k}.json").exists() for r in runs)]
     p3 = {k: [json.loads((r / f"protocol3_{k}.json").read_text()) for r in runs] for k in kinds}
     md = []
     for key, thesis, stem, title in (
@@ -265,7 +252,7 @@ def aggregate_representations(scenario_dir: str | Path) -> str:
                                for c, v in values.items()},
                             "thesis": [thesis.get(dataset, {}).get(k, (np.nan, np.nan))[1] for k in kinds]},
                            index=kinds)
-        md.append(tables.write_table(mean, std, len(runs), scenario_dir / f"{scenario_dir.name}_{stem}",
+        md.append(write_table(mean, std, len(runs), scenario_dir / f"{scenario_dir.name}_{stem}",
                                      f"{scenario_dir.name}: {title}", notes))
     plot_protocols(scenario_dir, runs, kinds)
     plot_recon(scenario_dir, p3)
@@ -273,7 +260,7 @@ def aggregate_representations(scenario_dir: str | Path) -> str:
 
 
 def plot_protocols(scenario_dir: Path, runs: list[Path], kinds: list[str]) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(kinds), figsize=(4 * len(kinds), 6.5), squeeze=False)
     for col, kind in enumerate(kinds):
         for row, (proto, label) in enumerate((("protocol1", "classifier accuracy (%)"), ("protocol2", "CKA to right after"))):
@@ -294,7 +281,7 @@ def plot_recon(scenario_dir: Path, p3: dict[str, list[dict[str, Any]]]) -> None:
     kinds = [k for k in p3 if p3[k][0]["recon_curve"]]
     if not kinds:
         return
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         curve = np.mean([np.asarray(p["recon_curve"]) for p in p3[kind]], axis=0)
@@ -306,3 +293,12 @@ def plot_recon(scenario_dir: Path, p3: dict[str, list[dict[str, Any]]]) -> None:
     fig.tight_layout()
     fig.savefig(scenario_dir / f"{scenario_dir.name}_recon_unseen.png", dpi=120)
     plt.close(fig)
+
+
+def summary(scenario_dir: Path, cfg: RunConfig) -> str:
+    """What ``cltunnel run`` prints: Tables 3.3.1 and 3.3.2 over the scenario's seeds."""
+    return "\n".join(p.read_text() for p in sorted(scenario_dir.glob(f"{scenario_dir.name}_table_3_3_*.md")))
+
+
+register_protocol(Protocol("representations", "representations", run_representations, aggregate_representations,
+                           FINISHED, summary, trains_model_section=False))

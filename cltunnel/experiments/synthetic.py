@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,62 +33,28 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from . import tables
-from .checkpoints import atomic_save, safe_load
-from .config import RunConfig
-from .data import ImageData
-from .models import LayeredModel
-from .representations import GaussianLatent
-from .scenarios import build_scenario
-from .training import resolve_device
+from cltunnel.config import SYNTHETIC_LEARNERS, RunConfig, SyntheticConfig
+from cltunnel.data.device import resolve_device
+from cltunnel.data.images import ImageData
+from cltunnel.data.scenarios import build_scenario
+from cltunnel.experiments.representations import GaussianLatent
+from cltunnel.models.layered import LayeredModel
+from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.tables import aggregate, write_table
+from cltunnel.experiments.registry import Protocol, register_protocol
+from cltunnel.store import atomic_save, load_run_config, save_run_config, seed_dir, seed_dirs
+from cltunnel.training.checkpoints import safe_load
 
-SOURCES = ("synthetic", "real", "generative")
-LEARNERS = ("conv", "mlp")
+
+
+
+
+
+FINISHED = "seen_accuracy.csv"  # in a seed directory: written once every (source, learner) is evaluated
 Pool = list[tuple[int, torch.Tensor]]  # one task's images: (class id, that class's images) per class
+
+
 Params = dict[str, torch.Tensor]
-
-
-@dataclass
-class SyntheticConfig:
-    """``synthetic:`` in a scenario file. Defaults are the CPU-minutes budget; the thesis trained G far longer."""
-
-    meta_steps: int = 300
-    meta_lr: float = 3e-4  # Adam on G and the learner's lr, momentum (200 steps on MNIST: 1e-2 diverged, 1e-4 slower)
-    meta_clip: float = 1.0  # largest meta-gradient norm (0: no clipping)
-    samples_per_class: int = 250
-    inner_steps: int = 5  # per task
-    batch_per_class: int = 20  # batch 40 for two classes per task
-    latent: int = 32
-    generator_hidden: int = 256
-    learner_channels: int = 8  # conv learner: c and 2c channels
-    mlp_hidden: int = 128
-    init_lr: float = 0.05
-    init_momentum: float = 0.5
-    meta_batch: int = 500  # real training images (all classes) in S's loss after the sequence
-    test_per_class: int = 200  # real test images per class in the evaluation batch (0: the whole test set)
-    eval_learners: int = 5  # fresh learners per (source, learner, steps) at evaluation
-    eval_inner_steps: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
-    sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    learners: list[str] = field(default_factory=lambda: list(LEARNERS))
-    cvae_epochs: int = 5
-    checkpoint_every: int = 50
-
-
-def parse_synthetic_config(raw: dict[str, Any] | None) -> SyntheticConfig:
-    from .config import ConfigError, _build
-
-    cfg = _build(SyntheticConfig, dict(raw or {}), "synthetic")
-    for key, valid in (("sources", SOURCES), ("learners", LEARNERS)):
-        bad = [v for v in getattr(cfg, key) if v not in valid]
-        if bad:
-            raise ConfigError(f"synthetic.{key}: unknown {bad}; valid: {', '.join(valid)}")
-    values = {k: getattr(cfg, k) for k in ("samples_per_class", "inner_steps", "batch_per_class", "meta_batch",
-                                            "eval_learners", "checkpoint_every")}
-    values["eval_inner_steps"] = min(cfg.eval_inner_steps, default=1)
-    bad = [k for k, v in values.items() if v < 1] + [k for k in ("meta_steps", "test_per_class") if getattr(cfg, k) < 0]
-    if bad:
-        raise ConfigError(f"synthetic: {', '.join(bad)} must be positive (meta_steps, test_per_class: not negative)")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -112,7 +77,7 @@ def learner(kind: str, in_shape: tuple[int, int, int], n_classes: int, cfg: Synt
                                                bn(cfg.mlp_hidden, 1), nn.ReLU()))
         d = cfg.mlp_hidden
     else:
-        raise ValueError(f"learner kind {kind!r}; valid: {', '.join(LEARNERS)}")
+        raise ValueError(f"learner kind {kind!r}; valid: {', '.join(SYNTHETIC_LEARNERS)}")
     return LayeredModel(layers, {"0": nn.Sequential(nn.Linear(d, n_classes), bn(n_classes, 1))}, arch=f"learner_{kind}")
 
 
@@ -374,11 +339,11 @@ def seen_accuracy(acc: np.ndarray, task_classes: list[list[int]], real: RealImag
 # --------------------------------------------------------------------------------------------- a run
 def run_synthetic(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:
     """Meta-train G for one seed, then every (source, learner) through the task sequence; CSVs in the run dir."""
-    sc = parse_synthetic_config(cfg.synthetic)
+    sc = cfg.synthetic
     device = resolve_device(cfg.device)
-    run_dir = tables.seed_dir(cfg, seed)
+    run_dir = seed_dir(cfg, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tables.save_run_config(run_dir, cfg, seed)
+    save_run_config(run_dir, cfg, seed)
     task_classes = [t.classes for t in build_scenario(cfg, data).tasks]
     real = RealImages(data, device, sc.test_per_class)
     generator, hyper, losses = meta_train(real, task_classes, sc, seed, run_dir, progress)
@@ -412,7 +377,7 @@ def run_synthetic(cfg: RunConfig, seed: int, data: ImageData, progress: bool = T
 def aggregate_synthetic(scenario_dir: str | Path) -> str:
     """The forgetting table and final accuracy by inner steps (mean ± std over seeds); Figures 2.4.2 and 2.4.3."""
     scenario_dir = Path(scenario_dir)
-    runs = sorted(p for p in scenario_dir.glob("seed*") if (p / "seen_accuracy.csv").exists())
+    runs = seed_dirs(scenario_dir, FINISHED)
     if not runs:
         return ""
     curves = pd.concat([pd.read_csv(r / "seen_accuracy.csv").assign(seed=r.name) for r in runs])
@@ -422,16 +387,16 @@ def aggregate_synthetic(scenario_dir: str | Path) -> str:
     cols = {"seen_acc": "final accuracy, all classes", "forgetting": "forgetting (just trained − final)",
             "just_trained": "last task just trained"}
     last = curves[curves.after_task == curves.after_task.max()]
-    n_learners = tables.load_run_config(runs[0])["synthetic"].get("eval_learners", 5)
+    n_learners = load_run_config(runs[0])["synthetic"].get("eval_learners", 5)
     notes = [f"seeds: {[r.name for r in runs]}, each the mean of {n_learners} fresh learners",
              "class-incremental split MNIST, one 10-way head; accuracy in %",
              "thesis finding: the synthetic sequence is forgotten far less than the real one"]
     forgetting = [g.set_index("row")[list(cols)].rename(columns=cols) for _, g in last.groupby("seed")]
     by_steps = [g.pivot(index="row", columns="inner_steps", values="final_acc").loc[g.row.unique()]
                 for _, g in finals.groupby("seed")]
-    md = [tables.write_table(*tables.aggregate(forgetting), len(runs), scenario_dir / f"{scenario_dir.name}_forgetting",
+    md = [write_table(*aggregate(forgetting), len(runs), scenario_dir / f"{scenario_dir.name}_forgetting",
                              f"{scenario_dir.name}: learning split MNIST from each source (thesis chapter 2)", notes),
-          tables.write_table(*tables.aggregate(by_steps), len(runs), scenario_dir / f"{scenario_dir.name}_inner_steps",
+          write_table(*aggregate(by_steps), len(runs), scenario_dir / f"{scenario_dir.name}_inner_steps",
                              f"{scenario_dir.name}: final accuracy, all classes, by inner steps per task "
                              "(Figure 2.4.3)", notes[:2])]
     plot_per_learner(curves.assign(tasks=curves.after_task + 1), "tasks", "seen_acc",
@@ -444,7 +409,7 @@ def aggregate_synthetic(scenario_dir: str | Path) -> str:
 
 def plot_per_learner(frame: pd.DataFrame, x: str, y: str, path: Path, figure: str, **axis: Any) -> None:
     """One panel per learner, one line per source: ``y`` against ``x``, averaged over seeds."""
-    plt = tables.pyplot()
+    plt = pyplot()
     kinds = list(dict.fromkeys(frame.learner))
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -452,13 +417,13 @@ def plot_per_learner(frame: pd.DataFrame, x: str, y: str, path: Path, figure: st
             mean = part.groupby(x)[y].mean()
             ax.plot(mean.index, mean.values, marker="o", label=source)
         ax.set(title=f"{kind} learner ({figure})", ylim=(0, 100), **axis)
-    tables.save_figure(fig, axes[0], path)
+    save_figure(fig, axes[0], path)
 
 
 def plot_samples(run_dir: Path, generator: ConditionalGenerator, cvae: ConditionalVAE | None, real: RealImages,
                  seed: int) -> None:
     """Ten samples per class from G (and the conditional VAE), to look at what the learner is taught with."""
-    plt = tables.pyplot()
+    plt = pyplot()
     gen = step_generator(real.x_train.device, seed, -2)
     labels = torch.arange(real.n_classes, device=gen.device).repeat_interleave(10)
     rows = [("G (meta-learned)", generator(torch.randn(len(labels), generator.latent, generator=gen,
@@ -473,3 +438,12 @@ def plot_samples(run_dir: Path, generator: ConditionalGenerator, cvae: Condition
     fig.tight_layout()
     fig.savefig(run_dir / "samples.png", dpi=100)
     plt.close(fig)
+
+
+def summary(scenario_dir: Path, cfg: RunConfig) -> str:
+    """What ``cltunnel run`` prints: the forgetting table over the scenario's seeds."""
+    return (scenario_dir / f"{scenario_dir.name}_forgetting.md").read_text()
+
+
+register_protocol(Protocol("synthetic", "synthetic", run_synthetic, aggregate_synthetic, FINISHED, summary,
+                           trains_model_section=False))

@@ -10,95 +10,16 @@ through :func:`wrap_model` by naming its layers.
 """
 from __future__ import annotations
 
+import difflib
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from avalanche.models import MultiTaskModule
-
-
-class LayeredModel(MultiTaskModule):
-    """Body = ``nn.Sequential`` of named layers; heads = one ``nn.Linear`` per task id ("0", "1", ...).
-
-    Task-incremental scenarios give each task its own head; class-incremental ones use the single head "0".
-    Subclassing Avalanche's MultiTaskModule routes task labels through Avalanche strategies unchanged.
-    """
-
-    def __init__(self, layers: "OrderedDict[str, nn.Module]", heads: dict[str, nn.Module], arch: str = "") -> None:
-        super().__init__()
-        self.body = nn.Sequential(layers)
-        self.heads = nn.ModuleDict(heads)
-        self.arch = arch
-
-    @property
-    def layer_names(self) -> list[str]:
-        return [name for name, _ in self.body.named_children()]
-
-    @property
-    def depth(self) -> int:
-        """n in the thesis's counting: body layers plus the head."""
-        return len(self.body) + 1
-
-    def features(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        """Output of body layer ``upto`` (1-based; None = whole body)."""
-        for layer in list(self.body)[: upto if upto is not None else len(self.body)]:
-            x = layer(x)
-        return x
-
-    def layer_outputs(self, x: torch.Tensor, layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
-        """Representations of the requested body layers (1-based) from one forward pass."""
-        wanted = set(range(1, len(self.body) + 1) if layers is None else layers)
-        out: dict[int, torch.Tensor] = {}
-        for k, layer in enumerate(self.body, start=1):
-            if k > max(wanted, default=0):
-                break
-            x = layer(x)
-            if k in wanted:
-                out[k] = x
-        return out
-
-    def head_for(self, task_label: int) -> nn.Module:
-        key = str(int(task_label))
-        if key not in self.heads:
-            if len(self.heads) == 1:  # class-incremental: one shared head answers every task
-                return next(iter(self.heads.values()))
-            raise KeyError(f"no head for task {key}; heads: {list(self.heads)}")
-        return self.heads[key]
-
-    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-        return self.head_for(task_label)(self.body(x))
-
-    def forward_all_tasks(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Every head's output from one body pass (Avalanche's LwF distils through all of them)."""
-        feats = self.body(x)
-        return {int(key): head(feats) for key, head in self.heads.items()}
-
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None = 0):
-        if task_labels is None:
-            return self.forward_all_tasks(x)
-        if isinstance(task_labels, int) or len(self.heads) == 1:
-            return self.forward_single_task(x, task_labels if isinstance(task_labels, int) else 0)
-        unique = torch.unique(task_labels)
-        if len(unique) == 1:
-            return self.forward_single_task(x, int(unique.item()))
-        return self._forward_mixed(x, task_labels, unique)
-
-    def _forward_mixed(self, x: torch.Tensor, task_labels: torch.Tensor, unique: torch.Tensor) -> torch.Tensor:
-        """Batches mixing tasks (replay): one body pass, each row through its own head, padded to the widest."""
-        feats = self.body(x)
-        width = max(h.out_features for h in self.heads.values())
-        out = feats.new_zeros(len(x), width)
-        for t in unique.tolist():
-            rows = task_labels == t
-            logits = self.head_for(t)(feats[rows])
-            out[rows, : logits.shape[1]] = logits.to(out.dtype)
-        return out
-
-    # Avalanche calls adaptation() on dynamic modules; every head exists from the start, so there is none.
-    def adaptation(self, experience=None) -> None:  # noqa: D401
-        return None
+from cltunnel.config import ConfigError, RunConfig
+from cltunnel.data.scenarios import SplitScenario
+from cltunnel.models.layered import LayeredModel
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -120,6 +41,8 @@ VGG_STAGES: dict[int, list[int]] = {  # conv layers per stage, 5 stages of 64/12
     16: [2, 2, 3, 3, 3],
     19: [2, 2, 4, 4, 4],
 }
+
+
 VGG_CHANNELS = [64, 128, 256, 512, 512]
 
 
@@ -205,12 +128,20 @@ def mlp_layers(depth: int, width: float, in_shape: tuple[int, int, int], hidden:
 
 
 BodyBuilder = Callable[..., "tuple[OrderedDict[str, nn.Module], int]"]
+
+
 MODELS: dict[str, BodyBuilder] = {}
+
+
 for _d in VGG_STAGES:
     MODELS[f"vgg{_d}"] = lambda width, in_shape, d=_d, conv_layers=None: vgg_layers(d, width, in_shape, conv_layers)
+
+
 for _d in RESNET_BLOCKS:
     MODELS[f"resnet{_d}"] = lambda width, in_shape, d=_d: resnet_layers(d, width, in_shape)
     MODELS[f"resnet{_d}_noskip"] = lambda width, in_shape, d=_d: resnet_layers(d, width, in_shape, skip=False)
+
+
 MODELS["mlp"] = lambda width, in_shape, depth=12, hidden=1024: mlp_layers(depth, width, in_shape, hidden)
 
 
@@ -224,36 +155,30 @@ def build_model(name: str, head_sizes: list[int], in_shape: tuple[int, int, int]
     return LayeredModel(layers, heads, arch=name)
 
 
-def _get_submodule(model: nn.Module, path: str) -> nn.Module:
+def model_spec(cfg: RunConfig, scenario: SplitScenario) -> dict[str, Any]:
+    """Everything needed to rebuild the architecture from a checkpoint alone."""
+    return {"name": cfg.model.name, "width": cfg.model.width, "args": dict(cfg.model.args),
+            "head_sizes": scenario.head_sizes, "in_shape": list(scenario.data.shape)}
+
+
+def make_model(spec: dict[str, Any], seed: int) -> LayeredModel:
+    torch.manual_seed(seed)
+    return build_model(spec["name"], spec["head_sizes"], tuple(spec["in_shape"]), spec["width"], **spec["args"])
+
+
+def check_model(name: str, width: float, args: dict[str, Any], head_sizes: list[int],
+                in_shape: tuple[int, int, int]) -> int:
+    """Build the architecture on the meta device (no memory, no data) to prove the name and arguments work;
+    returns its number of body layers, so a tunnel start can be checked against it before any work."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        raise ConfigError(f"model.name: unknown model '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                          + f"; valid: {', '.join(sorted(MODELS))}")
     try:
-        return model.get_submodule(path)
-    except AttributeError as err:
-        names = [n for n, _ in model.named_modules() if n]
-        raise ValueError(f"wrap_model: '{path}' is not a submodule; some valid names: {names[:20]}") from err
-
-
-def wrap_model(model: nn.Module, layer_names: list[str], head_name: str, head_sizes: list[int],
-               example: torch.Tensor | None = None) -> LayeredModel:
-    """Make any model whose forward is ``head(layer_n(...layer_1(x)))`` a LayeredModel (e.g. a timm model).
-
-    ``layer_names`` are dotted submodule paths in forward order; the named head is replaced by one fresh
-    head per task. With ``example``, the wrapped body is checked against the original forward (a model
-    whose forward does more than chain these modules is refused rather than silently changed).
-    """
-    layers = OrderedDict((name.replace(".", "_"), _get_submodule(model, name)) for name in layer_names)
-    head = _get_submodule(model, head_name)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"wrap_model: head '{head_name}' must be nn.Linear, got {type(head).__name__}")
-    wrapped = LayeredModel(layers, {str(t): nn.Linear(head.in_features, n) for t, n in enumerate(head_sizes)},
-                           arch=type(model).__name__)
-    if example is not None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            expected = model(example)
-            got = head(wrapped.body(example))
-        model.train(was_training)
-        if not torch.allclose(expected, got, atol=1e-5, rtol=1e-4):
-            raise ValueError("wrap_model: chaining the named layers does not reproduce the model's forward; "
-                             "list every module the forward applies, in order")
-    return wrapped
+        with torch.device("meta"):
+            model = build_model(name, head_sizes, in_shape, width, **args)
+    except TypeError as err:
+        raise ConfigError(f"model.args: {name} rejected {args}: {str(err).replace('<lambda>()', name)}") from None
+    except (ValueError, IndexError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"model.args: {name} cannot be built with width {width} and {args}: {err}") from None
+    return len(model.body)

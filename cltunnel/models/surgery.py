@@ -12,10 +12,10 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
-from .models import LayeredModel
+from cltunnel.config import ConfigError
+from cltunnel.models.layered import LayeredModel
 
 
 def _check_compatible(a: LayeredModel, b: LayeredModel) -> None:
@@ -27,14 +27,8 @@ def compose(first: LayeredModel, rest: LayeredModel, x: int, heads: nn.ModuleDic
     """Body layers 1..x from ``first`` and x+1..L from ``rest`` (x in 0..L); heads from ``heads``, else
     from ``rest``. x = 0 is ``rest``'s body, x = L is ``first``'s."""
     _check_compatible(first, rest)
-    n_layers = len(first.body)
-    if not 0 <= x <= n_layers:
-        raise ValueError(f"x must be in 0..{n_layers}, got {x}")
-    layers = OrderedDict(
-        (name, copy.deepcopy(src))
-        for k, (name, a, b) in enumerate(zip(first.layer_names, first.body, rest.body), start=1)
-        for src in [a if k <= x else b]
-    )
+    extractor, tunnel = first.split(x)[0], rest.split(x)[1]
+    layers = OrderedDict((name, copy.deepcopy(layer)) for name, layer in extractor + tunnel)
     model = LayeredModel(layers, {k: copy.deepcopy(h) for k, h in (heads or rest.heads).items()}, arch=first.arch)
     device = next(first.parameters()).device
     return model.to(device).eval()
@@ -55,3 +49,27 @@ def freeze_body(model: LayeredModel) -> LayeredModel:
     for p in model.body.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def extractor_layers(model: LayeredModel, k: int) -> list[nn.Module]:
+    """Body layers 1..k (:meth:`LayeredModel.split`)."""
+    return [layer for _, layer in model.split(k)[0]]
+
+
+def tunnel_layers(model: LayeredModel, k: int) -> list[nn.Module]:
+    """Body layers k+1..n (:meth:`LayeredModel.split`)."""
+    return [layer for _, layer in model.split(k)[1]]
+
+
+def check_part(part: str) -> None:
+    if part not in ("extractor", "tunnel", "all"):
+        raise ConfigError(f"strategy.args.penalise: {part!r} must be extractor, tunnel or all")
+
+
+def parameter_names(model: LayeredModel, part: str, k: int) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the extractor's, the tunnel's, or every parameter."""
+    check_part(part)
+    if part == "all":
+        return {name for name, _ in model.named_parameters()}
+    chosen = model.split(k)[0 if part == "extractor" else 1]
+    return {f"body.{layer}.{name}" for layer, module in chosen for name, _ in module.named_parameters()}

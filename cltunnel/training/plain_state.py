@@ -23,19 +23,23 @@ import types
 from typing import Any
 
 import torch
+from avalanche.training.utils import ParamData
 from torch import nn
 
-from .errors import CheckpointError
+from cltunnel.errors import CheckpointError
+
 
 SCALARS = (bool, int, float, str, type(None))
+
+
 CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type)
+
+
 TAGS = ("__paramdata__", "__module__", "__generator__", "__tuple__", "__set__", "__size__", "__object__")
 
 
 def encode(value: Any, where: str = "state") -> Any:
     """``value`` as nested dicts/lists of tensors and scalars; raises on what has no plain form."""
-    from avalanche.training.utils import ParamData
-
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, SCALARS):
@@ -68,8 +72,6 @@ def encode(value: Any, where: str = "state") -> Any:
 def decode(saved: Any, current: Any, model: nn.Module | None, where: str = "state") -> Any:
     """The live value for ``saved``, restored into ``current`` (the fresh strategy's value) where it is an
     object; ``model`` is the template for a stored module that the fresh strategy does not hold yet."""
-    from avalanche.training.utils import ParamData
-
     if isinstance(saved, list):
         return [decode(v, None, model, f"{where}[{i}]") for i, v in enumerate(saved)]
     if not isinstance(saved, dict):
@@ -122,4 +124,3 @@ def restore_object(target: Any, saved: dict, model: nn.Module | None, where: str
     for key, value in saved["state"].items():
         setattr(target, key, decode(value, getattr(target, key, None), model, f"{where}.{key}"))
     return target
-

@@ -5,14 +5,13 @@ checkpoint and layer k+1 of another without knowing the architecture. Files are 
 name and renamed, so a run killed mid-write leaves the previous checkpoint intact.
 
 Checkpoints are data, not code: every value in them is a tensor or a plain value (strategy and plugin state
-through :mod:`cltunnel.plain_state`), and every file cltunnel reads is loaded with ``weights_only=True``
+through :mod:`cltunnel.training.plain_state`), and every file cltunnel reads is loaded with ``weights_only=True``
 (:func:`safe_load`), so a shared run directory cannot execute anything on the machine that analyses it.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, parse_config
-from .errors import CheckpointError
-from .models import LayeredModel, build_model
-from .plain_state import decode, encode, restore_object
-
-CHECKPOINT_PATTERN = "task{}.pt"
+from cltunnel.config import RunConfig, parse_config
+from cltunnel.errors import CheckpointError
+from cltunnel.models.layered import LayeredModel
+from cltunnel.models.zoo import build_model
+from cltunnel.store import atomic_save, checkpoint_path, epoch_checkpoint_path, finished_tasks
+from cltunnel.training.plain_state import decode, encode, restore_object
 
 
 class CheckpointMismatch(CheckpointError):
@@ -38,18 +37,6 @@ class UnsafeCheckpoint(CheckpointError):
 
 class DamagedCheckpoint(CheckpointError):
     """A truncated or unreadable file (a copy cut short, a full disk)."""
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def model_state(model: LayeredModel) -> dict[str, Any]:
@@ -77,7 +64,7 @@ def load_model_state(model: LayeredModel, state: dict[str, Any]) -> LayeredModel
 def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimizer: torch.optim.Optimizer | None,
                          cfg: RunConfig, seed: int, metrics: dict[str, Any], model_spec: dict[str, Any],
                          strategy: Any = None) -> Path:
-    path = run_dir / CHECKPOINT_PATTERN.format(task)
+    path = checkpoint_path(run_dir, task)
     atomic_save({"task": task, "seed": seed, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
                  "model_spec": model_spec, "metrics": metrics,
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -88,6 +75,8 @@ def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimize
 
 # Plugins whose state belongs to this process (loggers, progress bars, schedules rebuilt every task).
 TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugin", "LRSchedulerPlugin")
+
+
 # Avalanche plugins whose memory is a dataset object with loaders and iterators (no plain-data form): not
 # stored, so a run resumed after task t continues with that memory empty, and says so.
 MEMORY_NOT_STORED = {"ReplayPlugin": "Avalanche's ReplayPlugin: its buffer starts empty (use 'replay', which is restored)",
@@ -122,23 +111,12 @@ def load_strategy_state(strategy: Any, state: dict[str, Any] | None) -> None:
     strategy.clock.__dict__.update(decode(state["clock"], None, None))
 
 
-EPOCH_DIR = "epochs"
-
-
 def save_epoch_checkpoint(run_dir: Path, task: int, epoch: int, model: LayeredModel, model_spec: dict[str, Any]
                           ) -> Path:
     """The model in the middle of a task (every N epochs), for rank-over-training and weight-change plots."""
-    path = run_dir / EPOCH_DIR / f"task{task}_epoch{epoch:04d}.pt"
+    path = epoch_checkpoint_path(run_dir, task, epoch)
     atomic_save({"task": task, "epoch": epoch, "model_spec": model_spec, **model_state(model)}, path)
     return path
-
-
-def epoch_checkpoints(run_dir: Path, task: int) -> list[Path]:
-    return sorted((run_dir / EPOCH_DIR).glob(f"task{task}_epoch*.pt"))
-
-
-def finished_tasks(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem[4:]) for p in run_dir.glob("task*.pt") if p.stem[4:].isdigit())
 
 
 def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -191,7 +169,7 @@ def latest_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The last finished task's checkpoint, refused when it was made from another configuration."""
     state = None
     for task in reversed(finished_tasks(run_dir)):
-        path = run_dir / CHECKPOINT_PATTERN.format(task)
+        path = checkpoint_path(run_dir, task)
         try:
             state = load_checkpoint(path)
             break

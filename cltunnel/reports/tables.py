@@ -5,16 +5,14 @@ the same tables as mean ± std over seeds.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.yaml"  # the resolved scenario of one seed's run, with its seed
+from cltunnel.reports.figures import pyplot
+from cltunnel.store import METRICS_FILE, load_metrics, seed_dirs
 
 
 def accuracy_frame(acc: list[list[float]]) -> pd.DataFrame:
@@ -82,31 +80,6 @@ def write_table(mean: pd.DataFrame, std: pd.DataFrame, n_seeds: int, stem: Path,
     return md
 
 
-def load_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: not a finished cltunnel run")
-    return json.loads(path.read_text())
-
-
-def save_run_config(run_dir: Path, cfg: Any, seed: int) -> None:
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
-
-
-def load_run_config(run_dir: Path) -> dict[str, Any]:
-    """The saved scenario of a run, as plain YAML data (readable without rebuilding the run)."""
-    return yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-
-
-def seed_dir(cfg: Any, seed: int) -> Path:
-    """Where one seed of a scenario writes: ``<output_dir>/<name>/seed<k>/`` (what seed_dirs lists)."""
-    return Path(cfg.output_dir) / cfg.name / f"seed{seed}"
-
-
-def seed_dirs(scenario_dir: Path) -> list[Path]:
-    return sorted(p for p in scenario_dir.glob("seed*") if (p / METRICS_FILE).exists())
-
-
 def render(directory: str | Path) -> str:
     """(Re)write the tables and figure of a run directory or of a scenario directory (all its seeds)."""
     directory = Path(directory)
@@ -155,27 +128,6 @@ def plot_accuracy_curves(all_metrics: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(all_metrics[0].get("scenario", ""))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (runs have no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
-    """Grid and legend on every axis, then write the PNG and free the figure."""
-    plt = pyplot()
-    for ax in np.atleast_1d(axes).flat:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

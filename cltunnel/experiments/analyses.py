@@ -17,18 +17,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import tables
-from .analysis import (ProbeConfig, class_variance, cka_matrix, format_layer, kappa, layer_features,
-                       minibatch_cka, numerical_rank, train_probes, tunnel_start)
-from .checkpoints import (config_from_checkpoint, epoch_checkpoints, finished_tasks, load_checkpoint,
-                          model_from_checkpoint)
-from .config import ANALYSIS_NAMES, AnalysesConfig, ConfigError
-from .data import ImageData, load_dataset, rendered_as
-from .models import LayeredModel
-from .runs import load_data
-from .scenarios import SplitScenario, Task, build_scenario
-from .surgery import compose, own_heads, with_heads
-from .training import DeviceData, predict_accuracy, resolve_device
+from cltunnel.config import ANALYSIS_NAMES, AnalysesConfig, ConfigError, parse_tunnel_start
+from cltunnel.data.device import DeviceData, resolve_device
+from cltunnel.data.images import ImageData, load_data, load_dataset, rendered_as
+from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
+from cltunnel.measures.probes import ProbeConfig, layer_features, train_probes
+from cltunnel.measures.similarity import cka_matrix, class_variance, minibatch_cka, numerical_rank
+from cltunnel.measures.tunnel import check_tunnel_start, format_layer, kappa, tunnel_start
+from cltunnel.models.layered import LayeredModel
+from cltunnel.models.surgery import compose, own_heads, with_heads
+from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.tables import aggregate, write_table
+from cltunnel.store import epoch_checkpoints, finished_tasks, load_metrics, load_run_config
+from cltunnel.training.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from cltunnel.training.evaluation import predict_accuracy
+
 
 # Thesis Table 5.4.1 (VGG-19, split CIFAR-10 5/5), first and second task accuracy (%).
 THESIS_TABLE_5_4_1 = {
@@ -114,12 +117,9 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
 
 def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
     """From ``analyses.tunnel_start`` (a layer number) or, by default, from probes of the model after task 1."""
-    given = run.options.tunnel_start
+    given = parse_tunnel_start(run.options.tunnel_start, "analyses.tunnel_start")
     if given != "auto":
-        k = int(given)
-        if not 1 <= k <= run.n_layers:
-            raise ConfigError(f"analyses.tunnel_start: {k} is not a body layer (1..{run.n_layers})")
-        return k, None
+        return check_tunnel_start(given, run.n_layers, "analyses.tunnel_start"), None
     profile = tunnel_profile(run)
     return tunnel_start((profile["probe_acc"] / 100).to_dict(), run.options.tunnel_threshold), profile
 
@@ -132,7 +132,7 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> dict[str, int
 
 
 def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = profile.index.to_numpy()
     ax.plot(x, profile["probe_acc"], marker="o", color="C0", label="linear probe accuracy")
@@ -153,14 +153,14 @@ def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> N
 
 def _plot_per_layer(frame: pd.DataFrame, lines: dict[str, str], start: int, path: Path, **axis: Any) -> None:
     """Columns of a per-layer frame against the layer, the tunnel (from ``start``) shaded."""
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = frame.index.to_numpy()
     for (column, label), marker in zip(lines.items(), "os"):
         ax.plot(x, frame[column], marker=marker, label=label)
     ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
     ax.set(xlabel="layer", xticks=x, **axis)
-    tables.save_figure(fig, [ax], path)
+    save_figure(fig, [ax], path)
 
 
 # ------------------------------------------------------------------------------- out-of-distribution
@@ -236,7 +236,7 @@ def substitution_curves(run: LoadedRun) -> pd.DataFrame:
 
 def plot_substitution(curves: pd.DataFrame, path: Path, title: str = "") -> None:
     """One panel per task: accuracy against the number x of bottom layers taken from the first model."""
-    plt = tables.pyplot()
+    plt = pyplot()
     tasks = sorted(curves["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), sharey=True, squeeze=False)
     for ax, t in zip(axes[0], tasks):
@@ -295,7 +295,7 @@ def cross_cka_matrix(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int
 
 
 def plot_cka_matrix(matrix: pd.DataFrame, path: Path, title: str) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
     ticks = range(len(matrix))
@@ -347,7 +347,7 @@ def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
 
 
 def plot_development(dev: pd.DataFrame, path: Path) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     cmap = plt.get_cmap("viridis")
     epochs = sorted(dev["epoch"].unique())
@@ -451,16 +451,9 @@ def _analysis_development(run: LoadedRun) -> pd.DataFrame:
     return dev
 
 
-ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {
-    "tunnel": _analysis_tunnel,
-    "swap": _analysis_swap,
-    "substitution": _analysis_substitution,
-    "cka": _analysis_cka,
-    "cka_layers": _analysis_cka_layers,
-    "development": _analysis_development,
-    "ood": _analysis_ood,
-}
-assert tuple(ANALYSES) == ANALYSIS_NAMES, "keep config.ANALYSIS_NAMES in step with the analyses here"
+# The names live once, in config.ANALYSIS_NAMES (validated there without importing this module); each
+# name's function is ``_analysis_<name>`` above.
+ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {name: globals()[f"_analysis_{name}"] for name in ANALYSIS_NAMES}
 
 
 def tunnel_table(root: str | Path) -> str:
@@ -469,8 +462,8 @@ def tunnel_table(root: str | Path) -> str:
     start at the 95 % and 98 % rules, as the median over that set-up's seeds."""
     rows = []
     for path in sorted(Path(root).rglob("tunnel_profile.csv")):
-        cfg = tables.load_run_config(path.parent)
-        classes = tables.load_metrics(path.parent)["classes"][0]
+        cfg = load_run_config(path.parent)
+        classes = load_metrics(path.parent)["classes"][0]
         acc = (pd.read_csv(path, index_col=0)["probe_acc"] / 100).to_dict()
         rows.append({"architecture": f"{cfg['model']['name']} (width {cfg['model']['width']:g})",
                      "depth": len(acc) + 1, "dataset": cfg["data"]["name"], "classes": len(classes),
@@ -501,7 +494,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     written = []
     swaps = [pd.read_csv(r / "swap_table.csv", index_col=0) for r in runs if (r / "swap_table.csv").exists()]
     if swaps:
-        mean, std = tables.aggregate(swaps)
+        mean, std = aggregate(swaps)
         starts = [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
         shown_mean, shown_std = mean.copy(), std.copy()
         if _is_table_5_4_1_setup(runs[0]):
@@ -513,7 +506,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
             reference = "no thesis reference values: Table 5.4.1 reports the full VGG-19 at width 1 on the (5,5) split only"
         shown_mean = shown_mean.astype(float)
         notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts}", *provenance, reference]
-        written.append(tables.write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
+        written.append(write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
                                           f"{scenario_dir.name}: extractor/tunnel swap (Table 5.4.1 layout, %)", notes))
     curves = [pd.read_csv(r / "substitution.csv") for r in runs if (r / "substitution.csv").exists()]
     if curves:
@@ -523,16 +516,16 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
     if ckas:
         names = ckas[0]["name"]
-        mean, std = tables.aggregate([c.drop(columns="name") for c in ckas])
+        mean, std = aggregate([c.drop(columns="name") for c in ckas])
         mean.index = [f"{i} {n}" for i, n in zip(mean.index, names)]
         std.index = mean.index
-        written.append(tables.write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
+        written.append(write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
                                           f"{scenario_dir.name}: CKA between M1 and M2 per layer", list(provenance)))
     return written
 
 
 def _is_table_5_4_1_setup(run_dir: Path) -> bool:
-    cfg = tables.load_run_config(run_dir)
+    cfg = load_run_config(run_dir)
     model = cfg["model"]
     return ((cfg["data"]["name"], cfg["scenario"]["tasks"], model["name"], float(model.get("width", 1.0)),
              model.get("args") or {}) == ("cifar10", [5, 5], "vgg19", 1.0, {}))

@@ -1,40 +1,45 @@
 """Strategy registry: Avalanche's strategies by name, or any importable class named in YAML.
 
-Every class gets cltunnel's device data path mixed in (:func:`cltunnel.training.with_fast_data`), so a
+Every class gets cltunnel's device data path mixed in (:func:`cltunnel.training.fast_data.with_fast_data`), so a
 user's ``strategies/my_module.py:MyStrategy`` trains as fast as the built-ins and keeps checkpoints,
 resume and analyses.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import sys
 import warnings
 from typing import Any
 
 import torch
+from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from .config import ConfigError, StrategyConfig, TrainingConfig
-from .training import with_fast_data
+from cltunnel.config import ConfigError, StrategyConfig, TrainingConfig
+from cltunnel.training.fast_data import RunContext, with_fast_data
+
 
 # name -> ("module:Class", default arguments). Defaults are starting points, not tuned values. EWC's lambda is
 # small because SGD at the paper's lr 0.1 diverges above about 5 on CIFAR-10 VGGs (max Fisher entry ~2; see
-# runs.check_finite), where Avalanche examples use 100+ with smaller learning rates.
+# training.loop.check_finite), where Avalanche examples use 100+ with smaller learning rates.
 STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "naive": ("avalanche.training:Naive", {}),
     "ewc": ("avalanche.training:EWC", {"ewc_lambda": 5.0}),
     "si": ("avalanche.training:SynapticIntelligence", {"si_lambda": 1.0}),
     "mas": ("avalanche.training:MAS", {"lambda_reg": 1.0}),
     "lwf": ("avalanche.training:LwF", {"alpha": 1.0, "temperature": 2.0}),
-    "replay": ("cltunnel.tunnel_aware:Replay", {"mem_size": 500}),  # device path, augmented like training
+    "replay": ("cltunnel.training.tunnel_aware:Replay", {"mem_size": 500}),  # device path, augmented like training
     "avalanche_replay": ("avalanche.training:Replay", {"mem_size": 500}),  # Avalanche's loader: slow, unaugmented
     "agem": ("avalanche.training:AGEM", {"patterns_per_exp": 256}),
     "gem": ("avalanche.training:GEM", {"patterns_per_exp": 256}),
-    # Tunnel-aware (cltunnel.tunnel_aware): tunnel_start 'auto' = from probes of the model after task 1.
-    "ewc_extractor": ("cltunnel.tunnel_aware:LayerwiseEWC", {"ewc_lambda": 5.0, "penalise": "extractor"}),
-    "freeze_tunnel": ("cltunnel.tunnel_aware:FreezeTunnel", {}),
-    "feature_replay": ("cltunnel.tunnel_aware:FeatureReplay", {"mem_size": 500}),
+    # Tunnel-aware (cltunnel.training.tunnel_aware): tunnel_start 'auto' = from probes of the model after task 1.
+    "ewc_extractor": ("cltunnel.training.tunnel_aware:LayerwiseEWC", {"ewc_lambda": 5.0, "penalise": "extractor"}),
+    "freeze_tunnel": ("cltunnel.training.tunnel_aware:FreezeTunnel", {}),
+    "feature_replay": ("cltunnel.training.tunnel_aware:FeatureReplay", {"mem_size": 500}),
 }
 
 
@@ -56,8 +61,6 @@ def load_class(spec: str) -> type:
 
 
 def resolve_strategy(cfg: StrategyConfig) -> tuple[type, dict[str, Any]]:
-    from avalanche.training.templates import SupervisedTemplate
-
     if cfg.cls:
         cls, defaults = load_class(cfg.cls), {}
     elif cfg.name in STRATEGIES:
@@ -71,11 +74,48 @@ def resolve_strategy(cfg: StrategyConfig) -> tuple[type, dict[str, Any]]:
     return with_fast_data(cls), {**defaults, **cfg.args}
 
 
-def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConfig, criterion: nn.Module,
-                   device: torch.device, plugins: list) -> Any:
-    """Instantiate the strategy with SGD at the scenario's settings and a silent Avalanche evaluator."""
-    from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+# Keyword arguments cltunnel itself passes to every strategy (from `training:`), not for strategy.args.
+BUILT_IN_ARGS = {"model", "optimizer", "criterion", "train_mb_size", "train_epochs", "eval_mb_size", "device",
+                 "plugins", "evaluator", "eval_every", "run_context"}
 
+
+def accepted_args(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up the class hierarchy: a strategy
+    hands the keywords it does not name to its base, and Avalanche's base template refuses what nobody in
+    the hierarchy names. None when the chain ends in ``**kwargs`` outside Avalanche (anything may be taken)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+        if klass.__module__.startswith("avalanche.training.templates"):
+            return names  # Avalanche checks the rest against the whole hierarchy and refuses unknown keywords
+    return None
+
+
+def check_strategy_args(cfg: StrategyConfig) -> None:
+    """The strategy class imports, is a SupervisedTemplate, and takes every key of ``strategy.args``: checked
+    from the class alone, before any data is loaded."""
+    cls, args = resolve_strategy(cfg)
+    accepted = accepted_args(cls)
+    taken = sorted(set(args) & BUILT_IN_ARGS)
+    if taken:
+        raise ConfigError(f"strategy.args: {taken} are set by cltunnel from the scenario (training: section)")
+    unknown = [k for k in args if accepted is not None and k not in accepted]
+    if unknown:
+        valid = sorted(accepted - BUILT_IN_ARGS) if accepted else []
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        raise ConfigError(f"strategy.args: {cls.__name__} takes no argument '{unknown[0]}'"
+                          + (f" (did you mean '{close[0]}'?)" if close else "") + f"; it takes: {', '.join(valid)}")
+
+
+def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConfig, criterion: nn.Module,
+                   device: torch.device, plugins: list, context: RunContext | None = None) -> Any:
+    """Instantiate the strategy with SGD at the scenario's settings and a silent Avalanche evaluator; with a
+    ``context``, it trains from cltunnel's device data."""
     cls, args = resolve_strategy(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay)
@@ -87,6 +127,7 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
             warnings.filterwarnings("ignore", message="No loggers specified")
             return cls(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=training.batch_size,
                    train_epochs=training.epochs, eval_mb_size=training.eval_batch_size, device=device,
-                       plugins=plugins, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1, **args)
+                       plugins=plugins, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1, run_context=context,
+                       **args)
     except TypeError as err:
         raise ConfigError(f"strategy.args: {cls.__name__} rejected its arguments {args}: {err}") from None

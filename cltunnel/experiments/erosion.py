@@ -23,17 +23,27 @@ import pandas as pd
 import torch
 from avalanche.core import SupervisedPlugin
 
-from . import tables
-from .checkpoints import latest_checkpoint, load_model_state, save_task_checkpoint
-from .config import RunConfig
-from .data import ImageData
-from .models import LayeredModel
-from .scenarios import avalanche_benchmark, build_scenario
-from .strategies import build_strategy
-from .training import (DeviceData, ProgressPlugin, TemperatureCrossEntropy, amp_enabled, channels_last_enabled,
-                       exact_rows_accuracy, predict_accuracy, resolve_device)
+from cltunnel.config import RunConfig
+from cltunnel.data.device import DeviceData, resolve_device
+from cltunnel.data.images import ImageData
+from cltunnel.data.scenarios import avalanche_benchmark, build_scenario
+from cltunnel.experiments.analyses import LoadedRun, cross_cka_matrix, plot_cka_matrix, tunnel_profile
+from cltunnel.models.layered import LayeredModel
+from cltunnel.models.zoo import make_model, model_spec
+from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.tables import aggregate, write_table
+from cltunnel.experiments.registry import Protocol, register_protocol
+from cltunnel.store import load_run_config, save_metrics, save_run_config, seed_dir, seed_dirs
+from cltunnel.training.checkpoints import (latest_checkpoint, load_checkpoint, load_model_state, model_from_checkpoint,
+                                           save_task_checkpoint)
+from cltunnel.training.evaluation import exact_rows_accuracy, predict_accuracy
+from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
+from cltunnel.training.plugins import ProgressPlugin
+from cltunnel.training.strategies import build_strategy
+
 
 PHASES = ("clean", "squared", "relearn")
+FINISHED = "erosion_summary.json"  # in a seed directory: written after the before/after analyses
 
 
 # ----------------------------------------------------------------------------------------- squares
@@ -85,10 +95,8 @@ class Squares:
 
     def test_images(self, data: ImageData) -> ImageData:
         """``data`` with every test image squared (normalisation and training images unchanged)."""
-        squared = dataclasses.replace(data, name=f"{data.name}+squares", x_test=add_squares(
-            data.x_test, data.y_test, torch.arange(len(data.y_test)), self.size, self.corner, self.colours))
-        squared._stats = data.channel_stats()
-        return squared
+        return data.with_test_images(add_squares(data.x_test, data.y_test, torch.arange(len(data.y_test)), self.size,
+                                                 self.corner, self.colours), f"{data.name}+squares")
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -108,7 +116,7 @@ class TestCurvePlugin(SupervisedPlugin):
         epoch = strategy.clock.train_exp_epochs + 1
         if epoch % self.every == 0 or epoch == strategy.train_epochs:
             row = {"phase": self.phase, "epoch": self.offset + epoch}
-            trained_on = strategy.cltunnel_data
+            trained_on = strategy.run_context.data
             task = trained_on.scenario.tasks[0]
             row["train"] = 100 * predict_accuracy(strategy.model, trained_on, task, task.train_idx[:TRAIN_ACC_ROWS],
                                                   amp=self.amp, split="eval_train")
@@ -131,9 +139,9 @@ def phase_plan(cfg: RunConfig) -> list[tuple[str, int]]:
 def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True) -> Path:
     """Train (or resume) the phases of one seed, then the before/after analyses; returns the run directory."""
     device = resolve_device(cfg.device)
-    run_dir = tables.seed_dir(cfg, seed)
+    run_dir = seed_dir(cfg, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tables.save_run_config(run_dir, cfg, seed)
+    save_run_config(run_dir, cfg, seed)
     scenario = build_scenario(cfg, data)
     squares = Squares(data, cfg.erosion.ratio, cfg.erosion.square, cfg.erosion.corner, seed,
                       scenario.tasks[0].train_idx)
@@ -141,8 +149,6 @@ def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = Tru
                                      channels_last_enabled(cfg.training, device))
              for name, d in (("clean", data), ("squared", squares.test_images(data)))}
     views["squared"].overlay = squares
-    from .runs import make_model, model_spec
-
     spec = model_spec(cfg, scenario)
     model = make_model(spec, seed).to(device)
     state = latest_checkpoint(run_dir, cfg)
@@ -164,7 +170,7 @@ def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = Tru
         scratch = make_model(spec, seed + 1_000).to(device)
         train_phase(cfg, scratch, views, "clean", "scratch", cfg.erosion.relearn_epochs, seed * 101 + 99,
                     metrics["scratch"], progress)
-    (run_dir / tables.METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    save_metrics(run_dir, metrics)
     write_erosion_outputs(run_dir, cfg, metrics, views, progress)
     return run_dir
 
@@ -181,8 +187,8 @@ def train_phase(cfg: RunConfig, model: LayeredModel, views: dict[str, DeviceData
     recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, amp)
     recorder.phase, recorder.offset = phase, max([r["epoch"] for r in curve], default=0)
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device,
-                              [ProgressPlugin(progress, label=f"{phase} phase"), recorder])
-    strategy.cltunnel_data, strategy.cltunnel_seed, strategy.cltunnel_amp = views[train_on], rng_seed, amp
+                              [ProgressPlugin(progress, label=f"{phase} phase"), recorder],
+                              RunContext(views[train_on], rng_seed, amp))
     data = views[train_on].scenario
     mean, std = data.data.channel_stats()
     torch.manual_seed(rng_seed)
@@ -200,7 +206,7 @@ def write_erosion_outputs(run_dir: Path, cfg: RunConfig, metrics: dict[str, Any]
     summary = erosion_summary(curve, metrics)
     if "tunnel" in cfg.analyses.run or "cka" in cfg.analyses.run:
         summary.update(before_after(run_dir, cfg, views, progress))
-    (run_dir / "erosion_summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / FINISHED).write_text(json.dumps(summary, indent=1))
     rows = "\n".join(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items())
     (run_dir / "erosion_summary.md").write_text(
         f"### {cfg.name}: feature erosion (seed {metrics['seed']})\n\n| | |\n|:--|--:|\n{rows}\n\n"
@@ -224,7 +230,7 @@ def erosion_summary(curve: pd.DataFrame, metrics: dict[str, Any]) -> dict[str, A
 
 
 def plot_curve(curve: pd.DataFrame, scratch: pd.DataFrame, path: Path, title: str) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for col, style in (("clean", "-"), ("squared", "--")):
         ax.plot(curve["epoch"], curve[col], style, label=f"{col} test images")
@@ -236,15 +242,12 @@ def plot_curve(curve: pd.DataFrame, scratch: pd.DataFrame, path: Path, title: st
     for boundary in curve.groupby("phase", sort=False)["epoch"].max().to_numpy()[:-1]:
         ax.axvline(boundary, color="grey", lw=0.8)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(0, 100), title=title)
-    tables.save_figure(fig, ax, path)
+    save_figure(fig, ax, path)
 
 
 def before_after(run_dir: Path, cfg: RunConfig, views: dict[str, DeviceData], progress: bool) -> dict[str, Any]:
     """Probe accuracy and rank per layer of the model after the clean phase and after the squared phase
     (clean data; analyses.run: tunnel), and the layer-by-layer CKA between the two (analyses.run: cka)."""
-    from .checkpoints import load_checkpoint, model_from_checkpoint
-    from .experiments import LoadedRun, cross_cka_matrix, plot_cka_matrix, tunnel_profile
-
     data = DeviceData.create(views["clean"].scenario, views["clean"].device, augment=False, channels_last=False)
     models = [model_from_checkpoint(load_checkpoint(run_dir / f"task{i}.pt")).to(data.device).eval() for i in (0, 1)]
     run = LoadedRun(run_dir, models, data, cfg.analyses, progress)
@@ -265,7 +268,7 @@ def before_after(run_dir: Path, cfg: RunConfig, views: dict[str, DeviceData], pr
 
 
 def plot_profiles(frame: pd.DataFrame, path: Path) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name in ("before", "after"):
         axes[0].plot(frame.index, frame[(name, "probe_acc")], marker="o", ms=3, label=name)
@@ -282,13 +285,13 @@ def plot_profiles(frame: pd.DataFrame, path: Path) -> None:
 
 def aggregate_erosion(scenario_dir: Path) -> str:
     """Mean ± std over seeds of every summary number; the curves of all seeds in one figure."""
-    runs = sorted(p for p in Path(scenario_dir).glob("seed*") if (p / "erosion_summary.json").exists())
+    runs = seed_dirs(scenario_dir, FINISHED)
     if not runs:
         return ""
-    frames = [pd.DataFrame([json.loads((r / "erosion_summary.json").read_text())]).T for r in runs]
-    mean, std = tables.aggregate(frames)
+    frames = [pd.DataFrame([json.loads((r / FINISHED).read_text())]).T for r in runs]
+    mean, std = aggregate(frames)
     mean.columns = std.columns = ["value"]
-    return tables.write_table(mean, std, len(runs), Path(scenario_dir) / "erosion_summary",
+    return write_table(mean, std, len(runs), Path(scenario_dir) / "erosion_summary",
                               f"{Path(scenario_dir).name}: feature erosion (%, seeds {[r.name for r in runs]})")
 
 
@@ -299,8 +302,8 @@ def ratio_report(sweep_dir: str | Path) -> str:
     """Forgetting against the share of squared training images (Figure 4.3.1): one row per ratio."""
     sweep_dir = Path(sweep_dir)
     per_ratio: dict[float, list[list[float]]] = {}
-    for summary in sorted(sweep_dir.glob("*/seed*/erosion_summary.json")):
-        cfg = tables.load_run_config(summary.parent)
+    for summary in sorted(sweep_dir.glob(f"*/seed*/{FINISHED}")):
+        cfg = load_run_config(summary.parent)
         values = json.loads(summary.read_text())
         per_ratio.setdefault(float(cfg["erosion"]["ratio"]), []).append([values[c] for c in RATIO_COLUMNS])
     if not per_ratio:
@@ -312,16 +315,30 @@ def ratio_report(sweep_dir: str | Path) -> str:
     mean.index.name = std.index.name = "ratio"
     n = min(len(f) for f in frames)
     plot_ratio(mean, std, sweep_dir / "erosion_ratio.png")
-    return tables.write_table(mean, std, n, sweep_dir / "erosion_ratio",
+    return write_table(mean, std, n, sweep_dir / "erosion_ratio",
                               "Feature erosion by share of squared training images (test accuracy, %)",
                               [f"seeds per ratio: {n} or more"])
 
 
 def plot_ratio(mean: pd.DataFrame, std: pd.DataFrame, path: Path) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for col in ("clean after squared", "squared after squared", "clean forgetting"):
         ax.errorbar(mean.index, mean[col], yerr=std[col], marker="o", ms=4, capsize=3, label=col)
     ax.axhline(mean["clean after clean"].mean(), color="grey", ls=":", label="clean, before the squares")
     ax.set(xlabel="share of training images with the square", ylabel="%", title="feature erosion by ratio")
-    tables.save_figure(fig, ax, path)
+    save_figure(fig, ax, path)
+
+
+def summary(scenario_dir: Path, cfg: RunConfig) -> str:
+    """What ``cltunnel run`` prints: the erosion summary of the seed, or over the seeds."""
+    where = scenario_dir / f"seed{cfg.seeds[0]}" if len(cfg.seeds) == 1 else scenario_dir
+    return (where / "erosion_summary.md").read_text()
+
+
+def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
+    """Each configuration's summary over seeds, then forgetting against the squared share (Figure 4.3.1)."""
+    return "\n".join([aggregate_erosion(sweep_dir / c) for c in manifest["configs"]] + [ratio_report(sweep_dir)])
+
+
+register_protocol(Protocol("erosion", "erosion", run_erosion, aggregate_erosion, FINISHED, summary, sweep_report))

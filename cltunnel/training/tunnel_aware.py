@@ -21,16 +21,18 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
-
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData
+from torch import nn
 
-from .analysis import ProbeConfig, train_probes, tunnel_start
-from .config import ConfigError
-from .models import LayeredModel
+from cltunnel.config import ConfigError, parse_tunnel_start
+from cltunnel.measures.probes import ProbeConfig, train_probes
+from cltunnel.measures.tunnel import check_tunnel_start, tunnel_start
+from cltunnel.models.layered import LayeredModel
+from cltunnel.training.fast_data import run_data
+from cltunnel.models.surgery import check_part, extractor_layers, parameter_names, tunnel_layers
 
 log = logging.getLogger("cltunnel")
 
@@ -39,22 +41,18 @@ class TunnelStart:
     """A fixed tunnel start, or one found from probes of the model after the first task."""
 
     def __init__(self, spec: int | str = "auto", threshold: float = 0.95, probe_epochs: int = 10) -> None:
-        if spec != "auto" and not (isinstance(spec, int) and spec >= 0):
-            raise ConfigError(f"strategy.args.tunnel_start: {spec!r} must be 'auto' or a layer number (0..n)")
-        self.spec, self.threshold, self.probe_epochs = spec, threshold, probe_epochs
-        self.value: int | None = spec if isinstance(spec, int) else None
+        self.spec = parse_tunnel_start(spec, "strategy.args.tunnel_start")
+        self.threshold, self.probe_epochs = threshold, probe_epochs
+        self.value: int | None = self.spec if isinstance(self.spec, int) else None
 
     def resolve(self, strategy: Any) -> int:
         """k for this run; with ``auto``, computed once (call it after the first task has been learned)."""
         if self.value is None:
             self.value = self._from_probes(strategy)
-        n = len(strategy.model.body)
-        if self.value > n:
-            raise ConfigError(f"strategy.args.tunnel_start: {self.value} exceeds the body's {n} layers")
-        return self.value
+        return check_tunnel_start(self.value, len(strategy.model.body), "strategy.args.tunnel_start")
 
     def _from_probes(self, strategy: Any) -> int:
-        data = getattr(strategy, "cltunnel_data", None)
+        data = run_data(strategy)
         if data is None:
             raise ConfigError("strategy.args.tunnel_start: 'auto' needs cltunnel's data path; give a layer number")
         task = data.scenario.tasks[strategy.experience.current_experience]
@@ -66,29 +64,6 @@ class TunnelStart:
         log.info("tunnel start from probes after task %d: layer %d (probe acc %s)", task.id, k,
                  {layer: round(100 * a, 1) for layer, a in acc.items()})
         return k
-
-
-def extractor_layers(model: LayeredModel, k: int) -> list[nn.Module]:
-    return list(model.body)[:k]
-
-
-def tunnel_layers(model: LayeredModel, k: int) -> list[nn.Module]:
-    return list(model.body)[k:]
-
-
-def check_part(part: str) -> None:
-    if part not in ("extractor", "tunnel", "all"):
-        raise ConfigError(f"strategy.args.penalise: {part!r} must be extractor, tunnel or all")
-
-
-def parameter_names(model: LayeredModel, part: str, k: int) -> set[str]:
-    """Names (as in ``model.named_parameters()``) of the extractor's, the tunnel's, or every parameter."""
-    check_part(part)
-    if part == "all":
-        return {name for name, _ in model.named_parameters()}
-    children = list(model.body.named_children())
-    chosen = children[:k] if part == "extractor" else children[k:]
-    return {f"body.{layer}.{name}" for layer, module in chosen for name, _ in module.named_parameters()}
 
 
 # --------------------------------------------------------------------------------------------- EWC
@@ -119,7 +94,7 @@ class LayerwiseEWCPlugin(EWCPlugin):
             del self.saved_params[t - 1]
 
     def _importances(self, strategy: Any) -> dict[str, ParamData]:
-        data = getattr(strategy, "cltunnel_data", None)
+        data = run_data(strategy)
         if data is None:
             return self.compute_importances(strategy.model, strategy._criterion, strategy.optimizer,
                                             strategy.experience.dataset, strategy.device, strategy.train_mb_size)
@@ -160,8 +135,10 @@ class LayerwiseEWC(Naive):
     """Fine-tuning plus :class:`LayerwiseEWCPlugin` (default: the extractor alone is penalised)."""
 
     def __init__(self, *, ewc_lambda: float = 5.0, penalise: str = "extractor", tunnel_start: int | str = "auto",
-                 plugins: list | None = None, **kwargs: Any) -> None:
-        plugin = LayerwiseEWCPlugin(ewc_lambda, penalise, tunnel_start)
+                 tunnel_threshold: float = 0.95, probe_epochs: int = 10, plugins: list | None = None,
+                 **kwargs: Any) -> None:
+        plugin = LayerwiseEWCPlugin(ewc_lambda, penalise, tunnel_start, threshold=tunnel_threshold,
+                                    probe_epochs=probe_epochs)
         super().__init__(plugins=[plugin, *(plugins or [])], **kwargs)
 
 
@@ -201,8 +178,10 @@ class FreezeLayersPlugin(SupervisedPlugin):
 class FreezeTunnel(Naive):
     """Fine-tuning with the tunnel frozen after task 1."""
 
-    def __init__(self, *, tunnel_start: int | str = "auto", plugins: list | None = None, **kwargs: Any) -> None:
-        super().__init__(plugins=[FreezeLayersPlugin(tunnel_start, "tunnel"), *(plugins or [])], **kwargs)
+    def __init__(self, *, tunnel_start: int | str = "auto", tunnel_threshold: float = 0.95, probe_epochs: int = 10,
+                 plugins: list | None = None, **kwargs: Any) -> None:
+        freeze = FreezeLayersPlugin(tunnel_start, "tunnel", threshold=tunnel_threshold, probe_epochs=probe_epochs)
+        super().__init__(plugins=[freeze, *(plugins or [])], **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- replay
@@ -227,7 +206,7 @@ class LayerReplayPlugin(SupervisedPlugin):
         self.generator: torch.Generator | None = None
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        data = getattr(strategy, "cltunnel_data", None)
+        data = run_data(strategy)
         if data is None:
             raise ConfigError("strategy: this replay runs on cltunnel's data path (cltunnel run)")
         with torch.no_grad():
@@ -238,7 +217,7 @@ class LayerReplayPlugin(SupervisedPlugin):
         quota = self.mem_size // (len(self.buffer) + 1)
         self.buffer = {t: {key: v[:quota] if torch.is_tensor(v) else v for key, v in slot.items()}
                        for t, slot in self.buffer.items()}
-        gen = torch.Generator(device="cpu").manual_seed(strategy.cltunnel_seed * 7919 + task.id)
+        gen = torch.Generator(device="cpu").manual_seed(strategy.run_context.seed * 7919 + task.id)
         rows = task.train_idx[torch.randperm(len(task.train_idx), generator=gen)[:quota]].to(data.device)
         slot = {"rows": rows, "labels": data.label_maps[task.id][data.y_train[rows]], "head": task.head}
         if k > 0:
@@ -253,13 +232,13 @@ class LayerReplayPlugin(SupervisedPlugin):
         if not self.buffer or strategy.experience.current_experience == 0:
             return
         if self.generator is None:
-            self.generator = torch.Generator(device="cpu").manual_seed(strategy.cltunnel_seed)
+            self.generator = torch.Generator(device="cpu").manual_seed(strategy.run_context.seed)
         strategy.loss = strategy.loss + self.alpha * self.replay_loss(strategy)
 
     def replay_loss(self, strategy: Any) -> torch.Tensor:
         """Mean cross-entropy of one batch drawn uniformly from the buffer."""
         model: LayeredModel = strategy.model
-        data = strategy.cltunnel_data
+        data = strategy.run_context.data
         k = self.tunnel.resolve(strategy)
         slots = list(self.buffer.values())
         sizes = torch.tensor([len(slot["rows"]) for slot in slots])
@@ -296,8 +275,9 @@ class FeatureReplay(Naive):
     ``freeze_extractor: true`` keeps the stored features exact (Pellegrini et al.'s latent replay)."""
 
     def __init__(self, *, mem_size: int = 500, tunnel_start: int | str = "auto", alpha: float = 1.0,
-                 freeze_extractor: bool = False, plugins: list | None = None, **kwargs: Any) -> None:
-        replay = LayerReplayPlugin(mem_size, tunnel_start, alpha)
+                 freeze_extractor: bool = False, tunnel_threshold: float = 0.95, probe_epochs: int = 10,
+                 plugins: list | None = None, **kwargs: Any) -> None:
+        replay = LayerReplayPlugin(mem_size, tunnel_start, alpha, threshold=tunnel_threshold, probe_epochs=probe_epochs)
         own = [replay, FreezeLayersPlugin(tunnel_start, "extractor")] if freeze_extractor else [replay]
         if freeze_extractor:
             own[1].tunnel = replay.tunnel  # one tunnel start for both, found once

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from avalanche.benchmarks import nc_benchmark
 from torch.utils.data import Dataset
 
-from .config import ConfigError, RunConfig
-from .data import ImageData
+from cltunnel.config import ConfigError, RunConfig
+from cltunnel.data.images import ImageData
 
 
 @dataclass
@@ -142,8 +143,6 @@ class NormalisedImages(Dataset):
 
 def avalanche_benchmark(scenario: SplitScenario, mean: torch.Tensor, std: torch.Tensor):
     """The same split as an Avalanche ``nc_benchmark`` (task labels and per-task ids in task mode)."""
-    from avalanche.benchmarks import nc_benchmark
-
     data = scenario.data
     train_rows = torch.cat([t.train_idx for t in scenario.tasks]).sort().values
     test_rows = torch.cat([t.test_idx for t in scenario.tasks]).sort().values

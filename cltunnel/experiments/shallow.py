@@ -1,6 +1,6 @@
 """Baselines of the tunnel-effect work that read a sweep: shallower networks forget less (E3, Figure 5.4.1).
 
-(Feature erosion, E5, trains its own phases: :mod:`cltunnel.erosion`.)
+(Feature erosion, E5, trains its own phases: :mod:`cltunnel.experiments.erosion`.)
 """
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import tables
-from .sweeps import load_manifest
+from cltunnel.models.zoo import VGG_STAGES
+from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.tables import write_table
+from cltunnel.config import parse_tunnel_start
+from cltunnel.store import load_manifest, load_metrics, load_run_config, seed_dirs
+
 
 DEPTH_AXIS = "model.args.conv_layers"
 
 
 def _conv_layers(run_dir: Path) -> int:
     """Conv layers of a run's model (the full VGG's count when ``conv_layers`` is not set)."""
-    from .models import VGG_STAGES
-
-    cfg = tables.load_run_config(run_dir)
+    cfg = load_run_config(run_dir)
     given = (cfg["model"].get("args") or {}).get("conv_layers")
     return int(given) if given else sum(VGG_STAGES[int(cfg["model"]["name"][3:])])
 
@@ -29,8 +31,8 @@ def depth_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     manifest = load_manifest(sweep_dir)
     rows: dict[int, list[list[float]]] = {}
     for config in manifest["configs"]:
-        for run in tables.seed_dirs(sweep_dir / config):
-            acc = 100 * np.asarray(tables.load_metrics(run)["acc"])
+        for run in seed_dirs(sweep_dir / config):
+            acc = 100 * np.asarray(load_metrics(run)["acc"])
             rows.setdefault(_conv_layers(run), []).append([acc[0, 0], acc[1, 1], acc[0, 0] - acc[1, 0]])
     cols = ["task 1 after task 1", "task 2 after task 2", "forgetting of task 1"]
     depths = sorted(rows)
@@ -46,9 +48,10 @@ def extractor_length(sweep_dir: Path) -> int | None:
     is a number, else the tunnel start its runs' tunnel analysis found."""
     manifest = load_manifest(sweep_dir)
     base = (manifest.get("source") or {}).get("base")
-    given = str(((base or {}).get("analyses") or {}).get("tunnel_start", "auto")) if isinstance(base, dict) else "auto"
-    if given.isdigit():
-        return int(given)
+    given = ((base or {}).get("analyses") or {}).get("tunnel_start", "auto") if isinstance(base, dict) else "auto"
+    given = parse_tunnel_start(given, "analyses.tunnel_start")
+    if given != "auto":
+        return given
     found = sorted(sweep_dir.glob("*/seed*/swap_meta.txt"))
     return int(found[0].read_text().split()[1]) if found else None
 
@@ -60,14 +63,14 @@ def depth_report(sweep_dir: str | Path) -> str:
     k = extractor_length(sweep_dir)
     notes = [f"seeds per depth: {n} or more", f"extractor of the full model: {k} layers" if k else
              "extractor of the full model: unknown (run the tunnel or swap analysis on the full-depth runs)"]
-    md = tables.write_table(mean, std, n, sweep_dir / "shallow_forgetting",
+    md = write_table(mean, std, n, sweep_dir / "shallow_forgetting",
                             "Shallower networks: accuracy and forgetting by conv layers (%)", notes)
     plot_depth(mean, std, k, sweep_dir / "shallow_forgetting.png")
     return md
 
 
 def plot_depth(mean: pd.DataFrame, std: pd.DataFrame, extractor: int | None, path: Path) -> None:
-    plt = tables.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     full = mean.index.max()
     for col, colour in zip(mean.columns, ("C0", "C1", "C3")):
@@ -76,4 +79,4 @@ def plot_depth(mean: pd.DataFrame, std: pd.DataFrame, extractor: int | None, pat
     if extractor:
         ax.axvline(extractor, color="grey", ls="--", lw=1, label=f"extractor of the full model ({extractor})")
     ax.set(xlabel="conv layers", ylabel="%", title="shallower networks: accuracy and forgetting")
-    tables.save_figure(fig, ax, path)
+    save_figure(fig, ax, path)

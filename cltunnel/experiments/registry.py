@@ -1,0 +1,69 @@
+"""Protocols: what a scenario runs, one registered module each (timm's ``@register_model`` pattern).
+
+A protocol owns one config section (``erosion:``, ``representations:``, ``synthetic:``) and is selected by
+it; a scenario with none of them is a task sequence. Every module of :mod:`cltunnel.experiments` registers
+its protocol here with :func:`register_protocol`, so :mod:`cltunnel.runs`, the CLI and sweeps look a
+protocol up instead of branching on sections or on files found on disk. A new experiment is one module in
+``cltunnel/experiments/`` plus its typed section in :mod:`cltunnel.config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cltunnel.config import PROTOCOL_SECTIONS, ConfigError, RunConfig
+
+TASK_SEQUENCE = "task_sequence"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one kind of scenario runs a seed, combines its seeds, and reports across a sweep."""
+
+    name: str
+    section: str | None  # the RunConfig section that selects it; None: the default (a task sequence)
+    run_seed: Callable[..., Path]  # (cfg, seed, data, progress, **options) -> the seed's run directory
+    aggregate: Callable[[Path], str]  # scenario directory -> its tables over seeds (markdown; "" if none)
+    finished: str  # glob, in a seed directory, of the file written last: present = that seed is finished
+    summary: Callable[[Path, RunConfig], str] | None = None  # what `cltunnel run` prints; default: aggregate
+    sweep_report: Callable[[Path, dict[str, Any]], str] | None = None  # (sweep dir, manifest) -> markdown
+    trains_model_section: bool = True  # trains cfg.model with cfg.strategy (checked before any work)
+
+    def summarise(self, scenario_dir: Path, cfg: RunConfig) -> str:
+        return self.summary(scenario_dir, cfg) if self.summary else self.aggregate(scenario_dir)
+
+    def report_sweep(self, sweep_dir: Path, manifest: dict[str, Any]) -> str:
+        if self.sweep_report is not None:
+            return self.sweep_report(sweep_dir, manifest)
+        return "\n".join(self.aggregate(sweep_dir / config) for config in manifest["configs"])
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(protocol: Protocol) -> Protocol:
+    if protocol.section is not None and protocol.section not in PROTOCOL_SECTIONS:
+        raise ValueError(f"protocol {protocol.name}: section '{protocol.section}' is not a RunConfig section "
+                         f"({', '.join(PROTOCOL_SECTIONS)}); add its typed section to cltunnel.config")
+    PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def _select(sections: set[str]) -> Protocol:
+    if len(sections) > 1:
+        raise ConfigError(f"a scenario runs one protocol; it sets {', '.join(sorted(sections))}: keep one")
+    if not sections:
+        return PROTOCOLS[TASK_SEQUENCE]
+    section = sections.pop()
+    return next(p for p in PROTOCOLS.values() if p.section == section)
+
+
+def protocol_for(cfg: RunConfig) -> Protocol:
+    """The protocol a scenario runs: the one whose section is set, else the task sequence."""
+    return _select({s for s in PROTOCOL_SECTIONS if getattr(cfg, s) is not None})
+
+
+def protocol_for_saved(raw: dict[str, Any]) -> Protocol:
+    """The protocol of a saved run's ``config.yaml`` (plain YAML data, no objects rebuilt)."""
+    return _select({s for s in PROTOCOL_SECTIONS if raw.get(s) is not None})

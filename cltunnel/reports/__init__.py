@@ -1,0 +1,1 @@
+"""Reports: tables (mean ± std over seeds, as CSV, markdown and LaTeX) and figures (PNG)."""

@@ -1,0 +1,176 @@
+"""The run-directory layout, in one place: where a scenario's and a seed's runs live, which file says a seed
+is finished, its saved config and metrics, task and epoch checkpoint names, a sweep's manifest, and atomic
+writes.
+
+Every reader and writer of a run directory goes through these names, so the layout changes in one file:
+
+    <output_dir>/<scenario>/seed<k>/config.yaml     the resolved scenario, with its seed
+                                   /task<t>.pt      after task t (layers, heads, optimizer, strategy state)
+                                   /epochs/task<t>_epoch<e>.pt
+                                   /metrics.json    written last by a task sequence: the seed is finished
+    <sweep output>/sweep.yaml                       the sweep's configurations and axis labels
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cltunnel.errors import CltunnelError
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"  # the resolved scenario of one seed's run, with its seed
+CHECKPOINT_PATTERN = "task{}.pt"
+EPOCH_DIR = "epochs"
+MANIFEST = "sweep.yaml"  # in a sweep's output directory: its configurations and axis labels
+LOCK_FILE = "run.lock"  # in a seed directory while a process writes it: "<pid> <host>"
+
+
+class RunLocked(CltunnelError):
+    """Another live process is writing this run directory."""
+
+
+def scenario_dir_of(cfg: Any) -> Path:
+    """Where a scenario's seeds and its tables over seeds go: ``<output_dir>/<name>/``."""
+    return Path(cfg.output_dir) / cfg.name
+
+
+def seed_dir(cfg: Any, seed: int) -> Path:
+    """Where one seed of a scenario writes: ``<output_dir>/<name>/seed<k>/`` (what seed_dirs lists)."""
+    return scenario_dir_of(cfg) / f"seed{seed}"
+
+
+def seed_dirs(scenario_dir: str | Path, finished: str = METRICS_FILE) -> list[Path]:
+    """The seed directories holding ``finished`` (a file name or glob: the file a protocol writes last)."""
+    return sorted(p for p in Path(scenario_dir).glob("seed*") if p.is_dir() and any(p.glob(finished)))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a run killed mid-write leaves the old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(run_dir: Path, task: int) -> Path:
+    return run_dir / CHECKPOINT_PATTERN.format(task)
+
+
+def finished_tasks(run_dir: Path) -> list[int]:
+    """Tasks with a checkpoint in ``run_dir``, in order."""
+    return sorted(int(p.stem[4:]) for p in run_dir.glob("task*.pt") if p.stem[4:].isdigit())
+
+
+def epoch_checkpoint_path(run_dir: Path, task: int, epoch: int) -> Path:
+    return run_dir / EPOCH_DIR / f"task{task}_epoch{epoch:04d}.pt"
+
+
+def epoch_checkpoints(run_dir: Path, task: int) -> list[Path]:
+    return sorted((run_dir / EPOCH_DIR).glob(f"task{task}_epoch*.pt"))
+
+
+def load_metrics(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: not a finished cltunnel run")
+    return json.loads(path.read_text())
+
+
+def save_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=1))
+
+
+def save_run_config(run_dir: Path, cfg: Any, seed: int) -> None:
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed}, sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """The saved scenario of a run, as plain YAML data (readable without rebuilding the run)."""
+    return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+
+
+def is_sweep_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).exists()
+
+
+def load_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """The sweep's ``sweep.yaml`` in its output directory: its configurations and their axis labels."""
+    return yaml.safe_load((Path(sweep_dir) / MANIFEST).read_text())
+
+
+def check_writable(directory: str | Path, where: str = "output_dir") -> None:
+    """``directory`` is a writable directory, or could be created in one: checked before any work, without
+    creating anything (a dry run writes nothing)."""
+    path = Path(directory).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise CltunnelError(f"{where}: cannot create or write {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CltunnelError(f"{where}: cannot create or write {path}: {existing} is not writable")
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One writer per run directory: a second process on the same seed directory is refused, naming the
+    holder; a lock left by a process that has died is taken over, with a notice."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, me = run_dir / LOCK_FILE, f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            _refuse_or_take_over(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        if path.exists() and path.read_text() == me:
+            path.unlink()
+
+
+def _refuse_or_take_over(path: Path) -> None:
+    try:
+        pid_text, host = (path.read_text().split() + ["", ""])[:2]
+    except FileNotFoundError:
+        return  # released between our attempt and this read: try again
+    if host != socket.gethostname():
+        raise RunLocked(f"{path.parent} is being written by process {pid_text} on {host} ({path}); if that "
+                        "process is gone, delete the lock file")
+    if pid_text.isdigit() and _alive(int(pid_text)):
+        raise RunLocked(f"{path.parent} is being written by process {pid_text} (lock {path}); wait for it to "
+                        "finish or stop it")
+    print(f"notice: taking over {path} from process {pid_text}, which is no longer running", flush=True)
+    path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,52 @@
+"""Accuracy of a model on a task's test rows (all chosen rows, and the exact-pixel rows alone), on the
+device data path.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cltunnel.data.device import DeviceData
+from cltunnel.data.scenarios import Task
+from cltunnel.models.layered import LayeredModel
+
+
+@dataclass
+class Evaluation:
+    acc: list[float]
+    acc_lossless: list[float]
+
+
+def evaluate_all(model: LayeredModel, data: DeviceData, batch_size: int, amp: bool) -> Evaluation:
+    """Accuracy on every task's chosen test rows, and on its exact-pixel rows alone."""
+    tasks = data.scenario.tasks
+    acc = [predict_accuracy(model, data, t, None, batch_size, amp) for t in tasks]
+    return Evaluation(acc, [exact_rows_accuracy(model, data, t, a, batch_size, amp) for t, a in zip(tasks, acc)])
+
+
+@torch.no_grad()
+def predict_accuracy(model: nn.Module, data: DeviceData, task: Task, rows: torch.Tensor | None = None,
+                     batch_size: int = 1000, amp: bool = False, split: str = "test") -> float:
+    """Accuracy of ``model`` on a task's test rows (or, with ``split="eval_train"``, its unaugmented training
+    rows), through that task's head (NaN for no rows)."""
+    batches = data.batches(task, split, batch_size, rows=rows)
+    if len(batches.rows) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=data.device, dtype=torch.long)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with ctx:
+        for x, y, _ in batches:
+            correct += (model(x, task.head).argmax(1) == y).sum()
+    model.train(was_training)
+    return correct.item() / len(batches.rows)
+
+
+def exact_rows_accuracy(model: nn.Module, data: DeviceData, task: Task, acc: float, batch_size: int = 1000,
+                        amp: bool = False) -> float:
+    """Accuracy through the task's head on its exact-pixel test rows, given ``acc`` on all its chosen test rows."""
+    return task.exact_rows_accuracy(acc, lambda rows: predict_accuracy(model, data, task, rows, batch_size, amp))

@@ -1,0 +1,96 @@
+"""Training on device-resident tensors, driven by Avalanche's SupervisedTemplate.
+
+Avalanche owns the loop (so its plugins, evaluators and strategies work unchanged); cltunnel owns the
+data path. :class:`FastDataMixin` replaces the template's DataLoader with :class:`DeviceBatches`, which
+indexes uint8 tensors already on the device, augments and normalises whole batches there, and yields
+``[x, y, task]`` exactly like an Avalanche loader. It is mixed into any strategy class, a user's too.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cltunnel.config import TrainingConfig
+from cltunnel.data.device import DeviceBatches, DeviceData, task_generator
+
+
+class TemperatureCrossEntropy(nn.Module):
+    """Cross-entropy of logits / T (the thesis's chapter 6 knob on tunnel strength); T=1 is plain CE."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float() / self.temperature, target)
+
+
+@dataclass
+class RunContext:
+    """What cltunnel hands a strategy when it builds one: the device data it trains on, the seed of its
+    per-task RNG streams, and whether to train in bf16 autocast. Plugins read it as ``strategy.run_context``."""
+
+    data: DeviceData
+    seed: int = 0
+    amp: bool = False
+
+
+def run_data(strategy: Any) -> DeviceData | None:
+    """The device data a strategy was built with, or None for a strategy used outside cltunnel."""
+    context = getattr(strategy, "run_context", None)
+    return context.data if context is not None else None
+
+
+class FastDataMixin:
+    """Mixed in front of any Avalanche SGD strategy class to feed it from :class:`DeviceData`.
+
+    The data comes in at construction (``run_context=RunContext(...)``), not set from outside afterwards.
+    Without it (a strategy used outside cltunnel) every method defers to Avalanche.
+    """
+
+    def __init__(self, *args: Any, run_context: RunContext | None = None, **kwargs: Any) -> None:
+        self.run_context = run_context
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+
+    def make_train_dataloader(self, **kwargs) -> None:
+        if self.run_context is None:
+            return super().make_train_dataloader(**kwargs)  # type: ignore[misc]
+        data = self.run_context.data
+        task = data.scenario.tasks[self.experience.current_experience]
+        gen = task_generator(data.device, self.run_context.seed, task.id)
+        self.dataloader = data.batches(task, "train", self.train_mb_size, gen)
+
+    def make_eval_dataloader(self, **kwargs) -> None:
+        if self.run_context is None:
+            return super().make_eval_dataloader(**kwargs)  # type: ignore[misc]
+        data = self.run_context.data
+        task = data.scenario.tasks[self.experience.current_experience]
+        self.dataloader = data.batches(task, "test", self.eval_mb_size)
+
+    def forward(self):
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.run_context and self.run_context.amp else contextlib.nullcontext()
+        with amp:
+            if isinstance(self.dataloader, DeviceBatches):  # one task per batch: no per-batch unique()/sync
+                out = self.model(self.mb_x, self.dataloader.task_label)
+            else:
+                out = super().forward()  # type: ignore[misc]
+        return out.float()
+
+
+def with_fast_data(strategy_cls: type) -> type:
+    """``strategy_cls`` with the device data path in front of it (once)."""
+    if issubclass(strategy_cls, FastDataMixin):
+        return strategy_cls
+    return type(strategy_cls.__name__, (FastDataMixin, strategy_cls), {"__module__": strategy_cls.__module__})
+
+
+def amp_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+
+def channels_last_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")

@@ -1,0 +1,125 @@
+"""The task-sequence training loop: tasks in order, an accuracy row and a checkpoint after each task.
+
+``runs/<scenario>/seed<k>/`` holds ``config.yaml``, ``task<t>.pt``, ``metrics.json`` and the tables.
+Re-running the same command resumes after the last finished task and yields the same numbers as an
+uninterrupted run (per-task RNG streams, see :func:`cltunnel.data.device.task_generator`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cltunnel.config import RunConfig
+from cltunnel.data.device import DeviceData, resolve_device
+from cltunnel.data.scenarios import SplitScenario, avalanche_benchmark
+from cltunnel.errors import CltunnelError
+from cltunnel.models.layered import LayeredModel
+from cltunnel.data.images import ImageData
+from cltunnel.data.scenarios import build_scenario
+from cltunnel.models.zoo import make_model, model_spec
+from cltunnel.reports.tables import render
+from cltunnel.store import save_metrics, save_run_config, seed_dir
+from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, load_strategy_state,
+                                           save_epoch_checkpoint, save_task_checkpoint)
+from cltunnel.training.evaluation import Evaluation, evaluate_all
+from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
+from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
+from cltunnel.training.strategies import build_strategy
+
+
+def train_task_sequence(cfg: RunConfig, seed: int, data: ImageData, progress: bool = True,
+                        stop_after: int | None = None) -> tuple[Path, bool]:
+    """Train (or resume) one seed's tasks; returns its run directory and whether every task is done (then
+    ``metrics.json`` and the tables are written). ``stop_after`` ends early (tests of resume)."""
+    device = resolve_device(cfg.device)
+    scenario = build_scenario(cfg, data)
+    run_dir = seed_dir(cfg, seed)
+    spec = model_spec(cfg, scenario)
+    model = make_model(spec, seed)
+    state = latest_checkpoint(run_dir, cfg)
+    metrics = _empty_metrics(cfg, seed, scenario, device)
+    strategy_state = None
+    if state is not None:
+        load_model_state(model, state)
+        metrics, strategy_state = state["metrics"], state.get("strategy")
+    start_task = len(metrics["acc"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(run_dir, cfg, seed)
+    if start_task < len(scenario.tasks):
+        _train_tasks(cfg, seed, scenario, model, spec, metrics, run_dir, device, start_task, progress, stop_after,
+                     strategy_state)
+    finished = len(metrics["acc"]) == len(scenario.tasks)
+    if finished:
+        save_metrics(run_dir, metrics)
+        render(run_dir)
+    return run_dir, finished
+
+
+def _empty_metrics(cfg: RunConfig, seed: int, scenario: SplitScenario, device: torch.device) -> dict[str, Any]:
+    lossy = scenario.data.has_lossy_test_rows
+    return {"scenario": cfg.name, "seed": seed, "device": str(device), "test_rows": cfg.data.test_rows,
+            "classes": [t.classes for t in scenario.tasks], "n_train": [len(t.train_idx) for t in scenario.tasks],
+            "n_test": [len(t.test_idx) for t in scenario.tasks],
+            "n_test_lossless": [len(t.test_lossless_idx) for t in scenario.tasks] if lossy else None,
+            "acc": [], "acc_lossless": [] if lossy else None, "task_seconds": []}
+
+
+def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: LayeredModel, spec: dict[str, Any],
+                 metrics: dict[str, Any], run_dir: Path, device: torch.device, start_task: int, progress: bool,
+                 stop_after: int | None, strategy_state: dict[str, Any] | None = None) -> None:
+    tcfg = cfg.training
+    amp = amp_enabled(tcfg, device)
+    ddata = DeviceData.create(scenario, device, tcfg.augment, channels_last_enabled(tcfg, device))
+    model.to(device)
+    if ddata.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if tcfg.compile:
+        model.body.compile()
+    mean, std = scenario.data.channel_stats()
+    benchmark = avalanche_benchmark(scenario, mean, std)
+    plugins = [ProgressPlugin(progress)]
+    if tcfg.checkpoint_every:
+        plugins.append(EpochCheckpointPlugin(
+            lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
+    strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
+                              RunContext(ddata, seed, amp))
+    load_strategy_state(strategy, strategy_state)
+    for t in range(start_task, len(scenario.tasks)):
+        timer = Timer()
+        torch.manual_seed(seed * 10_007 + t)
+        strategy.train(benchmark.train_stream[t], eval_streams=[], reset_optimizer_state=True)
+        check_finite(model, t)
+        ev = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
+        metrics["acc"].append(ev.acc)
+        if metrics["acc_lossless"] is not None:
+            metrics["acc_lossless"].append(ev.acc_lossless)
+        metrics["task_seconds"].append(timer.seconds)
+        save_task_checkpoint(run_dir, t, model, strategy.optimizer, cfg, seed, metrics, spec, strategy)
+        _report(cfg, seed, t, len(scenario.tasks), ev, metrics["task_seconds"])
+        if stop_after is not None and t >= stop_after:
+            break
+
+
+class TrainingDiverged(CltunnelError, RuntimeError):
+    """Parameters became NaN or infinite: the run's numbers would be chance, not a result."""
+
+
+def check_finite(model: LayeredModel, task: int) -> None:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"task {task}: training diverged, {len(bad)} parameter tensors hold NaN/inf (first: {bad[0]}); lower "
+            "training.lr or the strategy's regularisation strength (SGD on an EWC penalty diverges once "
+            "lr * 2 * ewc_lambda * max Fisher > 2 (1 + momentum))")
+
+
+def _report(cfg: RunConfig, seed: int, t: int, n_tasks: int, ev: Evaluation, seconds: list[float]) -> None:
+    accs = " ".join(f"{100 * a:5.1f}" for a in ev.acc)
+    exact = ""
+    if any(a == a for a in ev.acc_lossless) and ev.acc_lossless != ev.acc:
+        exact = " | exact rows: " + " ".join(f"{100 * a:5.1f}" for a in ev.acc_lossless)
+    eta = (n_tasks - t - 1) * sum(seconds) / len(seconds)
+    print(f"[{cfg.name} seed {seed}] task {t + 1}/{n_tasks} done in {seconds[-1]:.0f}s | acc per task (%): {accs}"
+          f"{exact} | ETA {eta:.0f}s", flush=True)
