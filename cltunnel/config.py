@@ -66,6 +66,7 @@ class TrainingConfig:
     channels_last: str = "auto"  # auto (on CUDA) | on | off
     compile: bool = False
     checkpoint_every: int = 0  # also save the model every N epochs (tunnel development); 0 = per task only
+    resume_every: int = 0  # inside a task, a resumable state every N epochs (long tasks); 0 = at task ends only
 
 
 @dataclass
@@ -188,6 +189,7 @@ class RunConfig:
         d = self.to_dict()
         for key in ("seeds", "device", "output_dir", "analyses", "name"):
             d.pop(key)
+        d["training"].pop("resume_every")  # how often state is saved does not change the numbers
         for section in PROTOCOL_SECTIONS:  # runs from before these sections keep their fingerprint
             if d[section] is None:
                 d.pop(section)
@@ -414,6 +416,7 @@ def _validate_ranges(cfg: RunConfig) -> None:
         ("training.weight_decay", t.weight_decay, t.weight_decay >= 0, "must not be negative"),
         ("training.lr_gamma", t.lr_gamma, t.lr_gamma > 0, "must be positive"),
         ("training.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "must not be negative"),
+        ("training.resume_every", t.resume_every, t.resume_every >= 0, "must not be negative"),
         ("training.lr_milestones", t.lr_milestones, all(m >= 1 for m in t.lr_milestones), "epochs are at least 1"),
         ("data.train_per_class", d.train_per_class, d.train_per_class is None or d.train_per_class >= 1,
          "must be at least 1 (or empty: every image)"),

@@ -76,6 +76,11 @@ def checkpoint_path(run_dir: Path, task: int) -> Path:
     return run_dir / CHECKPOINT_PATTERN.format(task)
 
 
+def partial_checkpoint_path(run_dir: Path, task: int) -> Path:
+    """A resumable state inside task ``task`` (``training.resume_every``); removed when the task ends."""
+    return run_dir / f"task{task}_partial.pt"
+
+
 def finished_tasks(run_dir: Path) -> list[int]:
     """Tasks with a checkpoint in ``run_dir``, in order."""
     return sorted(int(p.stem[4:]) for p in run_dir.glob("task*.pt") if p.stem[4:].isdigit())

@@ -23,7 +23,7 @@ from cltunnel.config import RunConfig, parse_config
 from cltunnel.errors import CheckpointError
 from cltunnel.models.layered import LayeredModel
 from cltunnel.models.zoo import build_model
-from cltunnel.store import atomic_save, checkpoint_path, epoch_checkpoint_path, finished_tasks
+from cltunnel.store import atomic_save, checkpoint_path, epoch_checkpoint_path, finished_tasks, partial_checkpoint_path
 from cltunnel.training.plain_state import decode, encode, restore_object
 
 
@@ -74,7 +74,8 @@ def save_task_checkpoint(run_dir: Path, task: int, model: LayeredModel, optimize
 
 
 # Plugins whose state belongs to this process (loggers, progress bars, schedules rebuilt every task).
-TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugin", "LRSchedulerPlugin")
+TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugin", "LRSchedulerPlugin",
+                     "MidTaskResumePlugin")
 
 
 # Avalanche plugins whose memory is a dataset object with loaders and iterators (no plain-data form): not
@@ -209,3 +210,35 @@ def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> Layered
 
 def config_from_checkpoint(state: dict[str, Any]) -> RunConfig:
     return parse_config(state["config"])
+
+
+def save_partial_task(run_dir: Path, task: int, epochs_done: int, model: LayeredModel, strategy: Any,
+                      cfg: RunConfig) -> Path:
+    """Everything needed to continue task ``task`` after ``epochs_done`` epochs as if never stopped: weights,
+    optimizer (momentum), strategy and plugin state with the clock, the batch-order generator and torch's
+    global RNG."""
+    loader = getattr(strategy, "dataloader", None)
+    generator = getattr(loader, "generator", None)
+    path = partial_checkpoint_path(run_dir, task)
+    atomic_save({"task": task, "epochs_done": epochs_done, "fingerprint": cfg.fingerprint(),
+                 "optimizer": strategy.optimizer.state_dict(), "strategy": strategy_state(strategy),
+                 "data_generator": generator.get_state() if generator is not None else None,
+                 "torch_rng": torch.get_rng_state(), **model_state(model)}, path)
+    return path
+
+
+def load_partial_task(run_dir: Path, task: int, cfg: RunConfig) -> dict[str, Any] | None:
+    """The resumable state inside ``task``, if one was saved by this configuration; a damaged one is moved
+    aside (the task restarts from its beginning, and says so)."""
+    path = partial_checkpoint_path(run_dir, task)
+    if not path.exists():
+        return None
+    try:
+        state = safe_load(path)
+    except DamagedCheckpoint as err:
+        os.replace(path, path.with_name(path.name + ".damaged"))
+        print(f"warning: {err}; task {task + 1} restarts from its beginning", flush=True)
+        return None
+    if state.get("fingerprint") != cfg.fingerprint():
+        raise CheckpointMismatch(f"{path} was saved by a different configuration; delete it to restart the task")
+    return state

@@ -7,9 +7,11 @@ uninterrupted run (per-task RNG streams, see :func:`cltunnel.data.device.task_ge
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import LRSchedulerPlugin
 
 from cltunnel.config import RunConfig
 from cltunnel.data.device import DeviceData, resolve_device
@@ -20,9 +22,9 @@ from cltunnel.data.images import ImageData
 from cltunnel.data.scenarios import build_scenario
 from cltunnel.models.zoo import make_model, model_spec
 from cltunnel.reports.tables import render
-from cltunnel.store import save_metrics, save_run_config, seed_dir
-from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, load_strategy_state,
-                                           save_epoch_checkpoint, save_task_checkpoint)
+from cltunnel.store import partial_checkpoint_path, save_metrics, save_run_config, seed_dir
+from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, load_partial_task, load_strategy_state,
+                                           save_epoch_checkpoint, save_partial_task, save_task_checkpoint)
 from cltunnel.training.evaluation import Evaluation, evaluate_all
 from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
 from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
@@ -79,7 +81,9 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         model.body.compile()
     mean, std = scenario.data.channel_stats()
     benchmark = avalanche_benchmark(scenario, mean, std)
-    plugins = [ProgressPlugin(progress)]
+    resume = MidTaskResumePlugin(tcfg.resume_every, tcfg.epochs,
+                                 lambda t, done: save_partial_task(run_dir, t, done, model, strategy, cfg))
+    plugins = [ProgressPlugin(progress), resume]
     if tcfg.checkpoint_every:
         plugins.append(EpochCheckpointPlugin(
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
@@ -89,7 +93,10 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     for t in range(start_task, len(scenario.tasks)):
         timer = Timer()
         torch.manual_seed(seed * 10_007 + t)
+        resume.start_task(t, load_partial_task(run_dir, t, cfg), model)
+        strategy.train_epochs = tcfg.epochs - resume.epochs_done
         strategy.train(benchmark.train_stream[t], eval_streams=[], reset_optimizer_state=True)
+        strategy.train_epochs = tcfg.epochs
         check_finite(model, t)
         ev = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
         metrics["acc"].append(ev.acc)
@@ -97,9 +104,52 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
             metrics["acc_lossless"].append(ev.acc_lossless)
         metrics["task_seconds"].append(timer.seconds)
         save_task_checkpoint(run_dir, t, model, strategy.optimizer, cfg, seed, metrics, spec, strategy)
+        partial_checkpoint_path(run_dir, t).unlink(missing_ok=True)
         _report(cfg, seed, t, len(scenario.tasks), ev, metrics["task_seconds"])
         if stop_after is not None and t >= stop_after:
             break
+
+
+class MidTaskResumePlugin(SupervisedPlugin):
+    """Every ``every`` epochs inside a task, :func:`save_partial_task`; when a task resumes from such a state,
+    puts it back (optimizer, strategy and clock, batch order, RNG) just before its first remaining epoch,
+    after Avalanche has reset the optimizer for the new experience.
+
+    Both happen at the start of an epoch: by then every plugin has finished the epoch before (the learning
+    rate schedule has stepped), so a state is saved and put back at the same point of the loop."""
+
+    def __init__(self, every: int, epochs: int, save: Callable[[int, int], Any]) -> None:
+        super().__init__()
+        self.every, self.epochs, self.save = every, epochs, save
+        self.task, self.epochs_done, self.pending = 0, 0, None
+
+    def start_task(self, task: int, state: dict[str, Any] | None, model: LayeredModel) -> None:
+        self.task, self.pending, self.epochs_done = task, state, 0
+        if state is not None:
+            load_model_state(model, state)
+            self.epochs_done = state["epochs_done"]
+            print(f"resuming task {task + 1} after epoch {self.epochs_done} of {self.epochs}", flush=True)
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        if self.pending is not None:
+            self._restore(strategy)
+        elif self.every and self.epochs_done and self.epochs_done % self.every == 0:
+            self.save(self.task, self.epochs_done)
+
+    def _restore(self, strategy: Any) -> None:
+        state, self.pending = self.pending, None
+        strategy.optimizer.load_state_dict(state["optimizer"])
+        load_strategy_state(strategy, state["strategy"])
+        if state["data_generator"] is not None:
+            strategy.dataloader.generator.set_state(state["data_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        for plugin in strategy.plugins:
+            if isinstance(plugin, LRSchedulerPlugin):  # the schedule continues at the epoch reached (the lr
+                plugin.scheduler.last_epoch = state["epochs_done"]  # itself came back with the optimizer)
+                plugin.scheduler._last_lr = [group["lr"] for group in strategy.optimizer.param_groups]
+
+    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.epochs_done += 1
 
 
 class TrainingDiverged(CltunnelError, RuntimeError):

@@ -1,0 +1,83 @@
+"""Resume inside a task: with ``training.resume_every`` a run killed mid-task continues at the last saved
+epoch (weights, momentum, strategy and clock, batch order, RNG) and ends with the numbers of a run never
+stopped."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cltunnel.config import parse_config
+from cltunnel.runs import run_seed
+from cltunnel.store import load_metrics, partial_checkpoint_path
+from cltunnel.training import loop
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scenario(out: Path, **training) -> dict:
+    return {"name": "long", "data": {"name": "mnist", "train_per_class": 300, "test_per_class": 50},
+            "scenario": {"tasks": [5, 5]}, "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},
+            "training": {"epochs": 5, "augment": False, "lr_milestones": [3], "resume_every": 1, **training},
+            "strategy": {"name": "replay", "args": {"mem_size": 100}}, "device": "cpu", "output_dir": str(out)}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_stopped_inside_a_task_resumes_to_the_same_numbers(mnist, tmp_path, monkeypatch):
+    whole = load_metrics(run_seed(parse_config(scenario(tmp_path / "whole", resume_every=0)), 0, mnist, False))
+
+    save = loop.MidTaskResumePlugin.after_training_epoch
+
+    def stop_in_task_2_epoch_3(self, strategy, **kwargs):
+        save(self, strategy, **kwargs)
+        if self.task == 1 and self.epochs_done == 3:
+            raise Killed()
+
+    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", stop_in_task_2_epoch_3)
+    cfg = parse_config(scenario(tmp_path / "stopped"))
+    with pytest.raises(Killed):
+        run_seed(cfg, 0, mnist, progress=False)
+    run_dir = tmp_path / "stopped" / "long" / "seed0"
+    partial = partial_checkpoint_path(run_dir, 1)
+    assert partial.exists() and not (run_dir / "metrics.json").exists()
+    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", save)
+    resumed = load_metrics(run_seed(cfg, 0, mnist, progress=False))
+    assert resumed["acc"] == whole["acc"]  # bit-identical: saving states does not change the numbers either
+    assert not partial.exists()  # removed once the task ended
+
+
+def test_sigkill_inside_a_single_long_task_then_the_same_command(mnist, tmp_path):
+    raw = scenario(tmp_path / "killed", epochs=12)
+    raw.update(scenario={"tasks": [10]}, strategy="naive")
+    raw["data"]["train_per_class"] = 1000
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "killed" / "long" / "seed0"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "cltunnel.cli", "run", str(path), "--no-progress"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = partial_checkpoint_path(run_dir, 0)
+    deadline = time.time() + 240
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before it could be killed mid-task"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming task 1 after epoch" in rerun.stdout
+    whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
+    assert json.loads((run_dir / "metrics.json").read_text())["acc"] == whole["acc"]
