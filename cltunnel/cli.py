@@ -1,4 +1,4 @@
-"""``cltunnel run | check | list | analyze | sweep | table | convert``: argument parsing and one-line errors.
+"""``cltunnel run | check | list | analyze | sweep | campaign | table | convert``: argument parsing and one-line errors.
 
 Expected failures (:class:`~cltunnel.errors.CltunnelError`) print one line and exit 2; anything else is a
 bug and keeps its traceback.
@@ -6,10 +6,12 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
+from cltunnel.campaign import campaign
 from cltunnel.config import load_config
 from cltunnel.errors import CltunnelError
 from cltunnel.experiments import protocol_for
@@ -111,7 +113,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(describe(sweep))
             return 0
-        results = run_sweep(sweep, args.backend, progress=not args.no_progress)
+        results = run_sweep(sweep, args.backend, progress=not args.no_progress, parallel=args.parallel)
     except CltunnelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -132,6 +134,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 2
     for path in args.checkpoints:
         print(f"converted {convert_legacy_checkpoint(path)}")
+    return 0
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    try:
+        command = "cltunnel " + " ".join(shlex.quote(a) for a in args.argv)
+        print(campaign(args.plan, args.budget, args.out, dry_run=args.dry_run, command=command))
+    except CltunnelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -166,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("sweep", help="sweep YAML file")
     swp.add_argument("--backend", choices=["local", "ray"], help="overrides the file's backend")
     swp.add_argument("--dry-run", action="store_true", help="list the runs (and which are done) without running")
+    swp.add_argument("--parallel", type=int, help="local backend: this many runs at once, each its own process "
+                     "(overrides the file's 'parallel')")
     swp.add_argument("--no-progress", action="store_true")
     swp.set_defaults(func=_cmd_sweep)
     tab = sub.add_parser("table", help="re-render the tables of a run, scenario or sweep directory")
@@ -173,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--tunnel", action="store_true",
                      help="Table 5.2.1: the tunnel start of every analysed run below run_dir")
     tab.set_defaults(func=_cmd_table)
+    cmp = sub.add_parser("campaign", help="run a plan of runs in priority order within a time budget, then pack")
+    cmp.add_argument("plan", help="campaign plan YAML (e.g. campaign/paper.yaml)")
+    cmp.add_argument("--budget", type=float, required=True, help="seconds; a run that would not finish is not started")
+    cmp.add_argument("--out", default="campaign_out", help="where the packed results go (<= 8 files of <= 16 MiB)")
+    cmp.add_argument("--dry-run", action="store_true", help="list what would run, with estimated minutes")
+    cmp.set_defaults(func=_cmd_campaign)
     cnv = sub.add_parser("convert", help="rewrite checkpoints of cltunnel < 0.2 (pickled strategy state) as plain data")
     cnv.add_argument("checkpoints", nargs="+", help="task<t>.pt files you made yourself")
     cnv.add_argument("--trust", action="store_true", help="I made these files: unpickling them is safe")
@@ -181,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -24,11 +24,13 @@ one leaves ``sweep_error.txt`` and does not stop the others.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import itertools
 import json
 import os
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "mod
 SHORT = {"width": "w", "tasks": "split", "epochs": "ep", "lr": "lr", "n_tasks": "tasks", "conv_layers": "conv"}
 
 
-SWEEP_KEYS = {"name", "base", "set", "axes", "backend", "resources", "output_dir", "ray_init"}
+SWEEP_KEYS = {"name", "base", "set", "axes", "backend", "resources", "output_dir", "ray_init", "parallel"}
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Sweep:
     output_dir: str = "runs/sweeps"
     ray_init: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    parallel: int = 1  # local backend: runs at once, each its own process (several runs per CPU or GPU)
 
     @property
     def directory(self) -> Path:
@@ -109,7 +112,9 @@ def load_sweep(path: str | Path) -> Sweep:
     axes, seeds = _parse_axes(raw.get("axes") or {}, base)
     sweep = Sweep(raw.get("name", path.stem), base, axes, seeds, raw.get("backend", "local"),
                   {"cpus": 1, "gpus": 0, **(raw.get("resources") or {})}, raw.get("output_dir", "runs/sweeps"),
-                  raw.get("ray_init") or {}, raw)
+                  raw.get("ray_init") or {}, raw, raw.get("parallel", 1))
+    if not isinstance(sweep.parallel, int) or isinstance(sweep.parallel, bool) or sweep.parallel < 1:
+        raise ConfigError(f"{path}: parallel: runs at once, a whole number of at least 1, got {sweep.parallel!r}")
     if sweep.backend not in ("local", "ray"):
         raise ConfigError(f"{path}: backend: '{sweep.backend}' is not one of local, ray")
     check_jobs(sweep, expand(sweep), path)
@@ -200,15 +205,20 @@ def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, thr
     return JobResult(cfg.name, seed, "done", seconds)
 
 
-def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True) -> list[JobResult]:
-    """Run what is missing, then write the combined tables; returns one result per run."""
+def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True, parallel: int | None = None
+              ) -> list[JobResult]:
+    """Run what is missing, then write the combined tables; returns one result per run. ``parallel`` (or
+    the file's ``parallel:``) runs that many at once on the local backend, each in its own process."""
+    sweep.parallel = parallel or sweep.parallel
+    if sweep.parallel < 1:
+        raise ConfigError(f"--parallel: runs at once, at least 1, got {sweep.parallel}")
     jobs = expand(sweep)
     sweep.directory.mkdir(parents=True, exist_ok=True)
     (sweep.directory / MANIFEST).write_text(yaml.safe_dump(_manifest(sweep, jobs), sort_keys=False))
     results = [JobResult(j.config, j.seed, "skipped") for j in jobs if (run_dir(sweep, j) / DONE_FILE).exists()]
     todo = [j for j in jobs if not (run_dir(sweep, j) / DONE_FILE).exists()]
     bar = tqdm(total=len(jobs), initial=len(results), desc=f"sweep {sweep.name}", unit="run", disable=not progress)
-    runner = _run_ray if (backend or sweep.backend) == "ray" else _run_local
+    runner = _run_ray if (backend or sweep.backend) == "ray" else _run_parallel if sweep.parallel > 1 else _run_local
     results += runner(sweep, todo, bar)
     bar.close()
     aggregate_sweep(sweep.directory)
@@ -249,6 +259,27 @@ def _run_local(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
         bar.set_postfix_str(f"running {job.config} seed {job.seed}")
         results.append(run_job(cfg.to_dict(), job.seed, os.getcwd(), cache[key], _threads(sweep), not bar.disable))
         _tick(bar, results, running=min(1, len(jobs) - i - 1))
+    return results
+
+
+def _run_parallel(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
+    """``sweep.parallel`` runs at once, each in a fresh (spawned) process that loads its own data, with
+    ``resources.cpus`` threads each (default: the machine's cores shared out); with the same thread count a
+    run gives the same numbers as when run alone. Every process uses the run's device, so N runs share a GPU."""
+    threads = _threads(sweep) or max(1, (os.cpu_count() or 1) // sweep.parallel)
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    results: list[JobResult] = []
+    with ProcessPoolExecutor(max_workers=sweep.parallel, mp_context=context) as pool:
+        pending = {pool.submit(run_job, job_config(sweep, j).to_dict(), j.seed, os.getcwd(), None, threads): j
+                   for j in jobs}
+        bar.set_postfix_str(f"{min(len(jobs), sweep.parallel)} runs at once")
+        for future in as_completed(pending):
+            job = pending[future]
+            try:
+                results.append(future.result())
+            except Exception as err:  # noqa: BLE001 - a worker process that died
+                results.append(JobResult(job.config, job.seed, "failed", error=repr(err)))
+            _tick(bar, results, running=sum(not f.done() for f in pending))
     return results
 
 

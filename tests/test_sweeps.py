@@ -108,6 +108,16 @@ def test_ray_backend_gives_the_sequential_numbers(mnist, tmp_path):
     assert all_acc(remote) == all_acc(local)
 
 
+def test_parallel_local_runs_give_the_sequential_numbers(mnist, tmp_path):
+    """Two runs at once, each its own process with one thread (resources.cpus), equal the runs one by one."""
+    sequential = load_sweep(write_sweep(tmp_path / "a"))
+    run_sweep(sequential, "local", progress=False)
+    parallel = load_sweep(write_sweep(tmp_path / "b", parallel=2))
+    results = run_sweep(parallel, "local", progress=False)
+    assert [r.status for r in results] == ["done"] * 4
+    assert all_acc(parallel) == all_acc(sequential)
+
+
 def test_interrupted_run_inside_a_sweep_resumes_from_its_checkpoint(mnist, tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, axes={"seed": [0]}))
     job = expand(sweep)[0]

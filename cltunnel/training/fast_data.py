@@ -52,9 +52,9 @@ class FastDataMixin:
     Without it (a strategy used outside cltunnel) every method defers to Avalanche.
     """
 
-    def __init__(self, *args: Any, run_context: RunContext | None = None, **kwargs: Any) -> None:
-        self.run_context = run_context
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+    def __init__(self, *, run_context: RunContext | None = None, **kwargs: Any) -> None:
+        self.run_context = run_context  # keyword-only, as Avalanche asks of strategy constructors
+        super().__init__(**kwargs)  # type: ignore[call-arg]
 
     def make_train_dataloader(self, **kwargs) -> None:
         if self.run_context is None:

@@ -1,0 +1,269 @@
+"""A campaign: a plan of runs in priority order, run in one call within a time budget, packed for the trip home.
+
+A GPU window is short (minutes) and rare. ``cltunnel campaign PLAN --budget S --out DIR`` takes the plan's
+entries in order, skips those whose results ``tables/`` already holds, estimates each run's seconds from
+its image count and a throughput measured on this device (or the plan's figure), never starts a run it
+cannot finish in what is left, and then packs every table, figure, metrics file and provenance line (no
+checkpoints) into at most 8 files of at most 16 MiB under DIR. ``--dry-run`` lists what it would run.
+
+Plan file::
+
+    name: paper
+    entries:
+      - name: splits_seed2                     # a label
+        what: VGG-19 w1 (3,7) and (7,3), seed 2 # one line for the report
+        scenario: ../scenarios/split3_7.yaml    # or sweep: ../sweeps/width_study.yaml (its runs are the units)
+        seeds: [2]                              # scenario entries: which seeds (default: the file's)
+        set: {analyses.run: [tunnel, swap]}     # dotted overrides
+        done_if: ../tables/gpu-h100/split3_7/seed2/metrics.json   # skip when this exists
+        images_per_second: 9700                 # optional: else measured on the device at the start
+        overhead: 0.5                           # analyses etc., as a share of training time (default 0.5)
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cltunnel.config import ConfigError, RunConfig, parse_config, set_dotted
+from cltunnel.data.device import resolve_device
+from cltunnel.data.images import DATASETS
+from cltunnel.experiments import protocol_for
+from cltunnel.models.zoo import build_model
+from cltunnel.runs import preflight, run_seed
+from cltunnel.store import scenario_dir_of
+from cltunnel.sweeps import expand, job_config, load_sweep
+
+PLAN_KEYS = {"name", "entries"}
+ENTRY_KEYS = {"name", "what", "scenario", "sweep", "seeds", "set", "done_if", "images_per_second", "overhead"}
+MAX_FILES, MAX_BYTES = 8, 16 * 2**20
+STARTUP_SECONDS = 20.0  # per run: data to the device, model build, first-step compilation
+
+
+@dataclass
+class Unit:
+    """One run of the campaign: a scenario at one seed."""
+
+    entry: str
+    cfg: RunConfig
+    seed: int
+    estimate: float = 0.0
+    status: str = "todo"
+    seconds: float = 0.0
+    why: str = ""
+
+
+@dataclass
+class Entry:
+    name: str
+    what: str
+    units: list[Unit]
+    done_if: Path | None
+    images_per_second: float | None
+    overhead: float
+    outputs: list[Path] = field(default_factory=list)
+
+
+def load_plan(path: str | Path) -> tuple[str, list[Entry]]:
+    """Parse and check every entry (every run's config through preflight) before anything runs."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"campaign plan not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - PLAN_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown plan keys {unknown}; valid: {', '.join(sorted(PLAN_KEYS))}")
+    entries = [_entry(path.parent, e, i) for i, e in enumerate(raw.get("entries") or [])]
+    if not entries:
+        raise ConfigError(f"{path}: entries: the plan lists no runs")
+    return raw.get("name", path.stem), entries
+
+
+def _entry(root: Path, raw: dict[str, Any], index: int) -> Entry:
+    where = f"entries[{index}]"
+    unknown = sorted(set(raw) - ENTRY_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; valid: {', '.join(sorted(ENTRY_KEYS))}")
+    name = raw.get("name", f"entry{index}")
+    if ("scenario" in raw) == ("sweep" in raw):
+        raise ConfigError(f"{where} ({name}): give exactly one of 'scenario' or 'sweep'")
+    if "sweep" in raw:
+        sweep = load_sweep(root / raw["sweep"])
+        for dotted, value in (raw.get("set") or {}).items():
+            set_dotted(sweep.base, dotted, value)
+        units = [Unit(name, job_config(sweep, job), job.seed) for job in expand(sweep)]
+    else:
+        scenario = root / raw["scenario"]
+        if not scenario.exists():
+            raise ConfigError(f"{where} ({name}): scenario file not found: {scenario}")
+        base = yaml.safe_load(scenario.read_text()) or {}
+        base.setdefault("name", scenario.stem)
+        for dotted, value in (raw.get("set") or {}).items():
+            set_dotted(base, dotted, copy.deepcopy(value))
+        cfg = parse_config(base)
+        units = [Unit(name, cfg, seed) for seed in (raw.get("seeds") or cfg.seeds)]
+    for unit in units:
+        preflight(unit.cfg)
+    done_if = root / raw["done_if"] if raw.get("done_if") else None
+    return Entry(name, raw.get("what", ""), units, done_if, raw.get("images_per_second"),
+                 float(raw.get("overhead", 0.5)))
+
+
+def training_images(cfg: RunConfig) -> int:
+    """Images a run pushes through training: every class's training images once per epoch (a task sequence
+    sees each class in one task), or once per epoch of every phase (erosion, plus its scratch model)."""
+    name = cfg.data.name
+    per_class = cfg.data.train_per_class or (6000 if "mnist" in name else 50_000 // DATASETS[name][1])
+    n_train = per_class * DATASETS[name][1]
+    if cfg.erosion is not None:
+        e = cfg.erosion
+        return n_train * (e.pretrain_epochs + e.erosion_epochs + 2 * e.relearn_epochs)
+    return n_train * cfg.training.epochs
+
+
+def measure_throughput(cfg: RunConfig, steps: int = 20, warmup: int = 5) -> float:
+    """Images per second of this model's training step at the scenario's batch size, on its device."""
+    device = resolve_device(cfg.device)
+    shape, n_classes = DATASETS[cfg.data.name][2], DATASETS[cfg.data.name][1]
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, [n_classes], shape, cfg.model.width, **cfg.model.args).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(cfg.training.batch_size, *shape, device=device)
+    y = torch.randint(0, n_classes, (cfg.training.batch_size,), device=device)
+    amp = device.type == "cuda" and cfg.training.amp != "off"
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(x, 0).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return steps * cfg.training.batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate(entries: list[Entry], log: Any = print) -> None:
+    """Each unit's estimated seconds: images / throughput × (1 + overhead) + startup."""
+    measured: dict[str, float] = {}
+    for entry in entries:
+        for unit in entry.units:
+            key = f"{unit.cfg.model.name}/{unit.cfg.model.width}/{unit.cfg.data.name}/{unit.cfg.training.batch_size}"
+            if entry.images_per_second:
+                rate = float(entry.images_per_second)
+            else:
+                if key not in measured:
+                    measured[key] = measure_throughput(unit.cfg)
+                    log(f"measured {key}: {measured[key]:.0f} img/s")
+                rate = measured[key]
+            unit.estimate = training_images(unit.cfg) / rate * (1 + entry.overhead) + STARTUP_SECONDS
+
+
+def run_campaign(entries: list[Entry], budget: float, dry_run: bool = False, log: Any = print) -> list[Unit]:
+    """Run the units in plan order within ``budget`` seconds; returns every unit with its status and why."""
+    start = time.perf_counter()
+    estimate(entries, log)
+    for entry in entries:
+        if entry.done_if is not None and entry.done_if.exists():
+            for unit in entry.units:
+                unit.status, unit.why = "skipped", f"tables/ already holds it ({entry.done_if})"
+            continue
+        for unit in entry.units:
+            left = budget - (time.perf_counter() - start)
+            if unit.estimate > left:
+                unit.status, unit.why = "skipped", f"needs ~{unit.estimate:.0f} s, {max(left, 0):.0f} s of budget left"
+            elif dry_run:
+                unit.status, unit.why = "would run", f"~{unit.estimate / 60:.1f} min"
+                budget -= unit.estimate
+            else:
+                _run_unit(entry, unit, log)
+        if entry.outputs:  # tables over the seeds run so far
+            protocol = protocol_for(entry.units[0].cfg)
+            for scenario_dir in entry.outputs:
+                protocol.aggregate(scenario_dir)
+    return [u for e in entries for u in e.units]
+
+
+def _run_unit(entry: Entry, unit: Unit, log: Any) -> None:
+    log(f"[{entry.name}] {unit.cfg.name} seed {unit.seed}: estimated {unit.estimate:.0f} s")
+    began = time.perf_counter()
+    run_seed(unit.cfg, unit.seed, progress=False)
+    unit.seconds, unit.status = time.perf_counter() - began, "done"
+    unit.why = f"{unit.seconds:.0f} s (estimated {unit.estimate:.0f} s)"
+    if scenario_dir_of(unit.cfg) not in entry.outputs:
+        entry.outputs.append(scenario_dir_of(unit.cfg))
+
+
+def summary(name: str, units: list[Unit], budget: float, command: str) -> str:
+    lines = [f"# campaign {name}", "", f"- command: `{command}`", *[f"- {line}" for line in provenance()],
+             f"- budget: {budget:.0f} s", "", "| entry | run | seed | status | why |", "|---|---|---|---|---|"]
+    lines += [f"| {u.entry} | {u.cfg.name} | {u.seed} | {u.status} | {u.why} |" for u in units]
+    return "\n".join(lines) + "\n"
+
+
+def provenance() -> list[str]:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return [f"device: {device}", f"torch: {torch.__version__}", f"python: {sys.version.split()[0]}",
+            f"commit: {commit or 'unknown'}", f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
+
+
+def pack(out: Path, name: str, sources: list[Path], report: str) -> list[Path]:
+    """Every result file under ``sources`` (no checkpoints) and the report, as a tar.gz cut into at most
+    ``MAX_FILES`` pieces of at most ``MAX_BYTES``; join them with ``cat`` before extracting."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = report.encode()
+        info = tarfile.TarInfo(f"{name}/CAMPAIGN.md")
+        info.size, info.mtime = len(data), int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+        for source in sources:
+            for path in sorted(source.rglob("*")):
+                if path.is_file() and path.suffix != ".pt" and not path.name.startswith("."):
+                    tar.add(path, arcname=f"{name}/{source.name}/{path.relative_to(source)}")
+    blob = buffer.getvalue()
+    pieces = [blob[i:i + MAX_BYTES] for i in range(0, len(blob), MAX_BYTES)] or [b""]
+    if len(pieces) > MAX_FILES:
+        raise ConfigError(f"campaign results are {len(blob) / 2**20:.0f} MiB packed, more than {MAX_FILES} files of "
+                          f"{MAX_BYTES // 2**20} MiB; run fewer entries per call")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "CAMPAIGN.md").write_text(report)
+    paths = []
+    for i, piece in enumerate(pieces):
+        path = out / (f"{name}.tar.gz" if len(pieces) == 1 else f"{name}.tar.gz.part{i}")
+        path.write_bytes(piece)
+        paths.append(path)
+    return paths
+
+
+def campaign(plan: str | Path, budget: float, out: str | Path, dry_run: bool = False, command: str = "") -> str:
+    """The whole call: load and check the plan, run what fits, pack; returns the report."""
+    name, entries = load_plan(plan)
+    command = command or f"cltunnel campaign {shlex.quote(str(plan))} --budget {budget:g} --out {shlex.quote(str(out))}"
+    units = run_campaign(entries, budget, dry_run)
+    report = summary(name, units, budget, command)
+    if not dry_run:
+        paths = pack(Path(out), name, [p for e in entries for p in e.outputs], report)
+        report += "\npacked: " + ", ".join(str(p) for p in paths) + "\n"
+    return report

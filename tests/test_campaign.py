@@ -1,0 +1,70 @@
+"""A campaign on CPU with a tiny plan: it runs what fits the budget, says why it skipped the rest, and packs
+every result but the checkpoints into at most 8 files of at most 16 MiB."""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cltunnel.campaign import MAX_BYTES, MAX_FILES, load_plan, training_images
+from cltunnel.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"name": "small", "data": {"name": "mnist", "train_per_class": 50, "test_per_class": 20},
+         "scenario": {"n_tasks": 5}, "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},
+         "training": {"epochs": 1, "augment": False}, "device": "cpu", "seeds": [0]}
+BIG = {**SMALL, "name": "big", "data": {"name": "cifar10"}, "model": {"name": "vgg19", "width": 1.0},
+       "scenario": {"tasks": [5, 5]}, "training": {"epochs": 30}}
+
+
+def write_plan(tmp_path: Path) -> Path:
+    for raw in (SMALL, BIG):
+        (tmp_path / f"{raw['name']}.yaml").write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "runs")}))
+    (tmp_path / "held.json").write_text("{}")
+    plan = {"name": "tiny", "entries": [
+        {"name": "held", "what": "already in tables/", "scenario": "small.yaml", "done_if": "held.json"},
+        {"name": "big", "what": "does not fit", "scenario": "big.yaml", "images_per_second": 1000},
+        {"name": "small", "what": "fits", "scenario": "small.yaml", "set": {"training.epochs": 2}}]}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def test_the_plan_is_checked_whole_before_anything_runs(tmp_path):
+    path = write_plan(tmp_path)
+    name, entries = load_plan(path)
+    assert name == "tiny" and [e.name for e in entries] == ["held", "big", "small"]
+    assert training_images(entries[1].units[0].cfg) == 50_000 * 30
+    bad = yaml.safe_load(path.read_text())
+    bad["entries"][2]["set"] = {"model.width": -1}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(Exception, match="model.width: must be positive"):
+        load_plan(path)
+
+
+def test_dry_run_lists_what_would_run_and_runs_nothing(tmp_path, capsys):
+    assert cli_main(["campaign", str(write_plan(tmp_path)), "--budget", "600", "--out", str(tmp_path / "out"),
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| small | small | 0 | would run | ~" in out and "| big | big | 0 | skipped | needs ~" in out
+    assert "| held | small | 0 | skipped | tables/ already holds it" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_campaign_runs_what_fits_and_packs_without_checkpoints(tmp_path, capsys):
+    assert cli_main(["campaign", str(write_plan(tmp_path)), "--budget", "240", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| small | small | 0 | done |" in out and "| big | big | 0 | skipped | needs ~" in out
+    assert (tmp_path / "runs" / "small" / "seed0" / "metrics.json").exists()
+    assert not (tmp_path / "runs" / "big").exists()
+    packed = sorted((tmp_path / "out").glob("tiny.tar.gz*"))
+    assert 1 <= len(packed) <= MAX_FILES and all(p.stat().st_size <= MAX_BYTES for p in packed)
+    with tarfile.open(packed[0]) as tar:
+        names = tar.getnames()
+    assert "tiny/CAMPAIGN.md" in names and "tiny/small/seed0/metrics.json" in names
+    assert "tiny/small/seed0/accuracy_matrix.csv" in names and not any(n.endswith(".pt") for n in names)
+    report = (tmp_path / "out" / "CAMPAIGN.md").read_text()
+    assert "torch:" in report and "device:" in report and "commit:" in report and "command:" in report
