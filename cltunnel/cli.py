@@ -11,8 +11,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from cltunnel.campaign import campaign
-from cltunnel.config import load_config
+from cltunnel import __version__
+from cltunnel.config import ConfigError, load_config
 from cltunnel.errors import CltunnelError
 from cltunnel.experiments import protocol_for
 from cltunnel.experiments.analyses import aggregate_seeds, run_analyses, tunnel_table
@@ -28,8 +31,36 @@ from cltunnel.training.strategies import STRATEGIES
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 
+SCENARIO_DIRS = (Path("scenarios"), Path(sys.prefix) / "share" / "cltunnel" / "scenarios",
+                 Path(__file__).resolve().parents[1] / "scenarios")  # here, installed with the package, the checkout
+
+
+def scenario_path(name: str) -> Path:
+    """A scenario file as given, or a shipped scenario by name (``quickstart``, ``cpu/split5_vgg19_w0.25_cpu``)
+    from ./scenarios, the installed copy, or the checkout the package runs from."""
+    given = Path(name)
+    if given.exists() or given.suffix in (".yaml", ".yml") and given.parent != Path("."):
+        return given
+    for directory in SCENARIO_DIRS:
+        for candidate in (directory / name, directory / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return given  # load_config names it as not found
+
+
+def shipped_scenarios() -> tuple[Path | None, list[str]]:
+    directory = next((d for d in SCENARIO_DIRS if d.is_dir() and any(d.rglob("*.yaml"))), None)
+    names = sorted(str(p.relative_to(directory).with_suffix("")) for p in directory.rglob("*.yaml")) if directory else []
+    return directory, names
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: give key=value, e.g. --set training.epochs=2")
+        overrides[key.strip()] = yaml.safe_load(value)
     if args.seed is not None:
         overrides["seeds"] = [args.seed]
     if args.device:
@@ -43,7 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _cmd_check(args)
     try:
-        cfg = load_config(args.scenario, _overrides(args))
+        cfg = load_config(scenario_path(args.scenario), _overrides(args))
         out = run_scenario(cfg, progress=not args.no_progress)
     except CltunnelError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -55,7 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        print(describe_plan(load_config(args.scenario, _overrides(args))))
+        print(describe_plan(load_config(scenario_path(args.scenario), _overrides(args))))
     except CltunnelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -64,8 +95,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    scenarios = sorted(Path(args.scenarios).rglob("*.yaml")) if Path(args.scenarios).is_dir() else []
-    print("scenarios:", ", ".join(str(p) for p in scenarios) or f"(none in {args.scenarios})")
+    if args.scenarios:
+        where, names = Path(args.scenarios), sorted(str(p) for p in Path(args.scenarios).rglob("*.yaml"))
+    else:
+        where, names = shipped_scenarios()
+    print(f"scenarios ({where}; run one by name: cltunnel run quickstart):", ", ".join(names) or "(none found)")
     print("models:", ", ".join(sorted(MODELS)))
     print("strategies:", ", ".join(STRATEGIES), "(or strategy: {class: 'package.module:ClassName'})")
     return 0
@@ -149,9 +183,11 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cltunnel", description="Continual-learning layer surgery benchmarks")
+    parser.add_argument("--version", action="version", version=f"cltunnel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a scenario (resumes after the last finished task)")
-    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("scenario", help="scenario YAML file, or a shipped scenario's name (cltunnel list)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. training.epochs=2")
     run.add_argument("--seed", type=int, help="run only this seed (overrides 'seeds')")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (overrides 'device')")
     run.add_argument("--output-dir", help="where run directories go (overrides 'output_dir')")
@@ -159,13 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="check and show what would run (as `cltunnel check`)")
     run.set_defaults(func=_cmd_run)
     chk = sub.add_parser("check", help="validate a scenario and show what would run, without loading data")
-    chk.add_argument("scenario", help="scenario YAML file")
+    chk.add_argument("scenario", help="scenario YAML file, or a shipped scenario's name")
+    chk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. training.epochs=2")
     chk.add_argument("--seed", type=int, help="only this seed (overrides 'seeds')")
     chk.add_argument("--device", help="overrides 'device'")
     chk.add_argument("--output-dir", help="overrides 'output_dir'")
     chk.set_defaults(func=_cmd_check)
     lst = sub.add_parser("list", help="scenarios, models and strategies")
-    lst.add_argument("--scenarios", default="scenarios", help="directory of scenario files")
+    lst.add_argument("--scenarios", help="directory of scenario files (default: the shipped ones)")
     lst.set_defaults(func=_cmd_list)
     ana = sub.add_parser("analyze", help="tunnel / swap / substitution / cka analyses of finished runs")
     ana.add_argument("run_dir", help="a run directory (seed<k>) or a scenario directory (all seeds)")

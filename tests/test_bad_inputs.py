@@ -141,3 +141,18 @@ def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
             f"sys.exit(c.main(['run', {str(scenario)!r}, '--output-dir', {str(tmp_path / 'out')!r}]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError: a bug" in result.stderr
+
+
+def test_version_overrides_and_scenarios_by_name_from_any_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the shipped scenarios are still found by name
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("cltunnel ")
+    assert cli_main(["list"]) == 0 and "quickstart" in capsys.readouterr().out
+    assert cli_main(["check", "quickstart", "--set", "training.epochs=2", "--set", "model.width=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 2" in out and "width: 0.25" in out
+    assert_one_line(cli_main(["check", "quickstart", "--set", "training.epochs"]), capsys.readouterr().err,
+                    "--set 'training.epochs': give key=value")
+    assert_one_line(cli_main(["check", "quickstart", "--set", "training.epochs=-1"]), capsys.readouterr().err,
+                    "training.epochs: must be at least 1")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,19 @@ def test_avalanche_benchmark_holds_the_same_samples(cifar10, tasks, order, mode)
         assert torch.allclose(x, expected, atol=1e-5)
     for t, exp in zip(sc.tasks, bm.test_stream):
         assert sorted(exp.dataset.targets) == sorted(t.label_map[cifar10.y_test[t.test_idx]].tolist())
+
+
+def test_cl_metrics_match_a_hand_computed_accuracy_matrix():
+    from cltunnel.reports.tables import cl_metrics_frame
+
+    acc = [[0.90, 0.10, 0.20],
+           [0.95, 0.80, 0.30],
+           [0.50, 0.70, 0.95]]
+    got = cl_metrics_frame(acc, acc_init=[0.10, 0.20, 0.30])["value"]
+    assert got["ACC"] == pytest.approx((50 + 70 + 95) / 3)
+    assert got["BWT"] == pytest.approx(((50 - 90) + (70 - 80)) / 2)  # -25
+    assert got["FWT"] == pytest.approx(((10 - 20) + (30 - 30)) / 2)  # -5: a[j-1][j] against the untrained model
+    assert got["forgetting (last)"] == pytest.approx(25)
+    assert got["forgetting (max)"] == pytest.approx(((95 - 50) + (80 - 70)) / 2)  # 27.5: the best, not the first
+    assert got["average incremental accuracy"] == pytest.approx((90 + (95 + 80) / 2 + (50 + 70 + 95) / 3) / 3)
+    assert np.isnan(cl_metrics_frame(acc)["value"]["FWT"])  # no untrained baseline: not a number, not zero

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 
@@ -164,3 +165,19 @@ def test_tables_keep_dotted_names_whole(tmp_path):
     write_table(df, df * 0, 2, tmp_path / "split5_vgg13_w0.25_cka", "t")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"split5_vgg13_w0.25_{kind}.{ext}" for kind in ("table", "cka") for ext in ("csv", "md", "tex"))
+
+
+def test_swap_vs_k_reads_table_5_4_1_rows_off_the_substitution_curves():
+    from cltunnel.experiments.analyses import swap_vs_k
+
+    rows = []
+    for x in range(4):  # a 3-layer body: x = 0..3
+        for task in (1, 2):
+            rows.append({"x": x, "direction": "M1[1:x]+M2[x+1:n]", "task": task, "accuracy": 10 * x + task})
+            rows.append({"x": x, "direction": "M2[1:x]+M1[x+1:n]", "task": task, "accuracy": 100 + 10 * x + task})
+    frame = swap_vs_k(pd.DataFrame(rows))
+    assert list(frame.index) == [0, 1, 2, 3]
+    assert (frame["E1 + T1 / task 1"] == 31).all() and (frame["E2 + T2 / task 2"] == 2).all()  # x = n and x = 0
+    assert list(frame["E1 + T2 / task 1"]) == [1, 11, 21, 31]  # M1's first k layers under M2's tunnel
+    assert list(frame["E2 + T1 / task 2"]) == [102, 112, 122, 132]
+    assert list(frame["E1 + T2 - E1 + T1 (task 1)"]) == [-30, -20, -10, 0]

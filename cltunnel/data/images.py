@@ -24,6 +24,7 @@ import torch
 import torchvision.datasets as tvd
 
 from cltunnel.config import RunConfig
+from cltunnel.config import ConfigError
 from cltunnel.errors import CltunnelError
 
 
@@ -258,7 +259,7 @@ def load_dataset(name: str, root: str | Path | None = None, source: str = "auto"
     ``auto`` prefers the npz directory (exact, offline) and falls back to torchvision's cache.
     """
     if name not in DATASETS:
-        raise DataNotFoundError(f"data.name: unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+        raise ConfigError(f"data.name: unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
     root_path = Path(root).expanduser() if root else default_data_dir()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     errors: list[str] = []

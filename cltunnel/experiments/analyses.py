@@ -254,6 +254,45 @@ def plot_substitution(curves: pd.DataFrame, path: Path, title: str = "") -> None
     plt.close(fig)
 
 
+SWAP_ROWS = {"E1 + T1": ("M1[1:x]+M2[x+1:n]", "n"), "E1 + T2": ("M1[1:x]+M2[x+1:n]", "k"),
+             "E2 + T2": ("M1[1:x]+M2[x+1:n]", "0"), "E2 + T1": ("M2[1:x]+M1[x+1:n]", "k")}
+
+
+def swap_vs_k(curves: pd.DataFrame) -> pd.DataFrame:
+    """The four non-FT rows of Table 5.4.1 at every tunnel start k, read off one seed's substitution curves:
+    E1 + T2 at k is M1[1:k]+M2[k+1:n] and E2 + T1 is M2[1:k]+M1[k+1:n]; E1 + T1 (= M1, x = n) and
+    E2 + T2 (= M2, x = 0) do not depend on k. Columns ``<row> / task <t>``; the gaps the thesis reads as
+    "the tunnel is task-agnostic" (E1 + T2 - E1 + T1 on task 1, E2 + T1 - E2 + T2 on task 2) beside them."""
+    n = int(curves["x"].max())
+    at = {(d, t): g.set_index("x")["accuracy"] for (d, t), g in curves.groupby(["direction", "task"])}
+    ks = range(n + 1)
+    frame = pd.DataFrame(index=pd.Index(ks, name="k"))
+    for row, (direction, where) in SWAP_ROWS.items():
+        for task in sorted(curves["task"].unique()):
+            x = {"n": [n] * len(ks), "0": [0] * len(ks), "k": list(ks)}[where]
+            frame[f"{row} / task {task}"] = at[(direction, task)].loc[x].to_numpy()
+    frame["E1 + T2 - E1 + T1 (task 1)"] = frame["E1 + T2 / task 1"] - frame["E1 + T1 / task 1"]
+    frame["E2 + T1 - E2 + T2 (task 2)"] = frame["E2 + T1 / task 2"] - frame["E2 + T2 / task 2"]
+    return frame
+
+
+def plot_swap_vs_k(mean: pd.DataFrame, std: pd.DataFrame, starts: list[int], path: Path, title: str) -> None:
+    """Each non-FT row of Table 5.4.1 on its own task against k, mean ± std over seeds; the tunnel starts
+    the runs used are marked."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, task, rows in ((axes[0], 1, ("E1 + T1", "E1 + T2")), (axes[1], 2, ("E2 + T2", "E2 + T1"))):
+        for row in rows:
+            col = f"{row} / task {task}"
+            ax.plot(mean.index, mean[col], marker="o", markersize=3, label=row)
+            ax.fill_between(mean.index, mean[col] - std[col].fillna(0), mean[col] + std[col].fillna(0), alpha=0.2)
+        for k in sorted(set(starts)):
+            ax.axvline(k, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=f"{title}: task {task}", xlabel="k (extractor = layers 1..k)")
+    axes[0].set_ylabel("accuracy (%)")
+    save_figure(fig, axes, path)
+
+
 # --------------------------------------------------------------------------------------------- CKA
 @torch.no_grad()
 def layer_cka_between(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int, batch_size: int = 500
@@ -513,6 +552,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         allc = pd.concat(curves)
         allc.to_csv(out_dir / f"{scenario_dir.name}_substitution.csv", index=False)
         plot_substitution(allc, out_dir / f"{scenario_dir.name}_substitution.png", scenario_dir.name)
+        written.append(_swap_vs_k_table(scenario_dir, out_dir, runs, curves))
     ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
     if ckas:
         names = ckas[0]["name"]
@@ -522,6 +562,18 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         written.append(write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
                                           f"{scenario_dir.name}: CKA between M1 and M2 per layer", list(provenance)))
     return written
+
+
+def _swap_vs_k_table(scenario_dir: Path, out_dir: Path, runs: list[Path], curves: list[pd.DataFrame]) -> str:
+    mean, std = aggregate([swap_vs_k(c) for c in curves])
+    starts = [int(s.split()[1]) for r in runs if (r / "swap_meta.txt").exists()
+              for s in [(r / "swap_meta.txt").read_text()]]
+    stem = out_dir / f"{scenario_dir.name}_swap_vs_k"
+    plot_swap_vs_k(mean, std, starts, stem.with_suffix(".png"), scenario_dir.name)
+    notes = [f"tunnel start the runs used (analyses.tunnel_start, dotted lines in the figure): {starts}",
+             "all chosen test rows (the substitution curves are not kept on the exact rows alone)",
+             "the thesis's Table 5.4.1 reading: E1 + T2 ≈ E1 + T1 and E2 + T1 ≈ E2 + T2 (gaps near 0) at the tunnel start"]
+    return write_table(mean, std, len(curves), stem, f"{scenario_dir.name}: Table 5.4.1's rows against k (%)", notes)
 
 
 def _is_table_5_4_1_setup(run_dir: Path) -> bool:

@@ -36,13 +36,40 @@ def forgetting_frame(acc: list[list[float]], class_lists: list[list[int]] | None
     return pd.DataFrame(rows).set_index("task")
 
 
+def cl_metrics_frame(acc: list[list[float]], acc_init: list[float] | None = None) -> pd.DataFrame:
+    """The continual-learning summary numbers (%) of one accuracy matrix ``a[i][j]`` (after task i, on task
+    j; T tasks), with ``acc_init`` the untrained model's accuracy per task (for FWT):
+
+    - ACC = mean_j a[T-1][j]; average incremental accuracy = mean_i (mean_{j<=i} a[i][j]) (Rebuffi et al.)
+    - BWT = mean_{j<T-1} (a[T-1][j] - a[j][j]); FWT = mean_{j>=1} (a[j-1][j] - acc_init[j]) (Lopez-Paz & Ranzato)
+    - forgetting (last) = mean_{j<T-1} (a[j][j] - a[T-1][j]) = -BWT (the thesis's tables)
+    - forgetting (max) = mean_{j<T-1} (max_{j<=l<T-1} a[l][j] - a[T-1][j]) (Chaudhry et al. 2018)
+    """
+    a = 100 * np.asarray(acc, dtype=float)
+    n, last = a.shape[1], len(a) - 1
+    old = range(min(last, n))
+    fwt = (np.mean([a[j - 1, j] - 100 * acc_init[j] for j in range(1, len(a))])
+           if acc_init is not None and len(a) > 1 else np.nan)
+    rows = {
+        "ACC": a[last].mean(),
+        "BWT": np.mean([a[last, j] - a[j, j] for j in old]) if last else np.nan,
+        "FWT": fwt,
+        "forgetting (last)": np.mean([a[j, j] - a[last, j] for j in old]) if last else np.nan,
+        "forgetting (max)": np.mean([a[j:last, j].max() - a[last, j] for j in old]) if last else np.nan,
+        "average incremental accuracy": np.mean([a[i, : i + 1].mean() for i in range(len(a))]),
+    }
+    return pd.DataFrame({"value": rows})
+
+
 def run_frames(metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """Every table of one run; the exact-pixel test rows get their own tables when the data has lossy rows."""
     frames = {"accuracy_matrix": accuracy_frame(metrics["acc"]),
-              "forgetting": forgetting_frame(metrics["acc"], metrics.get("classes"))}
+              "forgetting": forgetting_frame(metrics["acc"], metrics.get("classes")),
+              "cl_metrics": cl_metrics_frame(metrics["acc"], metrics.get("acc_init"))}
     if metrics.get("acc_lossless"):
         frames["accuracy_matrix_exact_rows"] = accuracy_frame(metrics["acc_lossless"])
         frames["forgetting_exact_rows"] = forgetting_frame(metrics["acc_lossless"], metrics.get("classes"))
+        frames["cl_metrics_exact_rows"] = cl_metrics_frame(metrics["acc_lossless"], metrics.get("acc_init_lossless"))
     return frames
 
 
@@ -110,6 +137,10 @@ def _notes(name: str, metrics: dict[str, Any]) -> list[str]:
              f"{'exact-pixel rows only' if name.endswith('exact_rows') else metrics.get('test_rows', 'all')})"]
     if metrics.get("acc_lossless") and not name.endswith("exact_rows"):
         notes.append("this dataset's test set mixes exact and JPEG-decoded rows; see the *_exact_rows tables")
+    if name.startswith("cl_metrics"):
+        notes.append("ACC, BWT, FWT: Lopez-Paz & Ranzato 2017 (FWT against the untrained model; NaN for runs made "
+                     "before cltunnel 0.2); forgetting (last) = -BWT; forgetting (max): Chaudhry et al. 2018; "
+                     "average incremental accuracy: Rebuffi et al. 2017. Formulas in the README")
     return notes
 
 

@@ -90,6 +90,10 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
                               RunContext(ddata, seed, amp))
     load_strategy_state(strategy, strategy_state)
+    if start_task == 0 and "acc_init" not in metrics:  # the untrained model on every task: FWT's baseline
+        init = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
+        metrics["acc_init"] = init.acc
+        metrics["acc_init_lossless"] = init.acc_lossless if metrics["acc_lossless"] is not None else None
     for t in range(start_task, len(scenario.tasks)):
         timer = Timer()
         torch.manual_seed(seed * 10_007 + t)
