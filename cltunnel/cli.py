@@ -13,20 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from cltunnel.campaign import campaign
 from cltunnel import __version__
 from cltunnel.config import ConfigError, load_config
 from cltunnel.errors import CltunnelError
-from cltunnel.experiments import protocol_for
-from cltunnel.experiments.analyses import aggregate_seeds, run_analyses, tunnel_table
-from cltunnel.experiments.registry import TASK_SEQUENCE
-from cltunnel.models.zoo import MODELS
-from cltunnel.reports.tables import render
-from cltunnel.runs import describe_plan, run_scenario, saved_protocol
 from cltunnel.store import is_sweep_dir
-from cltunnel.sweeps import aggregate_sweep, describe, load_sweep, run_sweep
-from cltunnel.training.checkpoints import convert_legacy_checkpoint
-from cltunnel.training.strategies import STRATEGIES
+
+# The commands import the torch/Avalanche stack themselves (about 12 s on a small CPU), so that --version,
+# --help and a mistyped command answer at once: the one place in the package where imports sit in functions
+# for a reason other than an optional dependency.
 
 warnings.filterwarnings("ignore", message="no QP solver found")
 
@@ -71,6 +65,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from cltunnel.experiments import protocol_for
+    from cltunnel.runs import run_scenario
+
     if args.dry_run:
         return _cmd_check(args)
     try:
@@ -85,6 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from cltunnel.runs import describe_plan
+
     try:
         print(describe_plan(load_config(scenario_path(args.scenario), _overrides(args))))
     except CltunnelError as err:
@@ -95,6 +94,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from cltunnel.models.zoo import MODELS
+    from cltunnel.training.strategies import STRATEGIES
+
     if args.scenarios:
         where, names = Path(args.scenarios), sorted(str(p) for p in Path(args.scenarios).rglob("*.yaml"))
     else:
@@ -106,6 +108,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
+    from cltunnel.experiments.analyses import tunnel_table
+    from cltunnel.experiments.registry import TASK_SEQUENCE
+    from cltunnel.reports.tables import render
+    from cltunnel.runs import saved_protocol
+    from cltunnel.sweeps import aggregate_sweep
+
     try:
         if args.tunnel:
             print(tunnel_table(args.run_dir))
@@ -122,6 +130,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
+
     target = Path(args.run_dir)
     runs = [target] if list(target.glob("task*.pt")) else sorted(p for p in target.glob("seed*") if p.is_dir())
     if not runs:
@@ -142,6 +152,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from cltunnel.sweeps import describe, load_sweep, run_sweep
+
     try:
         sweep = load_sweep(args.sweep)
         if args.dry_run:
@@ -162,6 +174,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from cltunnel.training.checkpoints import convert_legacy_checkpoint
+
     if not args.trust:
         print("error: converting unpickles the file, which runs any code it carries; add --trust only for "
               "checkpoints you made yourself", file=sys.stderr)
@@ -172,6 +186,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:
+    from cltunnel.campaign import campaign
+
     try:
         command = "cltunnel " + " ".join(shlex.quote(a) for a in args.argv)
         print(campaign(args.plan, args.budget, args.out, dry_run=args.dry_run, command=command))

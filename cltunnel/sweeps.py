@@ -233,7 +233,7 @@ def check_jobs(sweep: Sweep, jobs: list[Job], path: Path) -> None:
         try:
             preflight(job_config(sweep, job))
         except CltunnelError as err:
-            bad.append(f"{job.config}: {err}")
+            bad.append(f"configuration '{job.config}': {err}")
     if bad:
         raise ConfigError(f"{path}: {len(bad)} of {len({j.config for j in jobs})} configurations are invalid; "
                           "nothing was run:\n  " + "\n  ".join(bad))

@@ -137,7 +137,7 @@ def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
     scenario.write_text(yaml.safe_dump(BASE))
     code = ("import sys, cltunnel.runs as r, cltunnel.cli as c\n"
             "def boom(*a, **k): raise ZeroDivisionError('a bug')\n"
-            "c.run_scenario = boom\n"
+            "r.run_scenario = boom\n"
             f"sys.exit(c.main(['run', {str(scenario)!r}, '--output-dir', {str(tmp_path / 'out')!r}]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError: a bug" in result.stderr

@@ -58,9 +58,9 @@ def test_a_run_stopped_inside_a_task_resumes_to_the_same_numbers(mnist, tmp_path
 
 
 def test_sigkill_inside_a_single_long_task_then_the_same_command(mnist, tmp_path):
-    raw = scenario(tmp_path / "killed", epochs=12)
+    raw = scenario(tmp_path / "killed", epochs=10)
     raw.update(scenario={"tasks": [10]}, strategy="naive")
-    raw["data"]["train_per_class"] = 1000
+    raw["data"]["train_per_class"] = 600
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "killed" / "long" / "seed0"
