@@ -81,3 +81,30 @@ def test_sigkill_inside_a_single_long_task_then_the_same_command(mnist, tmp_path
     assert "resuming task 1 after epoch" in rerun.stdout
     whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
     assert json.loads((run_dir / "metrics.json").read_text())["acc"] == whole["acc"]
+
+
+def test_an_erosion_phase_stopped_part_way_resumes_to_the_same_curve(mnist, tmp_path, monkeypatch):
+    """Erosion phases are long single tasks (160 epochs each in the thesis): one stopped inside its squared
+    phase continues there, with the same test curve and accuracies as a run never stopped."""
+    raw = {"name": "erode", "data": {"name": "mnist", "train_per_class": 100, "test_per_class": 50},
+           "scenario": {"tasks": [10]}, "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},
+           "training": {"epochs": 1, "lr": 0.05, "augment": False, "resume_every": 1},
+           "erosion": {"square": 6, "pretrain_epochs": 2, "erosion_epochs": 4, "relearn_epochs": 2},
+           "analyses": {"probe": {"epochs": 1}, "rank_samples": 200}, "device": "cpu"}
+    whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
+    save = loop.MidTaskResumePlugin.after_training_epoch
+
+    def stop_in_the_squared_phase(self, strategy, **kwargs):
+        save(self, strategy, **kwargs)
+        if self.task == 1 and self.epochs_done == 3:
+            raise Killed()
+
+    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", stop_in_the_squared_phase)
+    cfg = parse_config({**raw, "output_dir": str(tmp_path / "stopped")})
+    with pytest.raises(Killed):
+        run_seed(cfg, 0, mnist, progress=False)
+    assert partial_checkpoint_path(tmp_path / "stopped" / "erode" / "seed0", 1).exists()
+    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", save)
+    resumed = load_metrics(run_seed(cfg, 0, mnist, progress=False))
+    for key in ("acc", "curve", "scratch"):
+        assert resumed[key] == whole[key], key

@@ -85,11 +85,12 @@ def test_killed_sweep_reruns_only_what_was_missing_and_failures_do_not_stop_othe
     assert all_acc(sweep) == reference
     summary = (sweep.directory / "summary.md").read_text()
     assert "split5-5" in summary and "split3-7" in summary and "±" in summary
-    # A configuration that raises is reported; the others finish.
-    bad = load_sweep(write_sweep(tmp_path, name="bad", axes={"strategy": {
-        "broken": {"strategy": {"class": "no_such_module:Strategy"}}, "naive": {"strategy": "naive"}}, "seed": [0]}))
+    # A run that fails while training (valid config: an lr that diverges) is reported; the others finish.
+    # (A configuration that cannot run at all is refused before the first run: see the test below.)
+    bad = load_sweep(write_sweep(tmp_path, name="bad", axes={"lr": {
+        "broken": {"training.lr": 1.0e12}, "naive": {"training.lr": 0.1}}, "seed": [0]}))
     results = {r.config: r for r in run_sweep(bad, progress=False)}
-    assert results["broken"].status == "failed" and "no_such_module" in results["broken"].error
+    assert results["broken"].status == "failed" and "diverged" in results["broken"].error
     assert results["naive"].status == "done" and (bad.directory / "broken" / "seed0" / "sweep_error.txt").exists()
     assert cli_main(["sweep", str(tmp_path / "bad.yaml"), "--no-progress"]) == 1  # failures -> non-zero exit
 

@@ -33,9 +33,11 @@ from cltunnel.models.zoo import make_model, model_spec
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.experiments.registry import Protocol, register_protocol
-from cltunnel.store import load_run_config, save_metrics, save_run_config, seed_dir, seed_dirs
-from cltunnel.training.checkpoints import (latest_checkpoint, load_checkpoint, load_model_state, model_from_checkpoint,
-                                           save_task_checkpoint)
+from cltunnel.store import load_run_config, partial_checkpoint_path, save_metrics, save_run_config, seed_dir, seed_dirs
+from cltunnel.training.checkpoints import (latest_checkpoint, load_checkpoint, load_model_state, load_partial_task,
+                                           model_from_checkpoint, save_partial_task, save_task_checkpoint)
+from cltunnel.training.loop import MidTaskResumePlugin
+from cltunnel.training.plain_state import decode
 from cltunnel.training.evaluation import exact_rows_accuracy, predict_accuracy
 from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
 from cltunnel.training.plugins import ProgressPlugin
@@ -107,14 +109,17 @@ class TestCurvePlugin(SupervisedPlugin):
     """Clean and squared test accuracy every ``every`` epochs, appended to ``curve``, with the accuracy on the
     images the phase trains on (unaugmented), since the protocol pre-trains to (near) 100 % training accuracy."""
 
-    def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, amp: bool) -> None:
+    transient = True  # holds the views (whole datasets): never part of a checkpoint
+
+    def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, amp: bool,
+                 epochs: int) -> None:
         super().__init__()
-        self.views, self.curve, self.every, self.amp = views, curve, every, amp
+        self.views, self.curve, self.every, self.amp, self.epochs = views, curve, every, amp, epochs
         self.phase, self.offset = "", 0
 
     def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         epoch = strategy.clock.train_exp_epochs + 1
-        if epoch % self.every == 0 or epoch == strategy.train_epochs:
+        if epoch % self.every == 0 or epoch == self.epochs:
             row = {"phase": self.phase, "epoch": self.offset + epoch}
             trained_on = strategy.run_context.data
             task = trained_on.scenario.tasks[0]
@@ -162,39 +167,52 @@ def run_erosion(cfg: RunConfig, seed: int, data: ImageData, progress: bool = Tru
         if i < len(metrics["acc"]):
             continue
         train_phase(cfg, model, views, "squared" if phase == "squared" else "clean", phase, epochs, seed * 101 + i,
-                    metrics["curve"], progress)
+                    metrics["curve"], progress, (run_dir, i))
         metrics["acc"].append([predict_accuracy(model, views["clean"], views["clean"].scenario.tasks[0])])
         save_task_checkpoint(run_dir, i, model, None, cfg, seed, metrics, spec)  # each phase builds its own optimizer
     if cfg.erosion.relearn_epochs and "scratch" not in metrics:
         metrics["scratch"] = []
         scratch = make_model(spec, seed + 1_000).to(device)
         train_phase(cfg, scratch, views, "clean", "scratch", cfg.erosion.relearn_epochs, seed * 101 + 99,
-                    metrics["scratch"], progress)
+                    metrics["scratch"], progress, (run_dir, len(phase_plan(cfg))))
     save_metrics(run_dir, metrics)
     write_erosion_outputs(run_dir, cfg, metrics, views, progress)
     return run_dir
 
 
 def train_phase(cfg: RunConfig, model: LayeredModel, views: dict[str, DeviceData], train_on: str, phase: str,
-                epochs: int, rng_seed: int, curve: list[dict[str, Any]], progress: bool) -> None:
+                epochs: int, rng_seed: int, curve: list[dict[str, Any]], progress: bool,
+                resume_at: tuple[Path, int] | None = None) -> None:
     """``epochs`` epochs of the scenario's strategy on the ``train_on`` images, a fresh optimizer, same
-    hyper-parameters; test accuracies appended to ``curve``."""
+    hyper-parameters; test accuracies appended to ``curve``. With ``resume_at`` (run directory, phase index)
+    and ``training.resume_every``, a phase killed part-way continues at its last saved epoch."""
     if epochs == 0:
         return
     device = views["clean"].device
     tcfg = dataclasses.replace(cfg.training, epochs=epochs)
     amp = amp_enabled(tcfg, device)
-    recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, amp)
+    recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, amp, epochs)
     recorder.phase, recorder.offset = phase, max([r["epoch"] for r in curve], default=0)
+    run_dir, index = resume_at if resume_at else (None, 0)
+    resume = MidTaskResumePlugin(tcfg.resume_every if run_dir else 0, epochs, lambda t, done: save_partial_task(
+        run_dir, t, done, model, strategy, cfg, {"curve": curve, "offset": recorder.offset}))
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device,
-                              [ProgressPlugin(progress, label=f"{phase} phase"), recorder],
+                              [ProgressPlugin(progress, label=f"{phase} phase"), recorder, resume],
                               RunContext(views[train_on], rng_seed, amp))
+    state = load_partial_task(run_dir, index, cfg) if run_dir else None
+    resume.start_task(index, state, model)
+    if state is not None:
+        curve[:] = decode(state["extra"]["curve"], None, None)
+        recorder.offset = state["extra"]["offset"]
     data = views[train_on].scenario
     mean, std = data.data.channel_stats()
     torch.manual_seed(rng_seed)
+    strategy.train_epochs = epochs - resume.epochs_done
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         strategy.train(avalanche_benchmark(data, mean, std).train_stream[0], eval_streams=[])
+    if run_dir is not None:
+        partial_checkpoint_path(run_dir, index).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ outputs

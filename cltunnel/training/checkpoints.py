@@ -85,7 +85,10 @@ MEMORY_NOT_STORED = {"ReplayPlugin": "Avalanche's ReplayPlugin: its buffer start
 
 
 def _stored(plugin: Any) -> bool:
-    return type(plugin).__name__ not in TRANSIENT_PLUGINS and type(plugin).__name__ not in MEMORY_NOT_STORED
+    """A plugin whose state goes into checkpoints: not a transient one (by name, or one that says
+    ``transient = True``: its state belongs to this process) and not one whose memory has no plain form."""
+    name = type(plugin).__name__
+    return not getattr(plugin, "transient", False) and name not in TRANSIENT_PLUGINS and name not in MEMORY_NOT_STORED
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
@@ -213,17 +216,17 @@ def config_from_checkpoint(state: dict[str, Any]) -> RunConfig:
 
 
 def save_partial_task(run_dir: Path, task: int, epochs_done: int, model: LayeredModel, strategy: Any,
-                      cfg: RunConfig) -> Path:
+                      cfg: RunConfig, extra: dict[str, Any] | None = None) -> Path:
     """Everything needed to continue task ``task`` after ``epochs_done`` epochs as if never stopped: weights,
     optimizer (momentum), strategy and plugin state with the clock, the batch-order generator and torch's
-    global RNG."""
+    global RNG; ``extra`` is the caller's own plain state (an erosion phase's test curve so far)."""
     loader = getattr(strategy, "dataloader", None)
     generator = getattr(loader, "generator", None)
     path = partial_checkpoint_path(run_dir, task)
     atomic_save({"task": task, "epochs_done": epochs_done, "fingerprint": cfg.fingerprint(),
                  "optimizer": strategy.optimizer.state_dict(), "strategy": strategy_state(strategy),
                  "data_generator": generator.get_state() if generator is not None else None,
-                 "torch_rng": torch.get_rng_state(), **model_state(model)}, path)
+                 "torch_rng": torch.get_rng_state(), "extra": encode(extra or {}, "extra"), **model_state(model)}, path)
     return path
 
 
