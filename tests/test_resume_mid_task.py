@@ -57,6 +57,31 @@ def test_a_run_stopped_inside_a_task_resumes_to_the_same_numbers(mnist, tmp_path
     assert not partial.exists()  # removed once the task ended
 
 
+def test_sigkill_after_a_finished_task_then_the_same_command(mnist, tmp_path):
+    """Without resume_every: killed once task 1's checkpoint is written (inside task 2), the same command
+    redoes task 2 from that checkpoint and ends with the numbers of a run never stopped."""
+    raw = scenario(tmp_path / "killed", epochs=6, resume_every=0)
+    raw.update(strategy="naive")
+    raw["data"]["train_per_class"] = 600
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "killed" / "long" / "seed0"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "cltunnel.cli", "run", str(path), "--no-progress"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "task0.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "task 1/2" not in rerun.stdout, rerun.stderr[-2000:]  # task 1 not redone
+    whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
+    assert json.loads((run_dir / "metrics.json").read_text())["acc"] == whole["acc"]
+
+
 def test_sigkill_inside_a_single_long_task_then_the_same_command(mnist, tmp_path):
     raw = scenario(tmp_path / "killed", epochs=10)
     raw.update(scenario={"tasks": [10]}, strategy="naive")

@@ -79,9 +79,10 @@ TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugi
 
 
 # Avalanche plugins whose memory is a dataset object with loaders and iterators (no plain-data form): not
-# stored, so a run resumed after task t continues with that memory empty, and says so.
+# stored. AGEM's is picked again on resume, exactly as the first time (training.loop.rebuild_agem_memory);
+# Avalanche's ReplayPlugin continues with its buffer empty, and says so.
 MEMORY_NOT_STORED = {"ReplayPlugin": "Avalanche's ReplayPlugin: its buffer starts empty (use 'replay', which is restored)",
-                     "AGEMPlugin": "Avalanche's AGEMPlugin: its memory of earlier tasks starts empty"}
+                     "AGEMPlugin": ""}
 
 
 def _stored(plugin: Any) -> bool:
@@ -110,7 +111,7 @@ def load_strategy_state(strategy: Any, state: dict[str, Any] | None) -> None:
     for plugin, (name, saved) in zip(ours, state["plugins"]):
         restore_object(plugin, {"__object__": name, "state": saved}, strategy.model, f"strategy plugin {name}")
     for plugin in strategy.plugins:
-        if type(plugin).__name__ in MEMORY_NOT_STORED:
+        if MEMORY_NOT_STORED.get(type(plugin).__name__):
             warnings.warn(f"resuming with {MEMORY_NOT_STORED[type(plugin).__name__]}", stacklevel=2)
     strategy.clock.__dict__.update(decode(state["clock"], None, None))
 

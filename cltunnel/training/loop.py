@@ -6,12 +6,13 @@ uninterrupted run (per-task RNG streams, see :func:`cltunnel.data.device.task_ge
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import LRSchedulerPlugin
+from avalanche.training.plugins import AGEMPlugin, LRSchedulerPlugin
 
 from cltunnel.config import RunConfig
 from cltunnel.data.device import DeviceData, resolve_device
@@ -90,13 +91,14 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
                               RunContext(ddata, seed, amp))
     load_strategy_state(strategy, strategy_state)
+    rebuild_agem_memory(strategy, benchmark, seed, start_task)
     if start_task == 0 and "acc_init" not in metrics:  # the untrained model on every task: FWT's baseline
         init = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
         metrics["acc_init"] = init.acc
         metrics["acc_init_lossless"] = init.acc_lossless if metrics["acc_lossless"] is not None else None
     for t in range(start_task, len(scenario.tasks)):
         timer = Timer()
-        torch.manual_seed(seed * 10_007 + t)
+        seed_task(seed, t)
         resume.start_task(t, load_partial_task(run_dir, t, cfg), model)
         strategy.train_epochs = tcfg.epochs - resume.epochs_done
         strategy.train(benchmark.train_stream[t], eval_streams=[], reset_optimizer_state=True)
@@ -112,6 +114,25 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         _report(cfg, seed, t, len(scenario.tasks), ev, metrics["task_seconds"])
         if stop_after is not None and t >= stop_after:
             break
+
+
+def seed_task(seed: int, task: int) -> None:
+    """Each (seed, task) its own RNG streams: torch's, and Python's, which Avalanche's AGEM uses to pick its
+    memory (unseeded, two AGEM runs would differ and none could resume exactly)."""
+    torch.manual_seed(seed * 10_007 + task)
+    random.seed(seed * 10_007 + task)
+
+
+def rebuild_agem_memory(strategy: Any, benchmark: Any, seed: int, start_task: int) -> None:
+    """AGEM keeps its memory as dataset objects with loaders, which have no plain-data form; on resume its
+    memory of tasks 0..start_task-1 is picked again exactly as the first time (same seeds, same order)."""
+    for plugin in strategy.plugins:
+        if isinstance(plugin, AGEMPlugin) and start_task > 0 and not plugin.buffers:
+            state = torch.get_rng_state()
+            for task in range(start_task):
+                seed_task(seed, task)
+                plugin.update_memory(benchmark.train_stream[task].dataset)
+            torch.set_rng_state(state)
 
 
 class MidTaskResumePlugin(SupervisedPlugin):
