@@ -10,6 +10,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -197,26 +198,26 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scenario_parser(sub: Any, name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+    """A command that takes a scenario and the overrides ``run`` and ``check`` share."""
+    cmd = sub.add_parser(name, help=help_text)
+    cmd.add_argument("scenario", help="scenario YAML file, or a shipped scenario's name (cltunnel list)")
+    cmd.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. training.epochs=2")
+    cmd.add_argument("--seed", type=int, help="only this seed (overrides 'seeds')")
+    cmd.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (overrides 'device')")
+    cmd.add_argument("--output-dir", help="where run directories go (overrides 'output_dir')")
+    cmd.set_defaults(func=func)
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cltunnel", description="Continual-learning layer surgery benchmarks")
     parser.add_argument("--version", action="version", version=f"cltunnel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train a scenario (resumes after the last finished task)")
-    run.add_argument("scenario", help="scenario YAML file, or a shipped scenario's name (cltunnel list)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. training.epochs=2")
-    run.add_argument("--seed", type=int, help="run only this seed (overrides 'seeds')")
-    run.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (overrides 'device')")
-    run.add_argument("--output-dir", help="where run directories go (overrides 'output_dir')")
+    run = _scenario_parser(sub, "run", "train a scenario (resumes after the last finished task)", _cmd_run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true", help="check and show what would run (as `cltunnel check`)")
-    run.set_defaults(func=_cmd_run)
-    chk = sub.add_parser("check", help="validate a scenario and show what would run, without loading data")
-    chk.add_argument("scenario", help="scenario YAML file, or a shipped scenario's name")
-    chk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. training.epochs=2")
-    chk.add_argument("--seed", type=int, help="only this seed (overrides 'seeds')")
-    chk.add_argument("--device", help="overrides 'device'")
-    chk.add_argument("--output-dir", help="overrides 'output_dir'")
-    chk.set_defaults(func=_cmd_check)
+    _scenario_parser(sub, "check", "validate a scenario and show what would run, without loading data", _cmd_check)
     lst = sub.add_parser("list", help="scenarios, models and strategies")
     lst.add_argument("--scenarios", help="directory of scenario files (default: the shipped ones)")
     lst.set_defaults(func=_cmd_list)

@@ -34,27 +34,53 @@ class Killed(Exception):
     pass
 
 
+def stop_after_epoch(monkeypatch, task: int, epoch: int) -> None:
+    """Make the run raise right after ``epoch`` epochs of ``task`` (as a kill would, minus the process)."""
+    save = loop.MidTaskResumePlugin.after_training_epoch
+
+    def stop(self, strategy, **kwargs):
+        save(self, strategy, **kwargs)
+        if self.task == task and self.epochs_done == epoch:
+            raise Killed()
+
+    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", stop)
+
+
 def test_a_run_stopped_inside_a_task_resumes_to_the_same_numbers(mnist, tmp_path, monkeypatch):
     whole = load_metrics(run_seed(parse_config(scenario(tmp_path / "whole", resume_every=0)), 0, mnist, False))
 
-    save = loop.MidTaskResumePlugin.after_training_epoch
-
-    def stop_in_task_2_epoch_3(self, strategy, **kwargs):
-        save(self, strategy, **kwargs)
-        if self.task == 1 and self.epochs_done == 3:
-            raise Killed()
-
-    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", stop_in_task_2_epoch_3)
+    stop_after_epoch(monkeypatch, task=1, epoch=3)
     cfg = parse_config(scenario(tmp_path / "stopped"))
     with pytest.raises(Killed):
         run_seed(cfg, 0, mnist, progress=False)
     run_dir = tmp_path / "stopped" / "long" / "seed0"
     partial = partial_checkpoint_path(run_dir, 1)
     assert partial.exists() and not (run_dir / "metrics.json").exists()
-    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", save)
+    monkeypatch.undo()
     resumed = load_metrics(run_seed(cfg, 0, mnist, progress=False))
     assert resumed["acc"] == whole["acc"]  # bit-identical: saving states does not change the numbers either
     assert not partial.exists()  # removed once the task ended
+
+
+def kill_when_written(command: list[str], marker: Path, run_dir: Path) -> None:
+    """Start ``command`` (a real ``cltunnel run``), SIGKILL it as soon as ``marker`` exists, check it had not
+    finished."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+
+
+def rerun(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 def test_sigkill_after_a_finished_task_then_the_same_command(mnist, tmp_path):
@@ -66,18 +92,9 @@ def test_sigkill_after_a_finished_task_then_the_same_command(mnist, tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "killed" / "long" / "seed0"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "cltunnel.cli", "run", str(path), "--no-progress"]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / "task0.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "metrics.json").exists()
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0 and "task 1/2" not in rerun.stdout, rerun.stderr[-2000:]  # task 1 not redone
+    kill_when_written(command, run_dir / "task0.pt", run_dir)
+    assert "task 1/2" not in rerun(command).stdout  # task 1 is not trained again
     whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
     assert json.loads((run_dir / "metrics.json").read_text())["acc"] == whole["acc"]
 
@@ -89,21 +106,9 @@ def test_sigkill_inside_a_single_long_task_then_the_same_command(mnist, tmp_path
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "killed" / "long" / "seed0"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "cltunnel.cli", "run", str(path), "--no-progress"]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = partial_checkpoint_path(run_dir, 0)
-    deadline = time.time() + 240
-    while not partial.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    assert proc.poll() is None, "the run ended before it could be killed mid-task"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "metrics.json").exists()
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resuming task 1 after epoch" in rerun.stdout
+    kill_when_written(command, partial_checkpoint_path(run_dir, 0), run_dir)
+    assert "resuming task 1 after epoch" in rerun(command).stdout
     whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
     assert json.loads((run_dir / "metrics.json").read_text())["acc"] == whole["acc"]
 
@@ -117,19 +122,12 @@ def test_an_erosion_phase_stopped_part_way_resumes_to_the_same_curve(mnist, tmp_
            "erosion": {"square": 6, "pretrain_epochs": 2, "erosion_epochs": 4, "relearn_epochs": 2},
            "analyses": {"probe": {"epochs": 1}, "rank_samples": 200}, "device": "cpu"}
     whole = load_metrics(run_seed(parse_config({**raw, "output_dir": str(tmp_path / "whole")}), 0, mnist, False))
-    save = loop.MidTaskResumePlugin.after_training_epoch
-
-    def stop_in_the_squared_phase(self, strategy, **kwargs):
-        save(self, strategy, **kwargs)
-        if self.task == 1 and self.epochs_done == 3:
-            raise Killed()
-
-    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", stop_in_the_squared_phase)
+    stop_after_epoch(monkeypatch, task=1, epoch=3)  # phase 1 = the squared phase
     cfg = parse_config({**raw, "output_dir": str(tmp_path / "stopped")})
     with pytest.raises(Killed):
         run_seed(cfg, 0, mnist, progress=False)
     assert partial_checkpoint_path(tmp_path / "stopped" / "erode" / "seed0", 1).exists()
-    monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", save)
+    monkeypatch.undo()
     resumed = load_metrics(run_seed(cfg, 0, mnist, progress=False))
     for key in ("acc", "curve", "scratch"):
         assert resumed[key] == whole[key], key

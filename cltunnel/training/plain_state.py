@@ -1,8 +1,8 @@
 """Strategy and plugin state as plain data (tensors, numbers, strings, lists, dicts), so that a checkpoint is
 read with ``torch.load(weights_only=True)`` and never runs code.
 
-Researchers share run directories, and ``torch.load(weights_only=False)`` on a shared file executes whatever
-was pickled into it. So everything a strategy learned besides the weights (EWC's importances, LwF's previous
+Researchers share run directories, and unpickling a shared file (``torch.load`` outside weights-only mode)
+executes whatever was pickled into it. So everything a strategy learned besides the weights (EWC's importances, LwF's previous
 model, replay buffers, generators, the tunnel start found from probes) is written as tagged plain values:
 
 * ``ParamData`` -> ``{"__paramdata__": name, "shape": [...], "data": tensor}``
