@@ -21,7 +21,6 @@ Plan file::
 """
 from __future__ import annotations
 
-import copy
 import io
 import os
 import platform
@@ -37,14 +36,14 @@ from typing import Any
 import torch
 import yaml
 
-from cltunnel.config import ConfigError, RunConfig, parse_config, set_dotted
+from cltunnel.config import ConfigError, RunConfig, load_config, set_dotted
 from cltunnel.data.device import resolve_device
 from cltunnel.data.images import DATASETS
 from cltunnel.experiments import protocol_for
 from cltunnel.models.zoo import build_model
 from cltunnel.runs import preflight, run_seed
 from cltunnel.store import scenario_dir_of
-from cltunnel.sweeps import expand, job_config, load_sweep
+from cltunnel.sweeps import check_jobs, expand, job_config, load_sweep
 
 PLAN_KEYS = {"name", "entries"}
 ENTRY_KEYS = {"name", "what", "scenario", "sweep", "seeds", "set", "done_if", "images_per_second", "overhead"}
@@ -100,22 +99,17 @@ def _entry(root: Path, raw: dict[str, Any], index: int) -> Entry:
     if ("scenario" in raw) == ("sweep" in raw):
         raise ConfigError(f"{where} ({name}): give exactly one of 'scenario' or 'sweep'")
     if "sweep" in raw:
-        sweep = load_sweep(root / raw["sweep"])
-        for dotted, value in (raw.get("set") or {}).items():
-            set_dotted(sweep.base, dotted, value)
+        sweep_path = root / raw["sweep"]
+        sweep = load_sweep(sweep_path)  # checks every configuration
+        if raw.get("set"):
+            for dotted, value in raw["set"].items():
+                set_dotted(sweep.base, dotted, value)
+            check_jobs(sweep, expand(sweep), sweep_path)  # again, with the plan's overrides
         units = [Unit(name, job_config(sweep, job), job.seed) for job in expand(sweep)]
     else:
-        scenario = root / raw["scenario"]
-        if not scenario.exists():
-            raise ConfigError(f"{where} ({name}): scenario file not found: {scenario}")
-        base = yaml.safe_load(scenario.read_text()) or {}
-        base.setdefault("name", scenario.stem)
-        for dotted, value in (raw.get("set") or {}).items():
-            set_dotted(base, dotted, copy.deepcopy(value))
-        cfg = parse_config(base)
+        cfg = load_config(root / raw["scenario"], raw.get("set"))
+        preflight(cfg)
         units = [Unit(name, cfg, seed) for seed in (raw.get("seeds") or cfg.seeds)]
-    for unit in units:
-        preflight(unit.cfg)
     done_if = root / raw["done_if"] if raw.get("done_if") else None
     return Entry(name, raw.get("what", ""), units, done_if, raw.get("images_per_second"),
                  float(raw.get("overhead", 0.5)))

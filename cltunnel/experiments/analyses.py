@@ -534,7 +534,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     swaps = [pd.read_csv(r / "swap_table.csv", index_col=0) for r in runs if (r / "swap_table.csv").exists()]
     if swaps:
         mean, std = aggregate(swaps)
-        starts = [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
+        starts = _tunnel_starts(runs)
         shown_mean, shown_std = mean.copy(), std.copy()
         if _is_table_5_4_1_setup(runs[0]):
             for i, col in enumerate(("first task", "second task")):
@@ -564,10 +564,14 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     return written
 
 
+def _tunnel_starts(runs: list[Path]) -> list[str]:
+    """The tunnel start each run's swap analysis used (its swap_meta.txt), as written there."""
+    return [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
+
+
 def _swap_vs_k_table(scenario_dir: Path, out_dir: Path, runs: list[Path], curves: list[pd.DataFrame]) -> str:
     mean, std = aggregate([swap_vs_k(c) for c in curves])
-    starts = [int(s.split()[1]) for r in runs if (r / "swap_meta.txt").exists()
-              for s in [(r / "swap_meta.txt").read_text()]]
+    starts = [int(k) for k in _tunnel_starts(runs)]
     stem = out_dir / f"{scenario_dir.name}_swap_vs_k"
     plot_swap_vs_k(mean, std, starts, stem.with_suffix(".png"), scenario_dir.name)
     notes = [f"tunnel start the runs used (analyses.tunnel_start, dotted lines in the figure): {starts}",
