@@ -23,11 +23,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def scenario(out: Path, **training) -> dict:
+def scenario(out: Path, strategy: str = "replay", **training) -> dict:
     return {"name": "long", "data": {"name": "mnist", "train_per_class": 300, "test_per_class": 50},
             "scenario": {"tasks": [5, 5]}, "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},
             "training": {"epochs": 5, "augment": False, "lr_milestones": [3], "resume_every": 1, **training},
-            "strategy": {"name": "replay", "args": {"mem_size": 100}}, "device": "cpu", "output_dir": str(out)}
+            "strategy": {"name": strategy, "args": {"mem_size": 100}}, "device": "cpu", "output_dir": str(out)}
 
 
 class Killed(Exception):
@@ -46,11 +46,13 @@ def stop_after_epoch(monkeypatch, task: int, epoch: int) -> None:
     monkeypatch.setattr(loop.MidTaskResumePlugin, "after_training_epoch", stop)
 
 
-def test_a_run_stopped_inside_a_task_resumes_to_the_same_numbers(mnist, tmp_path, monkeypatch):
-    whole = load_metrics(run_seed(parse_config(scenario(tmp_path / "whole", resume_every=0)), 0, mnist, False))
+@pytest.mark.parametrize("strategy", ["replay", "avalanche_replay"])  # ours; Avalanche's buffer, drawn again
+def test_a_run_stopped_inside_a_task_resumes_to_the_same_numbers(mnist, tmp_path, monkeypatch, strategy):
+    whole = load_metrics(run_seed(parse_config(scenario(tmp_path / "whole", strategy, resume_every=0)), 0, mnist,
+                                  False))
 
     stop_after_epoch(monkeypatch, task=1, epoch=3)
-    cfg = parse_config(scenario(tmp_path / "stopped"))
+    cfg = parse_config(scenario(tmp_path / "stopped", strategy))
     with pytest.raises(Killed):
         run_seed(cfg, 0, mnist, progress=False)
     run_dir = tmp_path / "stopped" / "long" / "seed0"

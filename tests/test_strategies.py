@@ -82,18 +82,19 @@ def test_stateful_strategies_resume_to_the_uninterrupted_numbers(mnist, tmp_path
     assert resumed == whole
 
 
-def test_agem_resumes_to_the_uninterrupted_numbers(mnist, tmp_path):
-    """AGEM's memory (dataset objects, no plain form) is picked again on resume with the same seeds; its
-    projection does act here (the numbers differ from naive), so an empty memory would show."""
+@pytest.mark.parametrize("memory", [{"name": "agem", "args": {"patterns_per_exp": 100}},
+                                    {"name": "avalanche_replay", "args": {"mem_size": 100}}])
+def test_avalanche_memories_resume_to_the_uninterrupted_numbers(mnist, tmp_path, memory):
+    """AGEM's memory and Avalanche's replay buffer (dataset objects, no plain form) are drawn again on resume
+    with the same seeds; both act here (the numbers differ from naive), so an empty memory would show."""
     def final(out, strategy, stop=None):
         raw = mnist_tiny(out, strategy=strategy, training={"epochs": 5, "momentum": 0.9})
         if stop is not None:
             run_seed(parse_config(raw), 0, mnist, progress=False, stop_after=stop)
         return load_metrics(run_seed(parse_config(raw), 0, mnist, progress=False))["acc"]
 
-    agem = {"name": "agem", "args": {"patterns_per_exp": 100}}
-    whole = final(tmp_path / "a", agem)
-    assert final(tmp_path / "b", agem, stop=1) == whole
+    whole = final(tmp_path / "a", memory)
+    assert final(tmp_path / "b", memory, stop=1) == whole
     assert final(tmp_path / "c", "naive") != whole
 
 

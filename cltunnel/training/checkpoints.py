@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -79,17 +78,15 @@ TRANSIENT_PLUGINS = ("EvaluationPlugin", "ProgressPlugin", "EpochCheckpointPlugi
 
 
 # Avalanche plugins whose memory is a dataset object with loaders and iterators (no plain-data form): not
-# stored. AGEM's is picked again on resume, exactly as the first time (training.loop.rebuild_agem_memory);
-# Avalanche's ReplayPlugin continues with its buffer empty, and says so.
-MEMORY_NOT_STORED = {"ReplayPlugin": "Avalanche's ReplayPlugin: its buffer starts empty (use 'replay', which is restored)",
-                     "AGEMPlugin": ""}
+# stored, but drawn again on resume exactly as the first time (training.loop.rebuild_memories).
+MEMORY_REBUILT = ("ReplayPlugin", "AGEMPlugin")
 
 
 def _stored(plugin: Any) -> bool:
     """A plugin whose state goes into checkpoints: not a transient one (by name, or one that says
     ``transient = True``: its state belongs to this process) and not one whose memory has no plain form."""
     name = type(plugin).__name__
-    return not getattr(plugin, "transient", False) and name not in TRANSIENT_PLUGINS and name not in MEMORY_NOT_STORED
+    return not getattr(plugin, "transient", False) and name not in TRANSIENT_PLUGINS and name not in MEMORY_REBUILT
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
@@ -110,9 +107,6 @@ def load_strategy_state(strategy: Any, state: dict[str, Any] | None) -> None:
                                  f"this strategy's {[type(p).__name__ for p in ours]}")
     for plugin, (name, saved) in zip(ours, state["plugins"]):
         restore_object(plugin, {"__object__": name, "state": saved}, strategy.model, f"strategy plugin {name}")
-    for plugin in strategy.plugins:
-        if MEMORY_NOT_STORED.get(type(plugin).__name__):
-            warnings.warn(f"resuming with {MEMORY_NOT_STORED[type(plugin).__name__]}", stacklevel=2)
     strategy.clock.__dict__.update(decode(state["clock"], None, None))
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import AGEMPlugin, LRSchedulerPlugin
+from avalanche.training.plugins import AGEMPlugin, LRSchedulerPlugin, ReplayPlugin
 
 from cltunnel.config import RunConfig
 from cltunnel.data.device import DeviceData, resolve_device
@@ -84,14 +84,14 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     benchmark = avalanche_benchmark(scenario, mean, std)
     resume = MidTaskResumePlugin(tcfg.resume_every, tcfg.epochs,
                                  lambda t, done: save_partial_task(run_dir, t, done, model, strategy, cfg))
-    plugins = [ProgressPlugin(progress), resume]
+    plugins = [ProgressPlugin(progress), resume, MemorySeedPlugin(seed)]  # the seeds first: before the memories
     if tcfg.checkpoint_every:
         plugins.append(EpochCheckpointPlugin(
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
                               RunContext(ddata, seed, amp))
     load_strategy_state(strategy, strategy_state)
-    rebuild_agem_memory(strategy, benchmark, seed, start_task)
+    rebuild_memories(strategy, benchmark, seed, start_task)
     if start_task == 0 and "acc_init" not in metrics:  # the untrained model on every task: FWT's baseline
         init = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
         metrics["acc_init"] = init.acc
@@ -123,16 +123,47 @@ def seed_task(seed: int, task: int) -> None:
     random.seed(seed * 10_007 + task)
 
 
-def rebuild_agem_memory(strategy: Any, benchmark: Any, seed: int, start_task: int) -> None:
-    """AGEM keeps its memory as dataset objects with loaders, which have no plain-data form; on resume its
-    memory of tasks 0..start_task-1 is picked again exactly as the first time (same seeds, same order)."""
-    for plugin in strategy.plugins:
-        if isinstance(plugin, AGEMPlugin) and start_task > 0 and not plugin.buffers:
-            state = torch.get_rng_state()
-            for task in range(start_task):
-                seed_task(seed, task)
-                plugin.update_memory(benchmark.train_stream[task].dataset)
-            torch.set_rng_state(state)
+def seed_memory(seed: int, task: int) -> None:
+    """The RNG streams a memory draws from when it takes its samples of ``task`` (AGEM's from Python's random,
+    Avalanche's replay buffers from torch's): fixed per (seed, task) so the draw can be made again on resume."""
+    torch.manual_seed(seed * 10_007 + task + 5_003)
+    random.seed(seed * 10_007 + task + 5_003)
+
+
+class MemorySeedPlugin(SupervisedPlugin):
+    """Seeds :func:`seed_memory` at the end of each task, ahead of the plugins that fill their memory there
+    (Avalanche calls plugins in list order, and a strategy appends its own after the ones it is given)."""
+    transient = True
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        seed_memory(self.seed, strategy.experience.current_experience)
+
+
+def rebuild_memories(strategy: Any, benchmark: Any, seed: int, start_task: int) -> None:
+    """AGEM's memory and Avalanche's replay buffers are dataset objects with loaders, which have no plain-data
+    form; on resume they are filled again for tasks 0..start_task-1 exactly as the first time (same seeds, same
+    order), so a resumed run ends with the numbers of one never stopped."""
+    memories = [p for p in strategy.plugins if isinstance(p, (AGEMPlugin, ReplayPlugin))]
+    if start_task == 0 or not memories:
+        return
+    seeds = [i for i, p in enumerate(strategy.plugins) if isinstance(p, MemorySeedPlugin)]
+    if not seeds or seeds[0] > strategy.plugins.index(memories[0]):
+        raise RuntimeError("MemorySeedPlugin must come before the memory plugins, or resume cannot be exact")
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    for task in range(start_task):
+        experience = benchmark.train_stream[task]
+        for plugin in memories:
+            seed_memory(seed, task)
+            if isinstance(plugin, AGEMPlugin):
+                plugin.update_memory(experience.dataset)
+            else:
+                plugin.storage_policy.post_adapt(strategy, experience)
+    torch.set_rng_state(torch_state)
+    random.setstate(python_state)
 
 
 class MidTaskResumePlugin(SupervisedPlugin):
