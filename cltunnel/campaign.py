@@ -22,11 +22,7 @@ Plan file::
 from __future__ import annotations
 
 import io
-import os
-import platform
 import shlex
-import subprocess
-import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +37,7 @@ from cltunnel.data.device import resolve_device
 from cltunnel.data.images import DATASETS
 from cltunnel.experiments import protocol_for
 from cltunnel.models.zoo import build_model
+from cltunnel.reports.provenance import provenance
 from cltunnel.runs import preflight, run_seed
 from cltunnel.store import scenario_dir_of
 from cltunnel.sweeps import check_jobs, expand, job_config, load_sweep
@@ -207,20 +204,10 @@ def _run_unit(entry: Entry, unit: Unit, log: Any) -> None:
 
 
 def summary(name: str, units: list[Unit], budget: float, command: str) -> str:
-    lines = [f"# campaign {name}", "", f"- command: `{command}`", *[f"- {line}" for line in provenance()],
+    lines = [f"# campaign {name}", "", f"- command: `{command}`", *[f"- {key}: {value}" for key, value in provenance().items() if key != "command"],
              f"- budget: {budget:.0f} s", "", "| entry | run | seed | status | why |", "|---|---|---|---|---|"]
     lines += [f"| {u.entry} | {u.cfg.name} | {u.seed} | {u.status} | {u.why} |" for u in units]
     return "\n".join(lines) + "\n"
-
-
-def provenance() -> list[str]:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return [f"device: {device}", f"torch: {torch.__version__}", f"python: {sys.version.split()[0]}",
-            f"commit: {commit or 'unknown'}", f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
 
 
 def pack(out: Path, name: str, sources: list[Path], report: str) -> list[Path]:

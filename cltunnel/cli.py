@@ -1,4 +1,4 @@
-"""``cltunnel run | check | list | analyze | sweep | campaign | table | convert``: argument parsing and one-line errors.
+"""``cltunnel run | check | list | analyze | sweep | campaign | table | report | convert``: argument parsing and one-line errors.
 
 Expected failures (:class:`~cltunnel.errors.CltunnelError`) print one line and exit 2; anything else is a
 bug and keeps its traceback.
@@ -67,7 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cltunnel.experiments import protocol_for
-    from cltunnel.runs import run_scenario
+    from cltunnel.runs import report_path, run_scenario
 
     if args.dry_run:
         return _cmd_check(args)
@@ -79,6 +79,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     print(protocol_for(cfg).summarise(out, cfg))
     print(f"results: {out}")
+    if cfg.logging.report:
+        print(f"report: {report_path(cfg)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cltunnel.reports.page import build_report
+
+    try:
+        print(f"report: {build_report(args.directory)}")
+    except (CltunnelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -169,8 +182,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {counts['done']} ran, {counts['skipped']} already done, {counts['failed']} failed")
     for r in failed:
         print(f"FAILED {r.config}/seed{r.seed}: {r.error.strip().splitlines()[-1] if r.error else ''}", file=sys.stderr)
-    written = sorted(str(p) for p in sweep.directory.glob("*.md"))  # summary.md, or erosion_ratio.md, ...
+    written = sorted(str(p) for p in sweep.directory.glob("*.md") if p.name != "report.md")  # summary.md, ...
     print(f"tables: {', '.join(written) or 'none yet'}")
+    if (sweep.directory / "report.html").exists():
+        print(f"report: {sweep.directory / 'report.html'}")
     return 1 if failed else 0
 
 
@@ -241,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--tunnel", action="store_true",
                      help="Table 5.2.1: the tunnel start of every analysed run below run_dir")
     tab.set_defaults(func=_cmd_table)
+    rep = sub.add_parser("report", help="(re)build report.html and report.md of a run, scenario or sweep directory")
+    rep.add_argument("directory")
+    rep.set_defaults(func=_cmd_report)
     cmp = sub.add_parser("campaign", help="run a plan of runs in priority order within a time budget, then pack")
     cmp.add_argument("plan", help="campaign plan YAML (e.g. campaign/paper.yaml)")
     cmp.add_argument("--budget", type=float, required=True, help="seconds; a run that would not finish is not started")

@@ -76,6 +76,28 @@ class StrategyConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class LoggingConfig:
+    """What a run records besides its accuracy matrix; none of it changes the run's numbers."""
+
+    tensorboard: bool = True  # event files under <run>/tensorboard: per-epoch loss/accuracy, accuracy matrix, probes
+    eval_every: int = 0  # > 0: test accuracy of the tasks seen so far every N epochs in history.csv (else at task ends)
+    report: bool = True  # report.html and report.md after `cltunnel run`
+
+
+# Avalanche's metrics and loggers by the names a scenario gives them (training.evaluators builds them).
+EVAL_METRICS = ("accuracy", "loss", "forgetting", "bwt", "class_accuracy", "timing", "confusion_matrix")
+EVAL_LOGGERS = ("text", "csv", "tensorboard", "interactive")
+
+
+@dataclass
+class EvaluationConfig:
+    """Avalanche's own evaluation, run on the test stream after every task beside cltunnel's accuracy matrix."""
+
+    metrics: list[str] = field(default_factory=list)  # EVAL_METRICS names, or "package.module:factory"
+    loggers: list[str] = field(default_factory=list)  # EVAL_LOGGERS names (text, csv, tensorboard: files in the run)
+
+
 ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")  # implemented in cltunnel.experiments.analyses
 
 
@@ -175,6 +197,8 @@ class RunConfig:
     erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
     representations: RepresentationsConfig | None = None  # set: D/AE/VAE representations (experiments.representations)
     synthetic: SyntheticConfig | None = None  # set: meta-learned synthetic data (experiments.synthetic)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -184,10 +208,11 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of what determines a run's numbers, so a checkpoint from another config is refused.
 
-        The seed list, device, output place and post-training analyses do not change a run's training.
+        The seed list, device, output place, post-training analyses and what is logged do not change a run's
+        training.
         """
         d = self.to_dict()
-        for key in ("seeds", "device", "output_dir", "analyses", "name"):
+        for key in ("seeds", "device", "output_dir", "analyses", "name", "logging", "evaluation"):
             d.pop(key)
         d["training"].pop("resume_every")  # how often state is saved does not change the numbers
         for section in PROTOCOL_SECTIONS:  # runs from before these sections keep their fingerprint
@@ -356,6 +381,18 @@ def validate(cfg: RunConfig) -> None:
         _validate_synthetic(cfg.synthetic)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
+    _validate_evaluation(cfg.evaluation)
+
+
+def _validate_evaluation(e: EvaluationConfig) -> None:
+    for key, names, valid in (("metrics", e.metrics, EVAL_METRICS), ("loggers", e.loggers, EVAL_LOGGERS)):
+        for name in names:
+            if name not in valid and not (key == "metrics" and ":" in name):
+                hint = _closest(name, list(valid))
+                raise ConfigError(f"evaluation.{key}: unknown '{name}'{hint}; valid: {', '.join(valid)}"
+                                  + (" or 'package.module:factory'" if key == "metrics" else ""))
+    if e.loggers and not e.metrics:
+        raise ConfigError("evaluation.loggers: given without evaluation.metrics, they would log nothing")
 
 
 def parse_tunnel_start(value: Any, where: str) -> int | str:
@@ -417,6 +454,7 @@ def _validate_ranges(cfg: RunConfig) -> None:
         ("training.lr_gamma", t.lr_gamma, t.lr_gamma > 0, "must be positive"),
         ("training.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "must not be negative"),
         ("training.resume_every", t.resume_every, t.resume_every >= 0, "must not be negative"),
+        ("logging.eval_every", cfg.logging.eval_every, cfg.logging.eval_every >= 0, "must not be negative"),
         ("training.lr_milestones", t.lr_milestones, all(m >= 1 for m in t.lr_milestones), "epochs are at least 1"),
         ("data.train_per_class", d.train_per_class, d.train_per_class is None or d.train_per_class >= 1,
          "must be at least 1 (or empty: every image)"),

@@ -18,7 +18,10 @@ from cltunnel.data.scenarios import resolve_class_order, task_sizes
 from cltunnel.experiments import Protocol, protocol_for, protocol_for_saved
 from cltunnel.measures.tunnel import check_tunnel_start
 from cltunnel.models.zoo import check_model
+from cltunnel.reports.page import REPORT_HTML, build_report
+from cltunnel.reports.provenance import record_provenance
 from cltunnel.store import CONFIG_FILE, check_writable, finished_tasks, load_run_config, run_lock, scenario_dir_of, seed_dir, seed_dirs
+from cltunnel.training.evaluators import check_evaluation
 from cltunnel.training.strategies import check_strategy_args
 
 TUNNEL_START_ARGS = ("tunnel_start", "layer")  # strategy arguments that name a layer of the body
@@ -36,6 +39,7 @@ def preflight(cfg: RunConfig) -> Protocol:
         heads = sizes if cfg.scenario.mode == "task" else [n_classes]
         n_layers = check_model(cfg.model.name, cfg.model.width, cfg.model.args, heads, in_shape)
         check_strategy_args(cfg.strategy)
+        check_evaluation(cfg.evaluation)
         _check_tunnel_starts(cfg, n_layers)
     resolve_device(cfg.device)
     check_writable(cfg.output_dir)
@@ -58,18 +62,28 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
     data = data if data is not None else load_data(cfg)
     options = {"stop_after": stop_after} if stop_after is not None else {}
     with run_lock(seed_dir(cfg, seed)):
+        record_provenance(seed_dir(cfg, seed), resolve_device(cfg.device))
         return protocol_for(cfg).run_seed(cfg, seed, data, progress, **options)
 
 
 def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
-    """Check the scenario, run every seed, then its tables over seeds; returns the scenario directory."""
+    """Check the scenario, run every seed, then its tables over seeds and (``logging.report``) its report
+    pages; returns the scenario directory."""
     protocol = preflight(cfg)
     data = load_data(cfg)
     for seed in cfg.seeds:
         run_seed(cfg, seed, data, progress)
     scenario_dir = scenario_dir_of(cfg)
     protocol.aggregate(scenario_dir)
+    if cfg.logging.report:
+        build_report(scenario_dir)
     return scenario_dir
+
+
+def report_path(cfg: RunConfig) -> Path:
+    """The page to open after a run: the seed's for a one-seed scenario, else the scenario's (mean ± std)."""
+    directory = seed_dir(cfg, cfg.seeds[0]) if len(cfg.seeds) == 1 else scenario_dir_of(cfg)
+    return directory / REPORT_HTML
 
 
 def saved_protocol(directory: str | Path) -> Protocol | None:

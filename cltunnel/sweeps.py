@@ -43,7 +43,8 @@ from cltunnel.config import ConfigError, RunConfig, parse_config, set_dotted
 from cltunnel.data.images import load_data
 from cltunnel.errors import CltunnelError
 from cltunnel.runs import preflight, run_seed, saved_protocol
-from cltunnel.store import MANIFEST, load_manifest, seed_dir
+from cltunnel.reports.page import build_report
+from cltunnel.store import CONFIG_FILE, MANIFEST, load_manifest, seed_dir, seed_dirs
 
 DONE_FILE = "sweep_done.json"  # in a run directory: the sweep finished this run
 
@@ -222,6 +223,8 @@ def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True, p
     results += runner(sweep, todo, bar)
     bar.close()
     aggregate_sweep(sweep.directory)
+    if any(seed_dirs(sweep.directory / job.config, CONFIG_FILE) for job in jobs):
+        build_report(sweep.directory)
     return results
 
 

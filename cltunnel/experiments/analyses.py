@@ -31,6 +31,7 @@ from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.store import epoch_checkpoints, finished_tasks, load_metrics, load_run_config
 from cltunnel.training.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint
 from cltunnel.training.evaluation import predict_accuracy
+from cltunnel.training.history import open_tensorboard
 
 
 # Thesis Table 5.4.1 (VGG-19, split CIFAR-10 5/5), first and second task accuracy (%).
@@ -50,6 +51,7 @@ class LoadedRun:
     options: AnalysesConfig
     progress: bool = True
     profile: pd.DataFrame | None = None  # tunnel profile of the model after task 1, computed once
+    tensorboard: bool = False  # also write per-layer profiles to the run's TensorBoard events
 
     @property
     def n_layers(self) -> int:
@@ -88,7 +90,7 @@ def load_run(run_dir: str | Path, device: str = "auto", options: AnalysesConfig 
     heads = own_heads(models)
     models = [with_heads(m, heads) for m in models]
     return LoadedRun(run_dir, models, DeviceData.create(scenario, dev, augment=False, channels_last=False),
-                     options or cfg.analyses, progress)
+                     options or cfg.analyses, progress, tensorboard=cfg.logging.tensorboard)
 
 
 # ----------------------------------------------------------------------------------------- tunnel
@@ -127,8 +129,20 @@ def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
 def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> dict[str, int]:
     starts = {f">{t}": tunnel_start((profile["probe_acc"] / 100).to_dict(), t) for t in (0.95, 0.98)}
     profile.to_csv(run.run_dir / "tunnel_profile.csv")
+    log_profile(run, "tunnel_profile", profile[["probe_acc", "rank"]])
     _plot_tunnel(profile, starts[">0.95"], run.depth, run.run_dir / "tunnel_profile.png")
     return starts
+
+
+def log_profile(run: LoadedRun, tag: str, frame: pd.DataFrame) -> None:
+    """Per-layer columns into the run's TensorBoard events (step = layer), when the run logs there."""
+    writer = open_tensorboard(run.run_dir, run.tensorboard)
+    if writer is None:
+        return
+    for column in frame.columns:
+        for layer, value in frame[column].items():
+            writer.add_scalar(f"{tag}/{column}", float(value), int(layer))
+    writer.close()
 
 
 def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> None:
@@ -452,6 +466,7 @@ def _analysis_tunnel(run: LoadedRun) -> pd.DataFrame:
 def _analysis_ood(run: LoadedRun) -> pd.DataFrame:
     frame, rho = ood_profile(run)
     frame.to_csv(run.run_dir / "ood_probes.csv")
+    log_profile(run, "ood_probes", frame[["id_probe_acc", "ood_probe_acc"]])
     start = tunnel_start((frame["id_probe_acc"] / 100).to_dict(), run.options.tunnel_threshold)
     (run.run_dir / "ood_rho.txt").write_text(f"ood data: {run.options.ood_data}\nrho: {rho:.4f}\n")
     _plot_per_layer(frame, {"id_probe_acc": "in-distribution (task 1)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 
 def pyplot():
@@ -26,3 +27,22 @@ def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    """Training curves: loss and training accuracy per epoch over the whole task sequence, the test accuracy of
+    each task where it was measured, task boundaries dashed."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    x = np.arange(1, len(history) + 1)
+    left.plot(x, history["loss"], color="C0", label="training loss")
+    left.set(xlabel="epoch (all tasks)", ylabel="loss", yscale="log")
+    right.plot(x, 100 * history["train_acc"], color="k", lw=1, alpha=0.6, label="training accuracy")
+    for column in [c for c in history.columns if c.startswith("test_acc_task")]:
+        seen = history[column].notna().to_numpy()
+        right.plot(x[seen], 100 * history[column][seen], marker="o", ms=3, label=column.replace("test_acc_", "test, "))
+    right.set(xlabel="epoch (all tasks)", ylabel="accuracy (%)")
+    for boundary in np.flatnonzero(np.diff(history["task"].to_numpy())) + 1.5:
+        for ax in (left, right):
+            ax.axvline(boundary, color="grey", ls="--", lw=0.8)
+    save_figure(fig, (left, right), path, legend_size=7)

@@ -27,6 +27,11 @@ def evaluate_all(model: LayeredModel, data: DeviceData, batch_size: int, amp: bo
     return Evaluation(acc, [exact_rows_accuracy(model, data, t, a, batch_size, amp) for t, a in zip(tasks, acc)])
 
 
+def evaluate_seen(model: LayeredModel, data: DeviceData, task: int, batch_size: int, amp: bool) -> list[float]:
+    """Accuracy on the chosen test rows of tasks 0..task (the training curves' test columns)."""
+    return [predict_accuracy(model, data, t, None, batch_size, amp) for t in data.scenario.tasks[: task + 1]]
+
+
 @torch.no_grad()
 def predict_accuracy(model: nn.Module, data: DeviceData, task: Task, rows: torch.Tensor | None = None,
                      batch_size: int = 1000, amp: bool = False, split: str = "test") -> float:

@@ -26,7 +26,10 @@ from cltunnel.reports.tables import render
 from cltunnel.store import partial_checkpoint_path, save_metrics, save_run_config, seed_dir
 from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, load_partial_task, load_strategy_state,
                                            save_epoch_checkpoint, save_partial_task, save_task_checkpoint)
-from cltunnel.training.evaluation import Evaluation, evaluate_all
+from cltunnel.training.evaluation import Evaluation, evaluate_all, evaluate_seen
+from cltunnel.training.evaluators import build_evaluator, close_loggers
+from cltunnel.training.history import HistoryPlugin, end_of_task, open_tensorboard, write_history
+from cltunnel.training.plain_state import decode
 from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
 from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
 from cltunnel.training.strategies import build_strategy
@@ -82,14 +85,19 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         model.body.compile()
     mean, std = scenario.data.channel_stats()
     benchmark = avalanche_benchmark(scenario, mean, std)
-    resume = MidTaskResumePlugin(tcfg.resume_every, tcfg.epochs,
-                                 lambda t, done: save_partial_task(run_dir, t, done, model, strategy, cfg))
-    plugins = [ProgressPlugin(progress), resume, MemorySeedPlugin(seed)]  # the seeds first: before the memories
+    history = metrics.setdefault("history", [])
+    resume = MidTaskResumePlugin(tcfg.resume_every, tcfg.epochs, lambda t, done: save_partial_task(
+        run_dir, t, done, model, strategy, cfg, extra={"history": history}))
+    writer = open_tensorboard(run_dir, cfg.logging.tensorboard)
+    curves = HistoryPlugin(history, lambda t: evaluate_seen(model, ddata, t, tcfg.eval_batch_size, amp),
+                           cfg.logging.eval_every, writer)
+    plugins = [ProgressPlugin(progress), resume, curves, MemorySeedPlugin(seed)]  # the seeds before the memories
     if tcfg.checkpoint_every:
         plugins.append(EpochCheckpointPlugin(
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
+    evaluator = build_evaluator(cfg.evaluation, run_dir)
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
-                              RunContext(ddata, seed, amp))
+                              RunContext(ddata, seed, amp), evaluator)
     load_strategy_state(strategy, strategy_state)
     rebuild_memories(strategy, benchmark, seed, start_task)
     if start_task == 0 and "acc_init" not in metrics:  # the untrained model on every task: FWT's baseline
@@ -99,21 +107,31 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     for t in range(start_task, len(scenario.tasks)):
         timer = Timer()
         seed_task(seed, t)
-        resume.start_task(t, load_partial_task(run_dir, t, cfg), model)
+        partial = load_partial_task(run_dir, t, cfg)
+        if partial is not None:
+            history[:] = decode(partial["extra"].get("history", history), None, None)
+        resume.start_task(t, partial, model)
         strategy.train_epochs = tcfg.epochs - resume.epochs_done
         strategy.train(benchmark.train_stream[t], eval_streams=[], reset_optimizer_state=True)
         strategy.train_epochs = tcfg.epochs
         check_finite(model, t)
+        if cfg.evaluation.metrics:  # Avalanche's metrics and loggers, on the same device data
+            strategy.eval(benchmark.test_stream)
         ev = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
+        end_of_task(history, ev.acc, t, writer)
         metrics["acc"].append(ev.acc)
         if metrics["acc_lossless"] is not None:
             metrics["acc_lossless"].append(ev.acc_lossless)
         metrics["task_seconds"].append(timer.seconds)
         save_task_checkpoint(run_dir, t, model, strategy.optimizer, cfg, seed, metrics, spec, strategy)
         partial_checkpoint_path(run_dir, t).unlink(missing_ok=True)
+        write_history(run_dir, history)
         _report(cfg, seed, t, len(scenario.tasks), ev, metrics["task_seconds"])
         if stop_after is not None and t >= stop_after:
             break
+    close_loggers(evaluator)
+    if writer is not None:
+        writer.close()
 
 
 def seed_task(seed: int, task: int) -> None:

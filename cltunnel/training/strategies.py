@@ -113,9 +113,10 @@ def check_strategy_args(cfg: StrategyConfig) -> None:
 
 
 def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConfig, criterion: nn.Module,
-                   device: torch.device, plugins: list, context: RunContext | None = None) -> Any:
-    """Instantiate the strategy with SGD at the scenario's settings and a silent Avalanche evaluator; with a
-    ``context``, it trains from cltunnel's device data."""
+                   device: torch.device, plugins: list, context: RunContext | None = None,
+                   evaluator: EvaluationPlugin | None = None) -> Any:
+    """Instantiate the strategy with SGD at the scenario's settings and ``evaluator`` (default: a silent
+    Avalanche evaluator; see training.evaluators); with a ``context``, it trains from cltunnel's device data."""
     cls, args = resolve_strategy(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay)
@@ -127,7 +128,7 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
             warnings.filterwarnings("ignore", message="No loggers specified")
             return cls(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=training.batch_size,
                    train_epochs=training.epochs, eval_mb_size=training.eval_batch_size, device=device,
-                       plugins=plugins, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1, run_context=context,
+                       plugins=plugins, evaluator=evaluator or EvaluationPlugin(loggers=[]), eval_every=-1, run_context=context,
                        **args)
     except TypeError as err:
         raise ConfigError(f"strategy.args: {cls.__name__} rejected its arguments {args}: {err}") from None

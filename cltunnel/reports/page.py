@@ -1,0 +1,186 @@
+"""One page per run, scenario or sweep: ``report.md`` and a self-contained ``report.html`` (figures embedded,
+opens from disk, no server) holding every figure and table the directory has, each with a line saying what it
+shows and what it reproduces, the resolved config and where the numbers came from.
+
+The page is built from the files a run already wrote (cltunnel's tables are markdown, its figures PNG), so it
+can be (re)built at any time: ``cltunnel report DIR``. A scenario's page links its seeds' pages and a sweep's
+its configurations', each built on the way.
+"""
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import re
+from pathlib import Path
+
+import markdown
+import pandas as pd
+
+from cltunnel.reports.provenance import load_provenance
+from cltunnel.store import CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, seed_dirs
+
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+
+# What each file shows, by name pattern (first match wins). Figures first on the page, in this order.
+FIGURES = [
+    ("history.png", "Training curves: loss and training accuracy per epoch over the task sequence, and each task's "
+                    "test accuracy where measured (task boundaries dashed)."),
+    ("accuracy.png", "Accuracy on each task after each training task (rows of the accuracy matrix; mean ± std "
+                     "band over seeds): forgetting is the drop of a line."),
+    ("tunnel_profile.png", "Linear-probe accuracy and numerical rank per layer of the model after task 1 (thesis "
+                           "Figs. 5.2.x); shaded: the tunnel from the start the rule picked."),
+    ("*substitution.png", "Substitution curves M1[1:x] + M2[x+1:n] (thesis Fig. 5.5.1): from which layer on M2's "
+                          "layers serve task 1 as well as M1's."),
+    ("*swap_vs_k.png", "Table 5.4.1's non-FT rows as functions of the tunnel start k (each rule's k marked)."),
+    ("variance_profile.png", "Intra- and inter-class variance of each layer's representations (thesis §5.2): "
+                             "the tunnel compresses the within-class spread."),
+    ("erosion_curve.png", "Feature erosion (thesis ch. 4): clean and squared test accuracy over the phases' epochs."),
+    ("erosion_profile.png", "Probe accuracy per layer before and after erosion (thesis ch. 4)."),
+    ("erosion_cka.png", "CKA per layer between the models before and after erosion (thesis ch. 4)."),
+    ("erosion_ratio.png", "Erosion against the share of squared training images (thesis ch. 4)."),
+    ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
+    ("*cka_layers_model*.png", "Layer-by-layer linear CKA matrix of one model (thesis §5.6)."),
+    ("*cka*.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
+    ("*protocols.png", "Probe accuracy of D/AE/VAE representations under each protocol (thesis ch. 5 baselines)."),
+    ("*recon_unseen.png", "Reconstructions of unseen classes by the generative models."),
+    ("samples.png", "Samples of the learned synthetic data."),
+    ("development.png", "The tunnel's development over training (epoch checkpoints)."),
+    ("ood_probes.png", "Out-of-distribution probes per layer beside in-distribution ones (thesis ch. 6, rho)."),
+    ("*.png", ""),
+]
+TABLES = [
+    ("*table_5_4_1.md", "Extractor/tunnel swap in the layout of thesis Table 5.4.1, thesis column beside it."),
+    ("*swap_vs_k.md", "The swap rows at every tunnel start k."),
+    ("accuracy_matrix.md", "Accuracy matrix: row = after training task i, column = test accuracy on task j."),
+    ("accuracy_matrix_exact_rows.md", "The same on the exact-pixel test rows only (CIFAR-10 rows 0-999 here; the "
+                                      "rest were decoded from JPEG)."),
+    ("forgetting.md", "Accuracy right after each task, after the last, and the drop (forgetting)."),
+    ("forgetting_exact_rows.md", "Forgetting on the exact-pixel test rows only."),
+    ("cl_metrics.md", "ACC, BWT, FWT, forgetting (last and max based), average incremental accuracy (README: "
+                      "formulas)."),
+    ("cl_metrics_exact_rows.md", "The same metrics on the exact-pixel test rows only."),
+    ("summary.md", "Every configuration of the sweep: average accuracy and forgetting."),
+    ("*.md", ""),
+]
+NOTES = ("tunnel_start.txt", "swap_meta.txt", "ood_rho.txt")  # one-line results shown verbatim
+SKIPPED = (REPORT_MD, "README.md", "CAMPAIGN.md")
+
+
+def caption(name: str, table: list[tuple[str, str]]) -> str:
+    return next(text for pattern, text in table if fnmatch.fnmatch(name, pattern))
+
+
+def _order(paths: list[Path], table: list[tuple[str, str]]) -> list[Path]:
+    rank = {p: next(i for i, (pattern, _) in enumerate(table) if fnmatch.fnmatch(p.name, pattern)) for p in paths}
+    return sorted(paths, key=lambda p: (rank[p], p.name))
+
+
+def kind_of(directory: Path) -> str:
+    if is_sweep_dir(directory):
+        return "sweep"
+    return "run" if (directory / CONFIG_FILE).exists() else "scenario"
+
+
+def children(directory: Path, kind: str) -> list[Path]:
+    """The pages a page links to: a scenario's seeds, a sweep's configurations."""
+    if kind == "scenario":
+        return seed_dirs(directory, CONFIG_FILE)
+    if kind == "sweep":
+        return sorted(p for p in directory.iterdir() if p.is_dir() and seed_dirs(p, CONFIG_FILE))
+    return []
+
+
+def report_markdown(directory: Path) -> str:
+    """The page as markdown, figures linked by file name."""
+    kind = kind_of(directory)
+    parts = [f"# {directory.name}: {kind} report", "", f"`{directory.resolve()}`", ""]
+    subpages = children(directory, kind)
+    if subpages:
+        parts += ["## " + ("Seeds" if kind == "scenario" else "Configurations"), ""]
+        parts += [f"- [{p.name}]({p.name}/{REPORT_HTML})" for p in subpages] + [""]
+    notes = [(directory / n) for n in NOTES if (directory / n).exists()]
+    if notes:
+        parts += ["## Results in one line", ""] + [f"- {n.stem}: {n.read_text().strip()}".replace("\n", "; ")
+                                                     for n in notes] + [""]
+    figures = _order([p for p in directory.glob("*.png")], FIGURES)
+    if figures:
+        parts += ["## Figures", ""]
+        for fig in figures:
+            parts += [f"![{fig.stem}]({fig.name})", "", f"*{fig.name}*: {caption(fig.name, FIGURES)}", ""]
+    tables = _order([p for p in directory.glob("*.md") if p.name not in SKIPPED], TABLES)
+    csv_only = [p for p in sorted(directory.glob("*.csv")) if not p.with_suffix(".md").exists()]
+    if tables or csv_only:
+        parts += ["## Tables", ""]
+        for table in tables:
+            parts += [f"*{table.name}*: {caption(table.name, TABLES)}", "", _demote(table.read_text()), ""]
+        for table in csv_only:
+            parts += [f"*{table.name}*", "", _csv_markdown(table), ""]
+    parts += _config_section(directory, kind, subpages) + _provenance_section(directory, kind, subpages)
+    return "\n".join(parts) + "\n"
+
+
+def _demote(md: str) -> str:
+    """A table file's own headings sit below the page's sections."""
+    return re.sub(r"^(#{1,3}) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", md, flags=re.M)
+
+
+def _csv_markdown(path: Path, max_rows: int = 40) -> str:
+    frame = pd.read_csv(path)
+    more = f"\n\n({len(frame) - max_rows} more rows in the file)" if len(frame) > max_rows else ""
+    return frame.head(max_rows).to_markdown(index=False, floatfmt=".4g") + more
+
+
+def _config_section(directory: Path, kind: str, subpages: list[Path]) -> list[str]:
+    source = directory if kind == "run" else next(iter(subpages), None)
+    if kind == "sweep" and source is not None:
+        source = next(iter(seed_dirs(source, CONFIG_FILE)), None)
+    if source is None or not (source / CONFIG_FILE).exists():
+        return []
+    label = "" if kind == "run" else f" (of {source.relative_to(directory)})"
+    return ["## Resolved config" + label, "", "```yaml", (source / CONFIG_FILE).read_text().rstrip(), "```", ""]
+
+
+def _provenance_section(directory: Path, kind: str, subpages: list[Path]) -> list[str]:
+    runs = [directory] if kind == "run" else subpages if kind == "scenario" else []
+    rows = [{"run": r.name if r != directory else ".", **entry} for r in runs for entry in load_provenance(r)]
+    if not rows:
+        return ["## Provenance", "", "(not recorded: runs made before cltunnel 0.2 record none)", ""]
+    return ["## Provenance", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+
+
+def to_html(md: str, directory: Path, title: str) -> str:
+    """The markdown page as one HTML file: every local PNG inlined as a data URI."""
+    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
+
+    def inline(match: re.Match) -> str:
+        path = directory / html.unescape(match.group(1))
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+         "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:13px;margin:.5em 0}"
+         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f4f4f4}"
+         "pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:12px}code{font-size:12px}"
+         "h2{border-bottom:1px solid #ddd;margin-top:1.6em}")
+
+
+def build_report(directory: str | Path) -> Path:
+    """Write ``report.md`` and ``report.html`` in ``directory`` (and in the pages it links); returns the HTML."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    if not (directory / CONFIG_FILE).exists() and not seed_dirs(directory, CONFIG_FILE) and not is_sweep_dir(directory):
+        raise FileNotFoundError(f"{directory}: not a run, scenario or sweep directory (no {CONFIG_FILE} here or in "
+                                f"seed*/; no {METRICS_FILE})")
+    for child in children(directory, kind_of(directory)):
+        build_report(child)
+    md = report_markdown(directory)
+    atomic_write_text(directory / REPORT_MD, md)
+    atomic_write_text(directory / REPORT_HTML, to_html(md, directory, directory.name))
+    return directory / REPORT_HTML
