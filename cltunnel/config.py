@@ -98,6 +98,9 @@ class EvaluationConfig:
     loggers: list[str] = field(default_factory=list)  # EVAL_LOGGERS names (text, csv, tensorboard: files in the run)
 
 
+TUNNEL_RULE_NAMES = ("last", "peak", "rank")  # defined in cltunnel.measures.tunnel
+PROBE_PROTOCOLS = ("thesis", "official")  # see cltunnel.measures.probes.protocol_config
+
 ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")  # implemented in cltunnel.experiments.analyses
 
 
@@ -105,7 +108,9 @@ ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "develo
 class AnalysesConfig:
     run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, cka_layers, development, ood
     tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
-    tunnel_threshold: float = 0.95  # tunnel starts where probe accuracy reaches this share of the last layer's
+    tunnel_rule: str = "last"  # how "auto" picks k: last | peak | rank (cltunnel.measures.tunnel, README)
+    tunnel_threshold: float | None = None  # the rule's share (default: last 0.95, peak 0.95, rank 0.10)
+    probe_protocol: str = "thesis"  # thesis | official (e7mul/tunnel_project: 80/20 split, 1e-3 |W|, <=10k dims)
     probe: dict[str, Any] = field(default_factory=dict)  # ProbeConfig overrides (epochs, lr, batch_size, ...)
     rank_samples: int = 2000  # training rows whose representations give the numerical rank
     rank_threshold: float = 1e-3  # singular values above sigma_1 * this count towards the rank
@@ -373,6 +378,10 @@ def validate(cfg: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"analyses.run: unknown {unknown}; valid: {', '.join(ANALYSIS_NAMES)}")
     parse_tunnel_start(cfg.analyses.tunnel_start, "analyses.tunnel_start")
+    for key, value, valid in (("tunnel_rule", cfg.analyses.tunnel_rule, TUNNEL_RULE_NAMES),
+                              ("probe_protocol", cfg.analyses.probe_protocol, PROBE_PROTOCOLS)):
+        if value not in valid:
+            raise ConfigError(f"analyses.{key}: unknown '{value}'{_closest(value, list(valid))}; valid: {', '.join(valid)}")
     if cfg.erosion is not None:
         _validate_erosion(cfg)
     if cfg.representations is not None:
@@ -460,7 +469,8 @@ def _validate_ranges(cfg: RunConfig) -> None:
          "must be at least 1 (or empty: every image)"),
         ("data.test_per_class", d.test_per_class, d.test_per_class is None or d.test_per_class >= 1,
          "must be at least 1 (or empty: every image)"),
-        ("analyses.tunnel_threshold", a.tunnel_threshold, 0 < a.tunnel_threshold <= 1, "is a share in (0, 1]"),
+        ("analyses.tunnel_threshold", a.tunnel_threshold, a.tunnel_threshold is None or 0 < a.tunnel_threshold <= 1,
+         "is a share in (0, 1]"),
         ("analyses.rank_samples", a.rank_samples, a.rank_samples >= 2, "must be at least 2"),
         ("analyses.rank_threshold", a.rank_threshold, 0 < a.rank_threshold < 1, "is a share in (0, 1)"),
         ("analyses.ood_train_per_class", a.ood_train_per_class, a.ood_train_per_class >= 1, "must be at least 1"),

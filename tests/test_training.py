@@ -217,11 +217,15 @@ def test_ood_probes_read_mnist_through_a_cifar_backbone(cifar10, tmp_path):
     best = ood["ood_probe_acc"].max()
     assert rho == pytest.approx((best - ood["ood_probe_acc"].iloc[-1]) / best, abs=1e-4) and 0 <= rho <= 1
     assert (run_dir / "ood_probes.png").exists() and (run_dir / "variance_profile.png").exists()
-    from cltunnel.experiments.analyses import run_analyses, tunnel_table
+    from cltunnel.experiments.analyses import TABLE_5_2_1_RULES, profile_series, run_analyses, tunnel_table
+    from cltunnel.measures.tunnel import format_layer, tunnel_start
 
     md = tunnel_table(tmp_path)  # Table 5.2.1 over the runs below: this one, with its own tunnel starts
-    starts = dict(line.split(": ") for line in (run_dir / "tunnel_start.txt").read_text().splitlines()[:2])
-    assert f"| {starts['>0.95']} " in md and f"| {starts['>0.98']} " in md and "vgg11 (width 0.125) |      11 | cifar10   |         5 |" in md
+    acc, ranks = profile_series(pd.read_csv(run_dir / "tunnel_profile.csv", index_col=0))
+    cells = [format_layer(tunnel_start(acc, share, rule, ranks), 11) for rule, share in TABLE_5_2_1_RULES.values()]
+    row = next(line for line in md.splitlines() if line.startswith("| vgg11 (width 0.125) |      11 | cifar10   |         5 |"))
+    assert [c.strip() for c in row.split("|")[5:9]] == cells
+    assert "rule 'rank'" in md and "(used)" in (run_dir / "tunnel_start.txt").read_text()
     with pytest.raises(ConfigError, match="ood_classes"):
         run_analyses(run_dir, ["ood"], "cpu", parse_config({**raw, "analyses": {"ood_classes": [3, 12]}}).analyses)
 

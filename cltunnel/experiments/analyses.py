@@ -21,9 +21,10 @@ from cltunnel.config import ANALYSIS_NAMES, AnalysesConfig, ConfigError, parse_t
 from cltunnel.data.device import DeviceData, resolve_device
 from cltunnel.data.images import ImageData, load_data, load_dataset, rendered_as
 from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
-from cltunnel.measures.probes import ProbeConfig, layer_features, train_probes
-from cltunnel.measures.similarity import cka_matrix, class_variance, minibatch_cka, numerical_rank
-from cltunnel.measures.tunnel import check_tunnel_start, format_layer, kappa, tunnel_start
+from cltunnel.measures.probes import ProbeConfig, layer_ranks, probe_protocol, train_probes
+from cltunnel.measures.similarity import cka_matrix, minibatch_cka
+from cltunnel.measures.tunnel import (check_tunnel_start, describe_rule, format_layer, kappa, profile_notices,
+                                      rule_starts, tunnel_start)
 from cltunnel.models.layered import LayeredModel
 from cltunnel.models.surgery import compose, own_heads, with_heads
 from cltunnel.reports.figures import pyplot, save_figure
@@ -52,6 +53,7 @@ class LoadedRun:
     progress: bool = True
     profile: pd.DataFrame | None = None  # tunnel profile of the model after task 1, computed once
     tensorboard: bool = False  # also write per-layer profiles to the run's TensorBoard events
+    notices_shown: bool = False  # the profile's notices are printed once per run
 
     @property
     def n_layers(self) -> int:
@@ -70,10 +72,17 @@ class LoadedRun:
         return self.data.scenario.data.has_lossy_test_rows
 
     def probe_config(self) -> ProbeConfig:
-        try:
-            return ProbeConfig(**self.options.probe)
-        except TypeError as err:
-            raise ConfigError(f"analyses.probe: {err}; valid: epochs, lr, weight_decay, batch_size, cache_bytes, seed") from None
+        return probe_protocol(self.options.probe_protocol, self.options.probe)
+
+    def rule_start(self, probe_acc: dict[int, float], ranks: dict[int, float] | None = None) -> int:
+        """k by the scenario's rule (``analyses.tunnel_rule`` at ``tunnel_threshold``); profiles without ranks
+        (OOD probes) fall back to the 'last' rule for the rank rule."""
+        rule = self.options.tunnel_rule if ranks or self.options.tunnel_rule != "rank" else "last"
+        threshold = self.options.tunnel_threshold if rule == self.options.tunnel_rule else None
+        return tunnel_start(probe_acc, threshold, rule, ranks)
+
+    def rule_text(self) -> str:
+        return describe_rule(self.options.tunnel_rule, self.options.tunnel_threshold)
 
 
 def load_run(run_dir: str | Path, device: str = "auto", options: AnalysesConfig | None = None,
@@ -101,12 +110,8 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
     model = run.models[model_index]
     t = run.data.scenario.tasks[task]
     acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
-    rows = t.train_idx[: run.options.rank_samples]
-    ranks, variances = {}, {}
-    for k in range(1, run.n_layers + 1):
-        feats, labels = layer_features(model, run.data, t, "eval_train", [k], rows=rows)
-        ranks[k] = numerical_rank(feats[k], run.options.rank_threshold)
-        variances[k] = class_variance(feats[k], labels)
+    ranks, variances = layer_ranks(model, run.data, t, t.train_idx[: run.options.rank_samples],
+                                   run.options.probe_protocol, run.options.rank_threshold)
     profile = pd.DataFrame({"layer": list(acc), "name": model.layer_names,
                             "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc],
                             "intra_class_var": [variances[k][0] for k in acc],
@@ -118,20 +123,34 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
 
 
 def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
-    """From ``analyses.tunnel_start`` (a layer number) or, by default, from probes of the model after task 1."""
+    """From ``analyses.tunnel_start`` (a layer number) or, by default, by ``analyses.tunnel_rule`` from the
+    profile of the model after task 1."""
     given = parse_tunnel_start(run.options.tunnel_start, "analyses.tunnel_start")
     if given != "auto":
         return check_tunnel_start(given, run.n_layers, "analyses.tunnel_start"), None
     profile = tunnel_profile(run)
-    return tunnel_start((profile["probe_acc"] / 100).to_dict(), run.options.tunnel_threshold), profile
+    acc, ranks = profile_series(profile)
+    return run.rule_start(acc, ranks), profile
 
 
-def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> dict[str, int]:
-    starts = {f">{t}": tunnel_start((profile["probe_acc"] / 100).to_dict(), t) for t in (0.95, 0.98)}
+def profile_series(profile: pd.DataFrame) -> tuple[dict[int, float], dict[int, float]]:
+    """A tunnel profile's probe accuracies (in [0, 1]) and ranks, layer -> value, as the rules read them."""
+    return (profile["probe_acc"] / 100).to_dict(), profile["rank"].to_dict()
+
+
+def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> tuple[int, dict[str, int], list[str]]:
+    """The profile's CSV, figure and TensorBoard scalars; returns the k the scenario's rule picks, every rule's
+    k and the notices on the profile (also printed)."""
+    acc, ranks = profile_series(profile)
+    starts, chosen = rule_starts(acc, ranks), run.rule_start(acc, ranks)
+    notices = profile_notices(acc, starts, run.depth)
+    for notice in notices if not run.notices_shown else []:
+        print(f"notice ({run.run_dir}): {notice}", flush=True)
+    run.notices_shown = True
     profile.to_csv(run.run_dir / "tunnel_profile.csv")
     log_profile(run, "tunnel_profile", profile[["probe_acc", "rank"]])
-    _plot_tunnel(profile, starts[">0.95"], run.depth, run.run_dir / "tunnel_profile.png")
-    return starts
+    _plot_tunnel(profile, chosen, starts, run.rule_text(), run.depth, run.run_dir / "tunnel_profile.png")
+    return chosen, starts, notices
 
 
 def log_profile(run: LoadedRun, tag: str, frame: pd.DataFrame) -> None:
@@ -145,14 +164,18 @@ def log_profile(run: LoadedRun, tag: str, frame: pd.DataFrame) -> None:
     writer.close()
 
 
-def _plot_tunnel(profile: pd.DataFrame, start: int, depth: int, path: Path) -> None:
+def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule: str, depth: int, path: Path
+                 ) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     x = profile.index.to_numpy()
     ax.plot(x, profile["probe_acc"], marker="o", color="C0", label="linear probe accuracy")
     ax.set_xlabel("layer")
     ax.set_ylabel("probe accuracy (%)", color="C0")
     ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label=f"tunnel from {format_layer(start, depth)}")
+    for (name, k), style in zip(starts.items(), (":", "--", "-.")):
+        ax.axvline(k, color="k", linestyle=style, linewidth=1, label=f"rule {name}: k={k}")
+    ax.set_title(rule, fontsize=8)
     ax2 = ax.twinx()
     ax2.plot(x, profile["rank"], marker="s", color="C3", label="numerical rank")
     ax2.set_ylabel("numerical rank", color="C3")
@@ -290,9 +313,10 @@ def swap_vs_k(curves: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def plot_swap_vs_k(mean: pd.DataFrame, std: pd.DataFrame, starts: list[int], path: Path, title: str) -> None:
+def plot_swap_vs_k(mean: pd.DataFrame, std: pd.DataFrame, starts: list[int], path: Path, title: str,
+                   rules: dict[str, list[int]] | None = None) -> None:
     """Each non-FT row of Table 5.4.1 on its own task against k, mean ± std over seeds; the tunnel starts
-    the runs used are marked."""
+    the runs used are marked (grey), and each rule's k (median over seeds) along the top."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for ax, task, rows in ((axes[0], 1, ("E1 + T1", "E1 + T2")), (axes[1], 2, ("E2 + T2", "E2 + T1"))):
@@ -302,6 +326,9 @@ def plot_swap_vs_k(mean: pd.DataFrame, std: pd.DataFrame, starts: list[int], pat
             ax.fill_between(mean.index, mean[col] - std[col].fillna(0), mean[col] + std[col].fillna(0), alpha=0.2)
         for k in sorted(set(starts)):
             ax.axvline(k, color="grey", linestyle=":", linewidth=1)
+        for (rule, ks), color in zip((rules or {}).items(), ("C2", "C3", "C4")):
+            k = float(np.median(ks))
+            ax.axvline(k, color=color, linestyle="--", linewidth=1, label=f"rule {rule}: k={k:g}")
         ax.set(title=f"{title}: task {task}", xlabel="k (extractor = layers 1..k)")
     axes[0].set_ylabel("accuracy (%)")
     save_figure(fig, axes, path)
@@ -385,7 +412,7 @@ def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
     for path in tqdm(paths, desc="development", disable=not run.progress, leave=False):
         state = load_checkpoint(path)
         model = model_from_checkpoint(state).to(run.data.device).eval()
-        feats, _ = layer_features(model, run.data, t, "eval_train", list(range(1, run.n_layers + 1)), rows=rows_idx)
+        ranks, _ = layer_ranks(model, run.data, t, rows_idx, run.options.probe_protocol, run.options.rank_threshold)
         for k, name in enumerate(model.layer_names, start=1):
             change = np.nan
             if previous is not None:
@@ -394,7 +421,7 @@ def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
                                     if v.is_floating_point()])
                 change = float((now - before).norm() / before.norm().clamp_min(1e-12))
             records.append({"epoch": state["epoch"], "layer": k, "name": name,
-                            "rank": numerical_rank(feats[k], run.options.rank_threshold), "weight_change": change})
+                            "rank": ranks[k], "weight_change": change})
         previous = state
     return pd.DataFrame(records)
 
@@ -442,24 +469,28 @@ def run_analyses(run_dir: str | Path, names: list[str] | None = None, device: st
 
 def _analysis_swap(run: LoadedRun) -> pd.DataFrame:
     k, profile = resolve_tunnel_start(run)
-    if profile is not None:
-        write_tunnel_profile(run, profile)
+    notices = write_tunnel_profile(run, profile)[2] if profile is not None else []
     df = swap_table(run, k)
     df.attrs["tunnel_start"] = k
     df.to_csv(run.run_dir / "swap_table.csv")
-    (run.run_dir / "swap_meta.txt").write_text(f"tunnel_start {k} of {run.depth} layers\n")
+    how = run.rule_text() if profile is not None else "fixed: analyses.tunnel_start"
+    (run.run_dir / "swap_meta.txt").write_text(f"tunnel_start {k} of {run.depth} layers ({how})\n"
+                                               + "".join(f"notice: {n}\n" for n in notices))
     return df
 
 
 def _analysis_tunnel(run: LoadedRun) -> pd.DataFrame:
     profile = tunnel_profile(run)
-    starts = write_tunnel_profile(run, profile)
-    kap = kappa((profile["probe_acc"] / 100).to_dict(), run.depth)
-    (run.run_dir / "tunnel_start.txt").write_text(
-        "\n".join(f"{k}: {format_layer(v, run.depth)}" for k, v in starts.items()) + f"\nkappa (eta 0.99): {kap:.3f}\n")
+    chosen, starts, notices = write_tunnel_profile(run, profile)
+    acc, _ = profile_series(profile)
+    lines = [f"{run.rule_text()} (used): {format_layer(chosen, run.depth)}"]
+    lines += [f"{describe_rule(rule)}: {format_layer(k, run.depth)}" for rule, k in starts.items()]
+    lines += [f"rule 'last' at 0.98: {format_layer(tunnel_start(acc, 0.98, 'last'), run.depth)}",
+              f"kappa (eta 0.99): {kappa(acc, run.depth):.3f}", *[f"notice: {n}" for n in notices]]
+    (run.run_dir / "tunnel_start.txt").write_text("\n".join(lines) + "\n")
     # intra- and inter-class variance per layer (the thesis's Figure 5.3 style)
     _plot_per_layer(profile, {"intra_class_var": "intra-class variance", "inter_class_var": "inter-class variance"},
-                    starts[">0.95"], run.run_dir / "variance_profile.png", ylabel="variance", yscale="log")
+                    chosen, run.run_dir / "variance_profile.png", ylabel="variance", yscale="log")
     return profile
 
 
@@ -467,7 +498,7 @@ def _analysis_ood(run: LoadedRun) -> pd.DataFrame:
     frame, rho = ood_profile(run)
     frame.to_csv(run.run_dir / "ood_probes.csv")
     log_profile(run, "ood_probes", frame[["id_probe_acc", "ood_probe_acc"]])
-    start = tunnel_start((frame["id_probe_acc"] / 100).to_dict(), run.options.tunnel_threshold)
+    start = run.rule_start((frame["id_probe_acc"] / 100).to_dict())
     (run.run_dir / "ood_rho.txt").write_text(f"ood data: {run.options.ood_data}\nrho: {rho:.4f}\n")
     _plot_per_layer(frame, {"id_probe_acc": "in-distribution (task 1)",
                             "ood_probe_acc": f"OOD: {run.options.ood_data} (rho {rho:.2f})"},
@@ -510,30 +541,36 @@ def _analysis_development(run: LoadedRun) -> pd.DataFrame:
 ANALYSES: dict[str, Callable[[LoadedRun], Any]] = {name: globals()[f"_analysis_{name}"] for name in ANALYSIS_NAMES}
 
 
+TABLE_5_2_1_RULES = {">0.95": ("last", 0.95), ">0.98": ("last", 0.98), "peak 0.95": ("peak", 0.95),
+                     "rank 0.1": ("rank", 0.10)}
+
+
 def tunnel_table(root: str | Path) -> str:
     """Table 5.2.1 across every run under ``root`` that has a tunnel profile: architecture, depth, dataset, the
     number of classes the profiled model was trained on (task 1's: fewer classes, longer tunnel) and the tunnel
-    start at the 95 % and 98 % rules, as the median over that set-up's seeds."""
+    start by the thesis's rule at 95 % and 98 % and by the peak and rank rules, as the median over that
+    set-up's seeds."""
     rows = []
     for path in sorted(Path(root).rglob("tunnel_profile.csv")):
         cfg = load_run_config(path.parent)
         classes = load_metrics(path.parent)["classes"][0]
-        acc = (pd.read_csv(path, index_col=0)["probe_acc"] / 100).to_dict()
+        acc, ranks = profile_series(pd.read_csv(path, index_col=0))
         rows.append({"architecture": f"{cfg['model']['name']} (width {cfg['model']['width']:g})",
                      "depth": len(acc) + 1, "dataset": cfg["data"]["name"], "classes": len(classes),
-                     **{t: tunnel_start(acc, float(t[1:])) for t in (">0.95", ">0.98")}})
+                     **{c: tunnel_start(acc, share, rule, ranks) for c, (rule, share) in TABLE_5_2_1_RULES.items()}})
     if not rows:
         raise FileNotFoundError(f"{root}: no tunnel_profile.csv below it; run the 'tunnel' analysis first")
     runs = pd.DataFrame(rows)
     keys = ["architecture", "depth", "dataset", "classes"]
-    table = runs.groupby(keys, sort=False).agg(**{t: (t, "median") for t in (">0.95", ">0.98")},
+    table = runs.groupby(keys, sort=False).agg(**{c: (c, "median") for c in TABLE_5_2_1_RULES},
                                                runs=(">0.95", "size")).reset_index()
-    for t in (">0.95", ">0.98"):
-        table[t] = [format_layer(int(round(k)), n) for k, n in zip(table[t], table["depth"])]
+    for c in TABLE_5_2_1_RULES:
+        table[c] = [format_layer(int(round(k)), n) for k, n in zip(table[c], table["depth"])]
     root = Path(root)
     table.to_csv(root / "table_5_2_1.csv", index=False)
     md = ("### Tunnel start across runs (thesis Table 5.2.1; median over runs)\n\n" + table.to_markdown(index=False)
-          + "\n\n- k (share of depth): the first layer whose probe accuracy reaches the share of the last layer's\n")
+          + "\n\n" + "\n".join(f"- {c}: {describe_rule(rule, share)}" for c, (rule, share) in TABLE_5_2_1_RULES.items())
+          + "\n- k (share of depth); the thesis's table uses the 'last' rule\n")
     (root / "table_5_2_1.md").write_text(md)
     return md
 
@@ -559,7 +596,8 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         else:
             reference = "no thesis reference values: Table 5.4.1 reports the full VGG-19 at width 1 on the (5,5) split only"
         shown_mean = shown_mean.astype(float)
-        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts}", *provenance, reference]
+        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts} ({'; '.join(_rule_texts(runs))})",
+                 *_seed_notices(runs), *provenance, reference]
         written.append(write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
                                           f"{scenario_dir.name}: extractor/tunnel swap (Table 5.4.1 layout, %)", notes))
     curves = [pd.read_csv(r / "substitution.csv") for r in runs if (r / "substitution.csv").exists()]
@@ -568,6 +606,9 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         allc.to_csv(out_dir / f"{scenario_dir.name}_substitution.csv", index=False)
         plot_substitution(allc, out_dir / f"{scenario_dir.name}_substitution.png", scenario_dir.name)
         written.append(_swap_vs_k_table(scenario_dir, out_dir, runs, curves))
+        by_rule = _swap_by_rule(scenario_dir, out_dir, runs)
+        if by_rule:
+            written.append(by_rule)
     ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
     if ckas:
         names = ckas[0]["name"]
@@ -584,12 +625,68 @@ def _tunnel_starts(runs: list[Path]) -> list[str]:
     return [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
 
 
+def _rule_texts(runs: list[Path]) -> list[str]:
+    """How each run's tunnel start was chosen (the parenthesis of its swap_meta.txt; older runs: rule 'last')."""
+    texts = []
+    for r in runs:
+        if (r / "swap_meta.txt").exists():
+            first = (r / "swap_meta.txt").read_text().splitlines()[0]
+            texts.append(first[first.index("(") + 1 : -1] if "(" in first else describe_rule("last"))
+    return list(dict.fromkeys(texts))
+
+
+def _seed_notices(runs: list[Path]) -> list[str]:
+    """The degenerate-profile notices of the seeds, each once with the seeds it concerns."""
+    seen: dict[str, list[str]] = {}
+    for r in runs:
+        meta = r / "swap_meta.txt"
+        for line in meta.read_text().splitlines() if meta.exists() else []:
+            if line.startswith("notice: "):
+                kind = line[len("notice: "):].split(" (")[0].split(":")[0]  # the notice's wording without its numbers
+                seen.setdefault(kind, []).append(f"{r.name}: {line[len('notice: '):]}")
+    return [f"NOTICE {'; '.join(items)}" for items in seen.values()]
+
+
+def _swap_by_rule(scenario_dir: Path, out_dir: Path, runs: list[Path]) -> str:
+    """Table 5.4.1's non-FT rows at each rule's k (per seed, from its tunnel profile), read off the
+    substitution curves, side by side with the thesis column: does the verdict depend on the rule?"""
+    runs = [r for r in runs if (r / "substitution.csv").exists() and (r / "tunnel_profile.csv").exists()]
+    if not runs:
+        return ""
+    frames, ks = [], {}
+    for r in runs:
+        table = swap_vs_k(pd.read_csv(r / "substitution.csv"))
+        starts = rule_starts(*profile_series(pd.read_csv(r / "tunnel_profile.csv", index_col=0)))
+        frame = pd.DataFrame(index=list(SWAP_ROWS))
+        for rule, k in starts.items():
+            ks.setdefault(rule, []).append(k)
+            for col, task in (("first task", 1), ("second task", 2)):
+                frame[f"{rule}: {col}"] = [table.loc[k, f"{row} / task {task}"] for row in SWAP_ROWS]
+        frames.append(frame)
+    mean, std = aggregate(frames)
+    if _is_table_5_4_1_setup(runs[0]):
+        for i, col in enumerate(("first task", "second task")):
+            mean[f"thesis {col}"] = [THESIS_TABLE_5_4_1[n][i] for n in mean.index]
+            std[f"thesis {col}"] = np.nan
+    notes = [f"{describe_rule(rule)}: k per seed {k}" for rule, k in ks.items()]
+    notes += ["all chosen test rows (read off the substitution curves); the FT rows need a head trained at each k "
+              "and are in the Table 5.4.1 file at the k the runs used"]
+    return write_table(mean.astype(float), std, len(frames), out_dir / f"{scenario_dir.name}_table_5_4_1_by_rule",
+                       f"{scenario_dir.name}: Table 5.4.1's rows at each tunnel-start rule's k (%)", notes)
+
+
 def _swap_vs_k_table(scenario_dir: Path, out_dir: Path, runs: list[Path], curves: list[pd.DataFrame]) -> str:
     mean, std = aggregate([swap_vs_k(c) for c in curves])
     starts = [int(k) for k in _tunnel_starts(runs)]
+    profiles = [pd.read_csv(r / "tunnel_profile.csv", index_col=0) for r in runs if (r / "tunnel_profile.csv").exists()]
+    by_rule: dict[str, list[int]] = {}
+    for profile in profiles:
+        for rule, k in rule_starts(*profile_series(profile)).items():
+            by_rule.setdefault(rule, []).append(k)
     stem = out_dir / f"{scenario_dir.name}_swap_vs_k"
-    plot_swap_vs_k(mean, std, starts, stem.with_suffix(".png"), scenario_dir.name)
-    notes = [f"tunnel start the runs used (analyses.tunnel_start, dotted lines in the figure): {starts}",
+    plot_swap_vs_k(mean, std, starts, stem.with_suffix(".png"), scenario_dir.name, by_rule)
+    notes = [f"tunnel start the runs used ({'; '.join(_rule_texts(runs))}; grey dotted lines in the figure): {starts}",
+             *[f"{describe_rule(rule)}: k per seed {ks} (marked in the figure)" for rule, ks in by_rule.items()],
              "all chosen test rows (the substitution curves are not kept on the exact rows alone)",
              "the thesis's Table 5.4.1 reading: E1 + T2 ≈ E1 + T1 and E2 + T1 ≈ E2 + T2 (gaps near 0) at the tunnel start"]
     return write_table(mean, std, len(curves), stem, f"{scenario_dir.name}: Table 5.4.1's rows against k (%)", notes)

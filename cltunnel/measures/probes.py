@@ -7,6 +7,7 @@ equals training them one by one, at a fraction of the cost.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -14,14 +15,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cltunnel.config import ConfigError
 from cltunnel.data.device import DeviceData
 from cltunnel.data.scenarios import Task
+from cltunnel.measures.similarity import class_variance, numerical_rank
 from cltunnel.models.layered import LayeredModel
 
 
 @dataclass
 class ProbeConfig:
-    """The thesis's probe protocol: Adam, lr 1e-3, no weight decay, 30 epochs, batch 512."""
+    """The thesis's probe protocol (the default): Adam, lr 1e-3, no weight decay, 30 epochs, batch 512, every
+    training row and every feature."""
 
     epochs: int = 30
     lr: float = 1e-3
@@ -29,6 +33,50 @@ class ProbeConfig:
     batch_size: int = 512
     cache_bytes: int = 4 << 30  # cache every layer's features when they fit in this many bytes
     seed: int = 0
+    train_share: float = 1.0  # share of the training rows that fit the probe (the rest is held out unused)
+    weight_norm: float = 0.0  # adds weight_norm * ||W||_F to each probe's loss
+    max_dims: int | None = None  # a fixed random subset of at most this many features per layer
+
+
+# e7mul/tunnel_project's probes (tunnel_methods.py): an 80/20 random split of the training features (the 20 %
+# is only monitored there: the probe evaluated is the last epoch's), cross-entropy + 1e-3 * ||W||, at most
+# 10,000 random feature dimensions per layer; its rank: torch.linalg.matrix_rank of the covariance of at most
+# 8,000 random dimensions at the default tolerance (see ``rank_threshold``).
+OFFICIAL_PROBES = {"train_share": 0.8, "weight_norm": 1e-3, "max_dims": 10_000}
+RANK_MAX_FEATURES = 8000  # both protocols rank at most this many random dimensions
+
+
+def probe_protocol(name: str, overrides: dict | None = None) -> ProbeConfig:
+    """The probe settings of a named protocol (``thesis`` or ``official``), then the scenario's overrides."""
+    base = OFFICIAL_PROBES if name == "official" else {}
+    try:
+        return ProbeConfig(**{**base, **(overrides or {})})
+    except TypeError as err:
+        valid = ", ".join(f.name for f in dataclasses.fields(ProbeConfig))
+        raise ConfigError(f"analyses.probe: {err}; valid: {valid}") from None
+
+
+def rank_threshold(protocol: str, dim: int, thesis_threshold: float) -> float:
+    """Singular values of the covariance count towards the rank above sigma_1 times this. The thesis: a set
+    share (1e-3). The official code: matrix_rank's default for a float32 d x d covariance, d * eps(float32)
+    (about 1e-3 for 8,000 dimensions, 6e-5 for a 512-wide layer) — computed from the centred features'
+    singular values, which are the covariance's eigenvalues, without forming the d x d matrix."""
+    if protocol != "official":
+        return thesis_threshold
+    return min(dim, RANK_MAX_FEATURES) * torch.finfo(torch.float32).eps
+
+
+@torch.no_grad()
+def layer_ranks(model: LayeredModel, data: DeviceData, task: Task, rows: torch.Tensor, protocol: str = "thesis",
+                thesis_threshold: float = 1e-3) -> tuple[dict[int, int], dict[int, tuple[float, float]]]:
+    """Numerical rank (and intra-/inter-class variance) of every body layer's representation of ``rows``."""
+    ranks, variances = {}, {}
+    for k in range(1, len(model.body) + 1):
+        feats, labels = layer_features(model, data, task, "eval_train", [k], rows=rows)
+        threshold = rank_threshold(protocol, feats[k].shape[1], thesis_threshold)
+        ranks[k] = numerical_rank(feats[k], threshold, max_features=RANK_MAX_FEATURES)
+        variances[k] = class_variance(feats[k], labels)
+    return ranks, variances
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -76,16 +124,20 @@ def fit_probes(model: LayeredModel, data: DeviceData, task: Task, layers: list[i
     model.eval()
     dims = layer_dims(model, data, task)
     n_classes = int(task.label_map.max()) + 1
-    probes = nn.ModuleDict({str(k): _seeded_probe(dims[k], n_classes, cfg.seed * 1000 + k) for k in layers})
+    probes = nn.ModuleDict({str(k): _seeded_probe(dims[k], n_classes, cfg.seed * 1000 + k, cfg.max_dims)
+                            for k in layers})
     probes = probes.to(data.device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # batch order: the same whichever layers train
     opt = torch.optim.Adam(probes.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_train = len(task.train_idx)
-    cached = n_train * sum(dims[k] for k in layers) * 4 <= cfg.cache_bytes
+    n_all = len(task.train_idx)
+    fitting = torch.arange(n_all) if cfg.train_share >= 1 else \
+        torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed + 1))[: int(cfg.train_share * n_all)]
+    n_train = len(fitting)
+    cached = n_all * sum(dims[k] for k in layers) * 4 <= cfg.cache_bytes
     feats, labels = layer_features(model, data, task, "train", layers) if cached else (None, None)
     bar = tqdm(range(cfg.epochs), desc="probes", disable=not progress, leave=False)
     for _ in bar:
-        order = torch.randperm(n_train, generator=gen).to(data.device)
+        order = fitting[torch.randperm(n_train, generator=gen)].to(data.device)
         for start in range(0, n_train, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             if cached:
@@ -93,22 +145,38 @@ def fit_probes(model: LayeredModel, data: DeviceData, task: Task, layers: list[i
             else:
                 batch, y = _features_for_rows(model, data, task, task.train_idx.to(data.device)[idx], layers)
             loss = sum(nn.functional.cross_entropy(probes[str(k)](batch[k]), y) for k in layers)
+            if cfg.weight_norm:
+                loss = loss + cfg.weight_norm * sum(probes[str(k)].linear.weight.norm() for k in layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     return probes
 
 
-def _seeded_probe(d_in: int, n_classes: int, seed: int) -> nn.Linear:
+class Probe(nn.Module):
+    """A linear probe on a layer's flattened features, or on a fixed random subset of them (``dims``)."""
+
+    def __init__(self, linear: nn.Linear, dims: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("dims", dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x if self.dims is None else x[:, self.dims])
+
+
+def _seeded_probe(d_in: int, n_classes: int, seed: int, max_dims: int | None = None) -> Probe:
     """nn.Linear's default init from a generator of its own: a layer's probe starts the same whether it
-    trains alone or with the others."""
+    trains alone or with the others (and so does its feature subset)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    probe = nn.Linear(d_in, n_classes)
-    bound = 1 / math.sqrt(d_in)
+    dims = torch.randperm(d_in, generator=gen)[:max_dims].sort().values if max_dims and d_in > max_dims else None
+    width = d_in if dims is None else len(dims)
+    linear = nn.Linear(width, n_classes)
+    bound = 1 / math.sqrt(width)
     with torch.no_grad():
-        probe.weight.uniform_(-bound, bound, generator=gen)
-        probe.bias.uniform_(-bound, bound, generator=gen)
-    return probe
+        linear.weight.uniform_(-bound, bound, generator=gen)
+        linear.bias.uniform_(-bound, bound, generator=gen)
+    return Probe(linear, dims)
 
 
 @torch.no_grad()

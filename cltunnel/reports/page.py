@@ -99,10 +99,11 @@ def report_markdown(directory: Path) -> str:
     if subpages:
         parts += ["## " + ("Seeds" if kind == "scenario" else "Configurations"), ""]
         parts += [f"- [{p.name}]({p.name}/{REPORT_HTML})" for p in subpages] + [""]
-    notes = [(directory / n) for n in NOTES if (directory / n).exists()]
-    if notes:
-        parts += ["## Results in one line", ""] + [f"- {n.stem}: {n.read_text().strip()}".replace("\n", "; ")
-                                                     for n in notes] + [""]
+    results, notices = _notes(directory)
+    if notices:
+        parts += ["## Notices", ""] + [f"> **Notice:** {n}  " for n in notices] + [""]
+    if results:
+        parts += ["## Results in one line", ""] + results + [""]
     figures = _order([p for p in directory.glob("*.png")], FIGURES)
     if figures:
         parts += ["## Figures", ""]
@@ -118,6 +119,19 @@ def report_markdown(directory: Path) -> str:
             parts += [f"*{table.name}*", "", _csv_markdown(table), ""]
     parts += _config_section(directory, kind, subpages) + _provenance_section(directory, kind, subpages)
     return "\n".join(parts) + "\n"
+
+
+def _notes(directory: Path) -> tuple[list[str], list[str]]:
+    """The one-line result files as a list (a bullet per file, a sub-bullet per line) and their notices,
+    each once, for the top of the page."""
+    results, notices = [], []
+    for path in (directory / name for name in NOTES):
+        if not path.exists():
+            continue
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        notices += [line[len("notice: "):] for line in lines if line.startswith("notice: ")]
+        results += [f"- {path.name}:"] + [f"    - {line}" for line in lines if not line.startswith("notice: ")]
+    return results, list(dict.fromkeys(notices))
 
 
 def _demote(md: str) -> str:

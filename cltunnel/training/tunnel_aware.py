@@ -27,9 +27,9 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from cltunnel.config import ConfigError, parse_tunnel_start
-from cltunnel.measures.probes import ProbeConfig, train_probes
-from cltunnel.measures.tunnel import check_tunnel_start, tunnel_start
+from cltunnel.config import TUNNEL_RULE_NAMES, ConfigError, parse_tunnel_start
+from cltunnel.measures.probes import ProbeConfig, layer_ranks, train_probes
+from cltunnel.measures.tunnel import check_tunnel_start, describe_rule, tunnel_start
 from cltunnel.models.layered import LayeredModel
 from cltunnel.training.fast_data import run_data
 from cltunnel.models.surgery import check_part, extractor_layers, parameter_names, tunnel_layers
@@ -38,11 +38,16 @@ log = logging.getLogger("cltunnel")
 
 
 class TunnelStart:
-    """A fixed tunnel start, or one found from probes of the model after the first task."""
+    """A fixed tunnel start, or one a named rule (cltunnel.measures.tunnel) reads from the profile of the model
+    after the first task: probes with ``probe_epochs`` epochs, ranks of ``rank_samples`` training rows (the
+    analyses' defaults), so the analysis of the same run with the same settings finds the same k."""
 
-    def __init__(self, spec: int | str = "auto", threshold: float = 0.95, probe_epochs: int = 10) -> None:
+    def __init__(self, spec: int | str = "auto", threshold: float | None = None, probe_epochs: int = 10,
+                 rule: str = "last", rank_samples: int = 2000) -> None:
         self.spec = parse_tunnel_start(spec, "strategy.args.tunnel_start")
-        self.threshold, self.probe_epochs = threshold, probe_epochs
+        if rule not in TUNNEL_RULE_NAMES:
+            raise ConfigError(f"strategy.args.tunnel_rule: unknown '{rule}'; valid: {', '.join(TUNNEL_RULE_NAMES)}")
+        self.threshold, self.probe_epochs, self.rule, self.rank_samples = threshold, probe_epochs, rule, rank_samples
         self.value: int | None = self.spec if isinstance(self.spec, int) else None
 
     def resolve(self, strategy: Any) -> int:
@@ -59,10 +64,12 @@ class TunnelStart:
         was_training = strategy.model.training
         with torch.enable_grad():  # plugins may call this from inside a no_grad hook
             acc = train_probes(strategy.model, data, task, cfg=ProbeConfig(epochs=self.probe_epochs), progress=False)
+        ranks = layer_ranks(strategy.model, data, task, task.train_idx[: self.rank_samples])[0] \
+            if self.rule == "rank" else None
         strategy.model.train(was_training)
-        k = tunnel_start(acc, self.threshold)
-        log.info("tunnel start from probes after task %d: layer %d (probe acc %s)", task.id, k,
-                 {layer: round(100 * a, 1) for layer, a in acc.items()})
+        k = tunnel_start(acc, self.threshold, self.rule, ranks)
+        log.info("tunnel start after task %d by %s: layer %d (probe acc %s)", task.id,
+                 describe_rule(self.rule, self.threshold), k, {layer: round(100 * a, 1) for layer, a in acc.items()})
         return k
 
 
@@ -135,9 +142,10 @@ class LayerwiseEWC(Naive):
     """Fine-tuning plus :class:`LayerwiseEWCPlugin` (default: the extractor alone is penalised)."""
 
     def __init__(self, *, ewc_lambda: float = 5.0, penalise: str = "extractor", tunnel_start: int | str = "auto",
-                 tunnel_threshold: float = 0.95, probe_epochs: int = 10, plugins: list | None = None,
+                 tunnel_threshold: float | None = None, tunnel_rule: str = "last", probe_epochs: int = 10,
+                 plugins: list | None = None,
                  **kwargs: Any) -> None:
-        plugin = LayerwiseEWCPlugin(ewc_lambda, penalise, tunnel_start, threshold=tunnel_threshold,
+        plugin = LayerwiseEWCPlugin(ewc_lambda, penalise, tunnel_start, threshold=tunnel_threshold, rule=tunnel_rule,
                                     probe_epochs=probe_epochs)
         super().__init__(plugins=[plugin, *(plugins or [])], **kwargs)
 
@@ -178,9 +186,11 @@ class FreezeLayersPlugin(SupervisedPlugin):
 class FreezeTunnel(Naive):
     """Fine-tuning with the tunnel frozen after task 1."""
 
-    def __init__(self, *, tunnel_start: int | str = "auto", tunnel_threshold: float = 0.95, probe_epochs: int = 10,
+    def __init__(self, *, tunnel_start: int | str = "auto", tunnel_threshold: float | None = None,
+                 tunnel_rule: str = "last", probe_epochs: int = 10,
                  plugins: list | None = None, **kwargs: Any) -> None:
-        freeze = FreezeLayersPlugin(tunnel_start, "tunnel", threshold=tunnel_threshold, probe_epochs=probe_epochs)
+        freeze = FreezeLayersPlugin(tunnel_start, "tunnel", threshold=tunnel_threshold, rule=tunnel_rule,
+                                    probe_epochs=probe_epochs)
         super().__init__(plugins=[freeze, *(plugins or [])], **kwargs)
 
 
@@ -275,9 +285,10 @@ class FeatureReplay(Naive):
     ``freeze_extractor: true`` keeps the stored features exact (Pellegrini et al.'s latent replay)."""
 
     def __init__(self, *, mem_size: int = 500, tunnel_start: int | str = "auto", alpha: float = 1.0,
-                 freeze_extractor: bool = False, tunnel_threshold: float = 0.95, probe_epochs: int = 10,
-                 plugins: list | None = None, **kwargs: Any) -> None:
-        replay = LayerReplayPlugin(mem_size, tunnel_start, alpha, threshold=tunnel_threshold, probe_epochs=probe_epochs)
+                 freeze_extractor: bool = False, tunnel_threshold: float | None = None, tunnel_rule: str = "last",
+                 probe_epochs: int = 10, plugins: list | None = None, **kwargs: Any) -> None:
+        replay = LayerReplayPlugin(mem_size, tunnel_start, alpha, threshold=tunnel_threshold, rule=tunnel_rule,
+                                   probe_epochs=probe_epochs)
         own = [replay, FreezeLayersPlugin(tunnel_start, "extractor")] if freeze_extractor else [replay]
         if freeze_extractor:
             own[1].tunnel = replay.tunnel  # one tunnel start for both, found once
