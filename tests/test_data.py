@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
 from types import SimpleNamespace

@@ -11,7 +11,7 @@ import yaml
 from cltunnel.cli import main as cli_main
 from cltunnel.config import ConfigError, parse_config
 from cltunnel.runs import run_seed
-from cltunnel.sweeps import DONE_FILE, describe, expand, load_sweep, run_sweep
+from cltunnel.sweeps import DONE_FILE, expand, load_sweep, run_sweep
 
 BASE = {"data": {"name": "mnist", "train_per_class": 100, "test_per_class": 50}, "scenario": {"tasks": [5, 5]},
         "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},

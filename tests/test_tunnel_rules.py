@@ -2,7 +2,6 @@
 protocol's pieces, and one k for a strategy and the analysis of the same run."""
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import torch
 
