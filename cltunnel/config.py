@@ -64,7 +64,8 @@ class TrainingConfig:
     eval_batch_size: int = 1000
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     channels_last: str = "auto"  # auto (on CUDA) | on | off
-    compile: bool = False
+    compile: bool = False  # torch.compile the body alone (capture, below, compiles the whole step)
+    capture: str = "auto"  # auto (on CUDA) | on | off: forward, loss, backward and SGD as one compiled step
     checkpoint_every: int = 0  # also save the model every N epochs (tunnel development); 0 = per task only
     resume_every: int = 0  # inside a task, a resumable state every N epochs (long tasks); 0 = at task ends only
 
@@ -220,6 +221,8 @@ class RunConfig:
         for key in ("seeds", "device", "output_dir", "analyses", "name", "logging", "evaluation"):
             d.pop(key)
         d["training"].pop("resume_every")  # how often state is saved does not change the numbers
+        if d["training"]["capture"] == "auto":  # runs from before the setting keep their fingerprint
+            d["training"].pop("capture")
         for section in PROTOCOL_SECTIONS:  # runs from before these sections keep their fingerprint
             if d[section] is None:
                 d.pop(section)
@@ -391,6 +394,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
     _validate_evaluation(cfg.evaluation)
+    if cfg.training.capture not in ("auto", "on", "off"):
+        raise ConfigError(f"training.capture: auto, on or off, got {cfg.training.capture!r}")
 
 
 def _validate_evaluation(e: EvaluationConfig) -> None:

@@ -101,6 +101,17 @@ def test_from_torchvision_converts_cifar_style_hwc_arrays():
     assert torch.equal(img.x_train[2].permute(1, 2, 0), torch.from_numpy(data[2]))
 
 
+def test_svhn_style_objects_nchw_with_labels_and_no_classes_convert(tmp_path):
+    """SVHN (the thesis's OOD set) comes from torchvision as NCHW arrays with .labels and no .classes."""
+    data = np.random.randint(0, 255, (5, 3, 32, 32), dtype=np.uint8)
+    ds = SimpleNamespace(data=data, labels=np.array([3, 1, 9, 0, 3]), root="x")
+    img = from_torchvision("svhn", ds, ds)
+    assert img.x_test.shape == (5, 3, 32, 32) and torch.equal(img.x_test, torch.from_numpy(data))
+    assert img.y_train.tolist() == [3, 1, 9, 0, 3] and img.classes == [str(c) for c in range(10)]
+    with pytest.raises(DataNotFoundError, match="svhn"):  # offline, torchvision's split= keyword is used
+        load_dataset("svhn", source="torchvision", cache_dir=tmp_path)
+
+
 def test_augment_crops_are_windows_of_the_padded_image_and_flips_mirror():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def test_killed_sweep_reruns_only_what_was_missing_and_failures_do_not_stop_othe
     for name in (DONE_FILE, "task1.pt", "metrics.json"):
         (half / name).unlink()
     gone = sweep.directory / "split3-7" / "seed1"
-    for p in gone.iterdir():
-        p.unlink()
+    shutil.rmtree(gone)  # files and the tensorboard folder: as if it never started
+    gone.mkdir()
     kept = sweep.directory / "split5-5" / "seed0" / "task1.pt"
     stamp, task0_stamp = kept.stat().st_mtime_ns, (half / "task0.pt").stat().st_mtime_ns
     results = run_sweep(sweep, progress=False)

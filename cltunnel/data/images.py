@@ -40,6 +40,7 @@ DATASETS: dict[str, tuple[str, int, tuple[int, int, int]]] = {
     "cifar100": ("CIFAR100", 100, (3, 32, 32)),
     "mnist": ("MNIST", 10, (1, 28, 28)),
     "fashion_mnist": ("FashionMNIST", 10, (1, 28, 28)),
+    "svhn": ("SVHN", 10, (3, 32, 32)),  # the thesis's OOD set for chapter 6; torchvision only (split=, .labels)
 }
 
 
@@ -213,20 +214,23 @@ def from_torchvision(name: str, train_set, test_set) -> ImageData:
 
     def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
         data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
-        targets = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else np.asarray(ds.targets)
+        labels = ds.targets if hasattr(ds, "targets") else ds.labels  # SVHN names them labels
+        targets = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         return _to_nchw(data), torch.from_numpy(targets.astype(np.int64))
 
     x_train, y_train = arrays(train_set)
     x_test, y_test = arrays(test_set)
-    return ImageData(name, x_train, y_train, x_test, y_test, [str(c) for c in train_set.classes],
+    classes = getattr(train_set, "classes", None) or [str(c) for c in range(int(y_train.max()) + 1)]
+    return ImageData(name, x_train, y_train, x_test, y_test, [str(c) for c in classes],
                      source=f"torchvision:{getattr(train_set, 'root', '?')}")
 
 
 def load_torchvision(name: str, cache_dir: Path, download: bool) -> ImageData:
     cls = getattr(tvd, DATASETS[name][0])
+    split = (lambda train: {"split": "train" if train else "test"}) if name == "svhn" else (lambda train: {"train": train})
     try:
-        train = cls(str(cache_dir), train=True, download=download)
-        test = cls(str(cache_dir), train=False, download=download)
+        train = cls(str(cache_dir), download=download, **split(True))
+        test = cls(str(cache_dir), download=download, **split(False))
     except (RuntimeError, OSError) as err:  # torchvision says "Dataset not found" or a network error
         raise DataNotFoundError(f"dataset '{name}': torchvision could not load it from {cache_dir}: {err}") from err
     return from_torchvision(name, train, test)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cltunnel.config import ANALYSIS_NAMES, AnalysesConfig, ConfigError, parse_tunnel_start
+from cltunnel.config import ANALYSIS_NAMES, AnalysesConfig, ConfigError, DataConfig, parse_tunnel_start
 from cltunnel.data.device import DeviceData, resolve_device
 from cltunnel.data.images import ImageData, load_data, load_dataset, rendered_as
 from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
@@ -54,6 +54,7 @@ class LoadedRun:
     profile: pd.DataFrame | None = None  # tunnel profile of the model after task 1, computed once
     tensorboard: bool = False  # also write per-layer profiles to the run's TensorBoard events
     notices_shown: bool = False  # the profile's notices are printed once per run
+    data_config: DataConfig | None = None  # where the run's data came from (the OOD set is read the same way)
 
     @property
     def n_layers(self) -> int:
@@ -99,7 +100,7 @@ def load_run(run_dir: str | Path, device: str = "auto", options: AnalysesConfig 
     heads = own_heads(models)
     models = [with_heads(m, heads) for m in models]
     return LoadedRun(run_dir, models, DeviceData.create(scenario, dev, augment=False, channels_last=False),
-                     options or cfg.analyses, progress, tensorboard=cfg.logging.tensorboard)
+                     options or cfg.analyses, progress, tensorboard=cfg.logging.tensorboard, data_config=cfg.data)
 
 
 # ----------------------------------------------------------------------------------------- tunnel
@@ -206,7 +207,8 @@ def ood_data(run: LoadedRun) -> tuple[DeviceData, Task]:
     like the training data (the backbone's input convention, not the OOD set's own statistics)."""
     o = run.options
     source = run.data.scenario.data
-    ood = rendered_as(load_dataset(o.ood_data), source.shape)
+    d = run.data_config or DataConfig()  # with data.download: true, torchvision may fetch it (SVHN, CIFAR-100)
+    ood = rendered_as(load_dataset(o.ood_data, d.root, download=d.download, cache_dir=d.cache_dir), source.shape)
     classes = o.ood_classes or list(range(min(10, ood.num_classes)))
     if not set(classes) <= set(range(ood.num_classes)):
         raise ConfigError(f"analyses.ood_classes: {classes} not all in 0..{ood.num_classes - 1} ({o.ood_data})")
@@ -606,7 +608,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         allc.to_csv(out_dir / f"{scenario_dir.name}_substitution.csv", index=False)
         plot_substitution(allc, out_dir / f"{scenario_dir.name}_substitution.png", scenario_dir.name)
         written.append(_swap_vs_k_table(scenario_dir, out_dir, runs, curves))
-        by_rule = _swap_by_rule(scenario_dir, out_dir, runs)
+        by_rule = swap_by_rule(scenario_dir, out_dir)
         if by_rule:
             written.append(by_rule)
     ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
@@ -647,10 +649,14 @@ def _seed_notices(runs: list[Path]) -> list[str]:
     return [f"NOTICE {'; '.join(items)}" for items in seen.values()]
 
 
-def _swap_by_rule(scenario_dir: Path, out_dir: Path, runs: list[Path]) -> str:
+def swap_by_rule(scenario_dir: str | Path, out_dir: str | Path | None = None) -> str:
     """Table 5.4.1's non-FT rows at each rule's k (per seed, from its tunnel profile), read off the
-    substitution curves, side by side with the thesis column: does the verdict depend on the rule?"""
-    runs = [r for r in runs if (r / "substitution.csv").exists() and (r / "tunnel_profile.csv").exists()]
+    substitution curves, side by side with the thesis column: does the verdict depend on the rule?
+    ``<scenario>_table_5_4_1_by_rule.*`` in ``out_dir`` (default: the scenario directory)."""
+    scenario_dir = Path(scenario_dir)
+    out_dir = Path(out_dir) if out_dir else scenario_dir
+    runs = [r for r in sorted(scenario_dir.glob("seed*"))
+            if (r / "substitution.csv").exists() and (r / "tunnel_profile.csv").exists()]
     if not runs:
         return ""
     frames, ks = [], {}

@@ -14,6 +14,7 @@ from cltunnel.data.images import ImageData
 from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
 from cltunnel.experiments.registry import TASK_SEQUENCE, Protocol, register_protocol
 from cltunnel.experiments.shallow import DEPTH_AXIS, depth_report
+from cltunnel.experiments.temperature import TEMPERATURE_AXIS, temperature_report
 from cltunnel.reports.figures import pyplot
 from cltunnel.reports.tables import aggregate, forgetting_frame, render, write_table
 from cltunnel.store import METRICS_FILE, load_manifest, load_metrics, seed_dir, seed_dirs
@@ -57,6 +58,8 @@ def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     md += _combined_cka(sweep_dir, list(manifest["configs"]))
     if DEPTH_AXIS in manifest["axes"]:
         md += "\n" + depth_report(sweep_dir)
+    if TEMPERATURE_AXIS in manifest["axes"]:
+        md += "\n" + temperature_report(sweep_dir)
     return md
 
 

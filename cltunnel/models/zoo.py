@@ -95,14 +95,16 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x) if self.skip else out)
 
 
-RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 20: [3, 3, 3]}  # 20: He et al.'s CIFAR ResNet (3 stages)
+RESNET_WIDTHS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512), 20: (16, 32, 64)}
 
 
 def resnet_layers(depth: int, width: float, in_shape: tuple[int, int, int], skip: bool = True
                   ) -> tuple["OrderedDict[str, nn.Module]", int]:
     """CIFAR ResNet: 3x3 stem, residual blocks (one layer each, output after the block's conv2 and
-    the addition), global average pool as the last body layer."""
-    widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+    the addition), global average pool as the last body layer. ResNet-18/34: four stages from 64 channels;
+    ResNet-20: three stages of three blocks from 16 channels (the thesis's chapter-6 "ResNet-20 style")."""
+    widths = [max(1, round(c * width)) for c in RESNET_WIDTHS[depth]]
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
     layers["stem"] = nn.Sequential(nn.Conv2d(in_shape[0], widths[0], 3, 1, 1, bias=False),
                                    nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))

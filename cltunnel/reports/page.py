@@ -42,6 +42,7 @@ FIGURES = [
     ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
     ("*cka_layers_model*.png", "Layer-by-layer linear CKA matrix of one model (thesis §5.6)."),
     ("*cka*.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
+    ("table_6_3_1.png", "Softmax temperature T against κ and ρ per architecture (thesis Table 6.3.1, ch. 6)."),
     ("*protocols.png", "Probe accuracy of D/AE/VAE representations under each protocol (thesis ch. 5 baselines)."),
     ("*recon_unseen.png", "Reconstructions of unseen classes by the generative models."),
     ("samples.png", "Samples of the learned synthetic data."),
@@ -51,6 +52,7 @@ FIGURES = [
 ]
 TABLES = [
     ("*table_5_4_1.md", "Extractor/tunnel swap in the layout of thesis Table 5.4.1, thesis column beside it."),
+    ("*table_5_4_1_by_rule.md", "Table 5.4.1's non-FT rows at each tunnel-start rule's k, the thesis beside them."),
     ("*swap_vs_k.md", "The swap rows at every tunnel start k."),
     ("accuracy_matrix.md", "Accuracy matrix: row = after training task i, column = test accuracy on task j."),
     ("accuracy_matrix_exact_rows.md", "The same on the exact-pixel test rows only (CIFAR-10 rows 0-999 here; the "
@@ -61,6 +63,7 @@ TABLES = [
                       "formulas)."),
     ("cl_metrics_exact_rows.md", "The same metrics on the exact-pixel test rows only."),
     ("summary.md", "Every configuration of the sweep: average accuracy and forgetting."),
+    ("table_6_3_1.md", "κ and ρ by architecture and softmax temperature (thesis Table 6.3.1; the reading checked)."),
     ("*.md", ""),
 ]
 NOTES = ("tunnel_start.txt", "swap_meta.txt", "ood_rho.txt")  # one-line results shown verbatim

@@ -16,6 +16,7 @@ from torch import nn
 
 from cltunnel.config import TrainingConfig
 from cltunnel.data.device import DeviceBatches, DeviceData, task_generator
+from cltunnel.training.capture import CapturedStep, capture_blockers
 
 
 class TemperatureCrossEntropy(nn.Module):
@@ -37,6 +38,7 @@ class RunContext:
     data: DeviceData
     seed: int = 0
     amp: bool = False
+    capture: bool = False  # the training step compiled as one unit where the plugins allow (training.capture)
 
 
 def run_data(strategy: Any) -> DeviceData | None:
@@ -54,7 +56,36 @@ class FastDataMixin:
 
     def __init__(self, *, run_context: RunContext | None = None, **kwargs: Any) -> None:
         self.run_context = run_context  # keyword-only, as Avalanche asks of strategy constructors
+        self._captured_step: CapturedStep | None | bool = None  # decided at the first epoch
         super().__init__(**kwargs)  # type: ignore[call-arg]
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        """Avalanche's epoch, with the inside of each iteration as one compiled call when capture is on and
+        no plugin needs Python between forward and update (cltunnel.training.capture)."""
+        step = self._capture()
+        if step is None:
+            return super().training_epoch(**kwargs)  # type: ignore[misc]
+        for self.mbatch in self.dataloader:
+            if self._stop_training:
+                break
+            self._unpack_minibatch()
+            self._before_training_iteration(**kwargs)
+            self.loss, self.mb_output = step(self.mb_x, self.mb_y, self.dataloader.task_label)
+            self._after_training_iteration(**kwargs)
+
+    def _capture(self) -> CapturedStep | None:
+        context = self.run_context
+        if context is None or not context.capture or not isinstance(self.dataloader, DeviceBatches):
+            return None
+        if self._captured_step is None:
+            blockers = capture_blockers(self)
+            if blockers:
+                print(f"capture: eager training step ({', '.join(blockers)} needs per-iteration Python)", flush=True)
+                self._captured_step = False
+            else:
+                self._captured_step = CapturedStep(self.model, self._criterion, self.optimizer, self.device,
+                                                   context.amp)
+        return self._captured_step or None
 
     def make_train_dataloader(self, **kwargs) -> None:
         if self.run_context is None:
@@ -90,6 +121,10 @@ def with_fast_data(strategy_cls: type) -> type:
 
 def amp_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
     return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+
+def capture_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
+    return cfg.capture == "on" or (cfg.capture == "auto" and device.type == "cuda")
 
 
 def channels_last_enabled(cfg: TrainingConfig, device: torch.device) -> bool:

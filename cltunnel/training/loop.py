@@ -30,7 +30,8 @@ from cltunnel.training.evaluation import Evaluation, evaluate_all, evaluate_seen
 from cltunnel.training.evaluators import build_evaluator, close_loggers
 from cltunnel.training.history import HistoryPlugin, end_of_task, open_tensorboard, write_history
 from cltunnel.training.plain_state import decode
-from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
+from cltunnel.training.fast_data import (RunContext, TemperatureCrossEntropy, amp_enabled, capture_enabled,
+                                         channels_last_enabled)
 from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
 from cltunnel.training.strategies import build_strategy
 
@@ -96,8 +97,9 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         plugins.append(EpochCheckpointPlugin(
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
     evaluator = build_evaluator(cfg.evaluation, run_dir)
+    context = RunContext(ddata, seed, amp, capture_enabled(tcfg, device))
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
-                              RunContext(ddata, seed, amp), evaluator)
+                              context, evaluator)
     load_strategy_state(strategy, strategy_state)
     rebuild_memories(strategy, benchmark, seed, start_task)
     if start_task == 0 and "acc_init" not in metrics:  # the untrained model on every task: FWT's baseline

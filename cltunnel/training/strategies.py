@@ -119,7 +119,8 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
     Avalanche evaluator; see training.evaluators); with a ``context``, it trains from cltunnel's device data."""
     cls, args = resolve_strategy(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
-                                weight_decay=training.weight_decay)
+                                weight_decay=training.weight_decay,
+                                foreach=True if context is not None and context.capture else None)
     if training.lr_milestones:
         sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, training.lr_milestones, training.lr_gamma)
         plugins = plugins + [LRSchedulerPlugin(sched, reset_scheduler=True, reset_lr=True)]
