@@ -137,8 +137,9 @@ def test_local_sweep_shows_each_runs_progress_under_its_own_bar(mnist, tmp_path,
     err = capsys.readouterr().err
     assert "sweep tiny" in err and "running tiny seed 0" in err and "task 1" in err  # the run's own task bars
     assert cli_main(["sweep", str(path), "--no-progress"]) == 0  # nothing left to run: it names what it wrote
-    tables_line = capsys.readouterr().out.splitlines()[-1]
+    tables_line, report_line = capsys.readouterr().out.splitlines()[-2:]
     assert tables_line == f"tables: {sweep.directory / 'summary.md'}"
+    assert report_line == f"report: {sweep.directory / 'report.html'}"  # the sweep's page, last
 
 
 def test_every_bad_configuration_is_named_before_the_first_run(tmp_path, capsys):
