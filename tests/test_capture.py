@@ -91,3 +91,20 @@ def test_blockers_name_plugin_hooks_and_overridden_step_methods():
     assert capture_blockers(strategy(Custom, [])) == ["Custom.criterion"]
     with pytest.raises(ConfigError, match="training.capture"):
         parse_config({"scenario": {"tasks": [5, 5]}, "training": {"capture": "yes"}})
+
+
+def test_a_step_that_fails_to_compile_falls_back_to_the_eager_numbers(mnist, tmp_path, capsys, monkeypatch):
+    """A compile failure (here: simulated on the first call) costs a notice, not the run: the run continues
+    on the eager step from its first iteration and ends with exactly the eager numbers."""
+    from cltunnel.training.capture import CapturedStep
+
+    def broken(self, x, y, head):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    eager = load_metrics(run_seed(parse_config(two_tasks(tmp_path / "eager", "off", epochs=2, per_class=300)), 0,
+                                  mnist, False))["acc"]
+    monkeypatch.setattr(CapturedStep, "__call__", broken)
+    fallback = load_metrics(run_seed(parse_config(two_tasks(tmp_path / "broken", "on", epochs=2, per_class=300)), 0,
+                                     mnist, False))["acc"]
+    assert "capture: compiling the step failed (RuntimeError: no C++ compiler on this machine)" in capsys.readouterr().out
+    assert fallback == eager

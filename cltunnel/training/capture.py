@@ -71,6 +71,7 @@ class CapturedStep:
         self.optimizer = optimizer
         self.update: Callable[[], Any] = torch.compile(optimizer.step, dynamic=False)
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.calls = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -78,4 +79,5 @@ class CapturedStep:
             loss, out = self.loss_module(x, y, head)
         loss.backward()
         self.update()
+        self.calls += 1
         return loss.detach(), out.detach()

@@ -70,8 +70,33 @@ class FastDataMixin:
                 break
             self._unpack_minibatch()
             self._before_training_iteration(**kwargs)
-            self.loss, self.mb_output = step(self.mb_x, self.mb_y, self.dataloader.task_label)
+            self.loss, self.mb_output = self._captured_call(step)
             self._after_training_iteration(**kwargs)
+
+    def _captured_call(self, step: CapturedStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled step; if its first call fails to compile (a backend missing on this machine, an
+        unsupported op), the run goes on with the eager step and says why, rather than losing the run."""
+        if self._captured_step is False:
+            return self._plain_step()
+        if step.calls:
+            return step(self.mb_x, self.mb_y, self.dataloader.task_label)
+        try:
+            return step(self.mb_x, self.mb_y, self.dataloader.task_label)
+        except Exception as err:  # noqa: BLE001 - any compile failure: fall back, visibly
+            print(f"capture: compiling the step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                  "eager training step from here on", flush=True)
+            self._captured_step = False
+            return self._plain_step()
+
+    def _plain_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager step without the hooks inside it (capture is on only where no plugin has any)."""
+        self.optimizer.zero_grad()
+        self.loss = self._make_empty_loss()
+        self.mb_output = self.forward()
+        self.loss += self.criterion()
+        self.backward()
+        self.optimizer_step()
+        return self.loss, self.mb_output
 
     def _capture(self) -> CapturedStep | None:
         context = self.run_context
