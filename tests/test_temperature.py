@@ -32,7 +32,9 @@ def test_kappa_and_rho_per_architecture_and_temperature(tmp_path):
                           ("resnet20", 1): (0.3, 0.4), ("resnet20", 10): (0.5, 0.3), ("resnet20", 100): (0.5, 0.3)})
     mean, _, n = temperature_frames(tmp_path)
     assert n == 1 and list(mean.index) == ["mlp", "resnet20"]
-    assert list(mean.columns) == ["κ (T=1)", "κ (T=10)", "κ (T=100)", "ρ (T=1)", "ρ (T=10)", "ρ (T=100)"]
+    assert list(mean.columns) == ["κ (T=1)", "κ (T=10)", "κ (T=100)", "ρ (T=1)", "ρ (T=10)", "ρ (T=100)",
+                                  "acc % (T=1)", "acc % (T=10)", "acc % (T=100)"]  # the network's own accuracy
+    assert mean.loc["mlp", "acc % (T=10)"] == pytest.approx(50.0)
     assert mean.loc["mlp", "κ (T=100)"] == pytest.approx(0.4) and mean.loc["resnet20", "ρ (T=1)"] == pytest.approx(0.4)
     md = temperature_report(tmp_path)
     assert "mlp: κ falls with T" in md and "ρ rises with T" in md  # the thesis's reading holds for mlp

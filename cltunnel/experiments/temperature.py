@@ -15,7 +15,7 @@ import pandas as pd
 
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
-from cltunnel.store import load_manifest, load_run_config, seed_dirs
+from cltunnel.store import load_manifest, load_metrics, load_run_config, seed_dirs
 
 TEMPERATURE_AXIS = "training.temperature"
 
@@ -34,7 +34,9 @@ def _rho(run: Path) -> float:
 
 
 def temperature_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Rows: architecture (the other axes' labels); columns: κ and ρ at each T (mean, std over seeds)."""
+    """Rows: architecture (the other axes' labels); columns: κ, ρ and the network's own test accuracy at each
+    T (mean, std over seeds): κ and ρ of a network that did not learn describe no tunnel, so its accuracy
+    stands beside them."""
     manifest = load_manifest(sweep_dir)
     records = []
     for config, info in manifest["configs"].items():
@@ -42,15 +44,17 @@ def temperature_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int
         for run in seed_dirs(sweep_dir / config):
             records.append({"architecture": " ".join(str(v) for v in labels.values()) or _model_label(run),
                             "T": float(load_run_config(run)["training"]["temperature"]),
-                            "kappa": _kappa(run), "rho": _rho(run)})
+                            "kappa": _kappa(run), "rho": _rho(run),
+                            "acc": 100 * float(np.mean(load_metrics(run)["acc"][-1]))})
     runs = pd.DataFrame(records)
     if runs.empty:
         return runs, runs, 0
-    grouped = runs.groupby(["architecture", "T"])[["kappa", "rho"]]
+    grouped = runs.groupby(["architecture", "T"])[["kappa", "rho", "acc"]]
     mean, std = grouped.mean(), grouped.std()
     wide = [frame.unstack("T") for frame in (mean, std)]
+    symbols = {"kappa": "κ", "rho": "ρ", "acc": "acc %"}
     for frame in wide:
-        frame.columns = [f"{'κ' if m == 'kappa' else 'ρ'} (T={t:g})" for m, t in frame.columns]
+        frame.columns = [f"{symbols[m]} (T={t:g})" for m, t in frame.columns]
     return wide[0], wide[1], int(grouped.size().min())
 
 
@@ -78,7 +82,8 @@ def temperature_report(sweep_dir: str | Path) -> str:
     mean, std, n = temperature_frames(sweep_dir)
     if mean.empty:
         return ""
-    notes = [f"seeds per cell: {n} or more; κ from the tunnel analysis (eta 0.99), ρ from the ood analysis"]
+    notes = [f"seeds per cell: {n} or more; κ from the tunnel analysis (eta 0.99), ρ from the ood analysis; acc %: the "
+             "network's own test accuracy (mean over its tasks after the last)"]
     for arch, row in mean.iterrows():
         kappa = trend(row[[c for c in row.index if c.startswith("κ")]])
         rho = trend(row[[c for c in row.index if c.startswith("ρ")]])
