@@ -30,6 +30,7 @@ INNER_HOOKS = ("before_forward", "after_forward", "before_backward", "after_back
                "after_update")
 TEMPLATE_STEP = ("criterion", "backward", "optimizer_step", "_make_empty_loss", "training_epoch")
 STEP_OWNERS = ("avalanche.training.templates", "avalanche.core", "cltunnel.training.fast_data")  # the plain step
+CACHE_SIZE = 64  # compiled variants kept per function (heads x batch shapes of a task sequence)
 CUDA_MODE = "reduce-overhead"  # CUDA graphs over the compiled step; not yet measured on a GPU (tables/SPEED.md)
 
 
@@ -67,13 +68,29 @@ class CapturedStep:
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, amp: bool) -> None:
         mode = CUDA_MODE if device.type == "cuda" else None
+        # one compiled variant per (head, batch shape): a task sequence needs more than dynamo's default 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, CACHE_SIZE)
         self.loss_module = torch.compile(LossModule(model, criterion), mode=mode, dynamic=False)
         self.optimizer = optimizer
         self.update: Callable[[], Any] = torch.compile(optimizer.step, dynamic=False)
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         self.calls = 0
+        self.momentum: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its momentum buffer, kept across tasks
+
+    def prime_momentum(self) -> None:
+        """Zeroed momentum buffers in an empty optimizer state (a new task's reset empties it). SGD's first
+        step makes its buffer a copy of the gradient; 0 * momentum + gradient is that copy exactly. The same
+        buffer tensors are put back at every task, zeroed in place: the compiled update guards on their
+        identity, so it compiles once for the run instead of once a task."""
+        for group in self.optimizer.param_groups:
+            if group.get("momentum", 0):
+                for p in group["params"]:
+                    buffer = self.momentum.setdefault(p, torch.zeros_like(p))
+                    self.optimizer.state[p]["momentum_buffer"] = buffer.zero_()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.optimizer.state:
+            self.prime_momentum()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss, out = self.loss_module(x, y, head)
