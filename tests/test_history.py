@@ -30,19 +30,19 @@ def test_curves_and_avalanche_loggers_are_written_and_leave_the_numbers_alone(mn
     assert metrics["acc"] == plain["acc"]  # evaluating and logging do not touch training
 
     history = pd.read_csv(run_dir / "history.csv")
-    assert list(history[["task", "epoch"]].itertuples(index=False, name=None)) == [(t, e) for t in range(1, 6)
+    assert list(history[["task", "epoch"]].itertuples(index=False, name=None)) == [(t, e) for t in range(5)
                                                                                  for e in (1, 2)]
     assert history["loss"].notna().all() and history["train_acc"].between(0, 1).all()
     for t in range(5):  # the test columns at each task's end are the accuracy matrix's row
-        last = history[history["task"] == t + 1].iloc[-1]
-        assert [last[f"test_acc_task{j + 1}"] for j in range(t + 1)] == metrics["acc"][t][: t + 1]
-    first_epoch = history[(history["task"] == 2) & (history["epoch"] == 1)].iloc[0]
-    assert first_epoch[["test_acc_task1", "test_acc_task2"]].notna().all()  # eval_every 1: mid-task columns too
-    assert pd.isna(first_epoch["test_acc_task3"])
+        last = history[history["task"] == t].iloc[-1]  # tasks from 0, as in the accuracy-matrix tables
+        assert [last[f"test_acc_task{j}"] for j in range(t + 1)] == metrics["acc"][t][: t + 1]
+    first_epoch = history[(history["task"] == 1) & (history["epoch"] == 1)].iloc[0]
+    assert first_epoch[["test_acc_task0", "test_acc_task1"]].notna().all()  # eval_every 1: mid-task columns too
+    assert pd.isna(first_epoch["test_acc_task2"])
 
     ours = scalars(run_dir / "tensorboard")
     assert ours["train/loss"] == pytest.approx(history["loss"].tolist(), rel=1e-5)  # csv keeps 6 digits
-    assert len(ours["accuracy_matrix/task1"]) == 5
+    assert len(ours["accuracy_matrix/task0"]) == 5
 
     avalanche = run_dir / "avalanche"
     evals = pd.read_csv(avalanche / "csv" / "eval_results.csv")

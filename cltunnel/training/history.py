@@ -58,8 +58,8 @@ class HistoryPlugin(SupervisedPlugin):
 
     def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
         task = strategy.experience.current_experience
-        epoch = 1 + sum(row["task"] == task + 1 for row in self.rows)
-        row: dict[str, Any] = {"task": task + 1, "epoch": epoch, "loss": self.loss.item() / max(self.seen, 1),
+        epoch = 1 + sum(row["task"] == task for row in self.rows)
+        row: dict[str, Any] = {"task": task, "epoch": epoch, "loss": self.loss.item() / max(self.seen, 1),
                                "train_acc": self.correct.item() / max(self.seen, 1)}
         if self.eval_every and epoch % self.eval_every == 0:
             row.update(test_columns(self.evaluate(task)))
@@ -79,7 +79,8 @@ class HistoryPlugin(SupervisedPlugin):
 
 
 def test_columns(acc: list[float]) -> dict[str, float]:
-    return {f"test_acc_task{j + 1}": a for j, a in enumerate(acc)}
+    """Tasks numbered from 0, as in the accuracy-matrix tables ("after task 0", "task 0"); epochs from 1."""
+    return {f"test_acc_task{j}": a for j, a in enumerate(acc)}
 
 
 def end_of_task(rows: list[dict[str, Any]], acc: list[float], task: int, writer: Any) -> None:
@@ -89,7 +90,7 @@ def end_of_task(rows: list[dict[str, Any]], acc: list[float], task: int, writer:
         rows[-1].update(test_columns(acc[: task + 1]))
     if writer is not None:
         for j, a in enumerate(acc):
-            writer.add_scalar(f"accuracy_matrix/task{j + 1}", a, task + 1)
+            writer.add_scalar(f"accuracy_matrix/task{j}", a, task + 1)
         writer.flush()
 
 
