@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from cltunnel.config import ConfigError, RunConfig, load_config, set_dotted
+from cltunnel.config import ConfigError, RunConfig, load_config, read_yaml, set_dotted
 from cltunnel.data.device import resolve_device
 from cltunnel.data.images import DATASETS
 from cltunnel.experiments import protocol_for
@@ -75,12 +74,7 @@ class Entry:
 def load_plan(path: str | Path) -> tuple[str, list[Entry]]:
     """Parse and check every entry (every run's config through preflight) before anything runs."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"campaign plan not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(raw) - PLAN_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown plan keys {unknown}; valid: {', '.join(sorted(PLAN_KEYS))}")
+    raw = read_yaml(path, "plan", PLAN_KEYS)
     entries = [_entry(path.parent, e, i) for i, e in enumerate(raw.get("entries") or [])]
     if not entries:
         raise ConfigError(f"{path}: entries: the plan lists no runs")

@@ -323,16 +323,27 @@ def parse_config(raw: dict[str, Any], default_name: str = "scenario") -> RunConf
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def read_yaml(path: str | Path, what: str, keys: set[str] | None = None) -> dict[str, Any]:
+    """A YAML file of cltunnel's (scenario, sweep, campaign plan) as a mapping; a missing file, invalid YAML
+    or (with ``keys``) an unknown top-level key is a one-line error naming the file."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"scenario file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
+    unknown = sorted(set(raw) - keys) if keys is not None else []
+    if unknown:
+        raise ConfigError(f"{path}: unknown {what} keys {unknown}; valid: {', '.join(sorted(keys))}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    raw = read_yaml(path, "scenario")
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     try:

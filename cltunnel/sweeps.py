@@ -39,7 +39,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from cltunnel.config import ConfigError, RunConfig, parse_config, set_dotted
+from cltunnel.config import ConfigError, RunConfig, parse_config, read_yaml, set_dotted
 from cltunnel.data.images import load_data
 from cltunnel.errors import CltunnelError
 from cltunnel.runs import preflight, run_seed, saved_protocol
@@ -93,18 +93,13 @@ class Sweep:
 # ------------------------------------------------------------------------------------------ parsing
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(raw) - SWEEP_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {unknown}; valid: {', '.join(sorted(SWEEP_KEYS))}")
+    raw = read_yaml(path, "sweep", SWEEP_KEYS)
     base = raw.get("base")
     if isinstance(base, str):
-        base_path = path.parent / base
-        if not base_path.exists():
-            raise ConfigError(f"{path}: base: scenario file not found: {base_path}")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        try:
+            base = read_yaml(path.parent / base, "scenario")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: base: {err}") from None
     if not isinstance(base, dict):
         raise ConfigError(f"{path}: base: give a scenario file or a scenario mapping")
     base = copy.deepcopy(base)

@@ -476,8 +476,7 @@ def _analysis_swap(run: LoadedRun) -> pd.DataFrame:
     df.attrs["tunnel_start"] = k
     df.to_csv(run.run_dir / "swap_table.csv")
     how = run.rule_text() if profile is not None else "fixed: analyses.tunnel_start"
-    (run.run_dir / "swap_meta.txt").write_text(f"tunnel_start {k} of {run.depth} layers ({how})\n"
-                                               + "".join(f"notice: {n}\n" for n in notices))
+    write_swap_meta(run, SwapMeta(k, how, notices))
     return df
 
 
@@ -588,7 +587,8 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     swaps = [pd.read_csv(r / "swap_table.csv", index_col=0) for r in runs if (r / "swap_table.csv").exists()]
     if swaps:
         mean, std = aggregate(swaps)
-        starts = _tunnel_starts(runs)
+        metas = _swap_metas(runs)
+        starts = [str(meta.k) for _, meta in metas]
         shown_mean, shown_std = mean.copy(), std.copy()
         if _is_table_5_4_1_setup(runs[0]):
             for i, col in enumerate(("first task", "second task")):
@@ -598,8 +598,8 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         else:
             reference = "no thesis reference values: Table 5.4.1 reports the full VGG-19 at width 1 on the (5,5) split only"
         shown_mean = shown_mean.astype(float)
-        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts} ({'; '.join(_rule_texts(runs))})",
-                 *_seed_notices(runs), *provenance, reference]
+        notes = [f"tunnel start (extractor = layers 1..k) per seed: {starts} ({'; '.join(_rule_texts(metas))})",
+                 *_seed_notices(metas), *provenance, reference]
         written.append(write_table(shown_mean, shown_std, len(swaps), out_dir / f"{scenario_dir.name}_table_5_4_1",
                                           f"{scenario_dir.name}: extractor/tunnel swap (Table 5.4.1 layout, %)", notes))
     curves = [pd.read_csv(r / "substitution.csv") for r in runs if (r / "substitution.csv").exists()]
@@ -622,30 +622,47 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     return written
 
 
-def _tunnel_starts(runs: list[Path]) -> list[str]:
-    """The tunnel start each run's swap analysis used (its swap_meta.txt), as written there."""
-    return [(r / "swap_meta.txt").read_text().split()[1] for r in runs if (r / "swap_meta.txt").exists()]
+SWAP_META = "swap_meta.txt"  # the k a run's swap analysis used, how it was chosen, and the profile's notices
 
 
-def _rule_texts(runs: list[Path]) -> list[str]:
-    """How each run's tunnel start was chosen (the parenthesis of its swap_meta.txt; older runs: rule 'last')."""
-    texts = []
-    for r in runs:
-        if (r / "swap_meta.txt").exists():
-            first = (r / "swap_meta.txt").read_text().splitlines()[0]
-            texts.append(first[first.index("(") + 1 : -1] if "(" in first else describe_rule("last"))
-    return list(dict.fromkeys(texts))
+@dataclass
+class SwapMeta:
+    k: int
+    rule: str  # the rule and threshold in words (describe_rule), or "fixed: analyses.tunnel_start"
+    notices: list[str]
 
 
-def _seed_notices(runs: list[Path]) -> list[str]:
+def write_swap_meta(run: LoadedRun, meta: SwapMeta) -> None:
+    (run.run_dir / SWAP_META).write_text(f"tunnel_start {meta.k} of {run.depth} layers ({meta.rule})\n"
+                                         + "".join(f"notice: {n}\n" for n in meta.notices))
+
+
+def read_swap_meta(run_dir: Path) -> SwapMeta | None:
+    """The one reader of swap_meta.txt (runs written before the rules were named: rule 'last', no notices)."""
+    path = Path(run_dir) / SWAP_META
+    if not path.exists():
+        return None
+    first, *rest = path.read_text().splitlines()
+    rule = first[first.index("(") + 1 : -1] if "(" in first else describe_rule("last")
+    return SwapMeta(int(first.split()[1]), rule, [line[len("notice: "):] for line in rest if line.startswith("notice: ")])
+
+
+def _swap_metas(runs: list[Path]) -> list[tuple[Path, SwapMeta]]:
+    return [(r, meta) for r in runs if (meta := read_swap_meta(r)) is not None]
+
+
+def _rule_texts(metas: list[tuple[Path, SwapMeta]]) -> list[str]:
+    """How the runs' tunnel starts were chosen, each way once."""
+    return list(dict.fromkeys(meta.rule for _, meta in metas))
+
+
+def _seed_notices(metas: list[tuple[Path, SwapMeta]]) -> list[str]:
     """The degenerate-profile notices of the seeds, each once with the seeds it concerns."""
     seen: dict[str, list[str]] = {}
-    for r in runs:
-        meta = r / "swap_meta.txt"
-        for line in meta.read_text().splitlines() if meta.exists() else []:
-            if line.startswith("notice: "):
-                kind = line[len("notice: "):].split(" (")[0].split(":")[0]  # the notice's wording without its numbers
-                seen.setdefault(kind, []).append(f"{r.name}: {line[len('notice: '):]}")
+    for run, meta in metas:
+        for notice in meta.notices:
+            kind = notice.split(" (")[0].split(":")[0]  # the notice's wording without its numbers
+            seen.setdefault(kind, []).append(f"{run.name}: {notice}")
     return [f"NOTICE {'; '.join(items)}" for items in seen.values()]
 
 
@@ -683,7 +700,8 @@ def swap_by_rule(scenario_dir: str | Path, out_dir: str | Path | None = None) ->
 
 def _swap_vs_k_table(scenario_dir: Path, out_dir: Path, runs: list[Path], curves: list[pd.DataFrame]) -> str:
     mean, std = aggregate([swap_vs_k(c) for c in curves])
-    starts = [int(k) for k in _tunnel_starts(runs)]
+    metas = _swap_metas(runs)
+    starts = [meta.k for _, meta in metas]
     profiles = [pd.read_csv(r / "tunnel_profile.csv", index_col=0) for r in runs if (r / "tunnel_profile.csv").exists()]
     by_rule: dict[str, list[int]] = {}
     for profile in profiles:
@@ -691,7 +709,7 @@ def _swap_vs_k_table(scenario_dir: Path, out_dir: Path, runs: list[Path], curves
             by_rule.setdefault(rule, []).append(k)
     stem = out_dir / f"{scenario_dir.name}_swap_vs_k"
     plot_swap_vs_k(mean, std, starts, stem.with_suffix(".png"), scenario_dir.name, by_rule)
-    notes = [f"tunnel start the runs used ({'; '.join(_rule_texts(runs))}; grey dotted lines in the figure): {starts}",
+    notes = [f"tunnel start the runs used ({'; '.join(_rule_texts(metas))}; grey dotted lines in the figure): {starts}",
              *[f"{describe_rule(rule)}: k per seed {ks} (marked in the figure)" for rule, ks in by_rule.items()],
              "all chosen test rows (the substitution curves are not kept on the exact rows alone)",
              "the thesis's Table 5.4.1 reading: E1 + T2 ≈ E1 + T1 and E2 + T1 ≈ E2 + T2 (gaps near 0) at the tunnel start"]

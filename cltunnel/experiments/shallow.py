@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cltunnel.experiments.analyses import SWAP_META, read_swap_meta
 from cltunnel.models.zoo import VGG_STAGES
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
@@ -52,8 +53,8 @@ def extractor_length(sweep_dir: Path) -> int | None:
     given = parse_tunnel_start(given, "analyses.tunnel_start")
     if given != "auto":
         return given
-    found = sorted(sweep_dir.glob("*/seed*/swap_meta.txt"))
-    return int(found[0].read_text().split()[1]) if found else None
+    found = sorted(sweep_dir.glob(f"*/seed*/{SWAP_META}"))
+    return read_swap_meta(found[0].parent).k if found else None
 
 
 def depth_report(sweep_dir: str | Path) -> str:

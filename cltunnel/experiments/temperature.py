@@ -20,17 +20,16 @@ from cltunnel.store import load_manifest, load_metrics, load_run_config, seed_di
 TEMPERATURE_AXIS = "training.temperature"
 
 
-def _kappa(run: Path) -> float:
-    """κ as the run's tunnel analysis wrote it (tunnel_start.txt), NaN without one."""
-    path = run / "tunnel_start.txt"
+def _value(path: Path, key: str) -> float:
+    """The number after ``key: `` in a one-line result file the analyses wrote (κ in tunnel_start.txt, ρ in
+    ood_rho.txt); NaN when the run has none."""
     lines = path.read_text().splitlines() if path.exists() else []
-    return next((float(line.split(": ")[1]) for line in lines if line.startswith("kappa")), np.nan)
+    return next((float(line.split(": ")[1]) for line in lines if line.startswith(key)), np.nan)
 
 
-def _rho(run: Path) -> float:
-    path = run / "ood_rho.txt"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return next((float(line.split(": ")[1]) for line in lines if line.startswith("rho")), np.nan)
+def _temperatures(columns: list[str]) -> list[float]:
+    """T of each ``<symbol> (T=<t>)`` column."""
+    return [float(c.split("T=")[1].rstrip(")")) for c in columns]
 
 
 def temperature_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
@@ -44,7 +43,8 @@ def temperature_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int
         for run in seed_dirs(sweep_dir / config):
             records.append({"architecture": " ".join(str(v) for v in labels.values()) or _model_label(run),
                             "T": float(load_run_config(run)["training"]["temperature"]),
-                            "kappa": _kappa(run), "rho": _rho(run),
+                            "kappa": _value(run / "tunnel_start.txt", "kappa"),
+                            "rho": _value(run / "ood_rho.txt", "rho"),
                             "acc": 100 * float(np.mean(load_metrics(run)["acc"][-1]))})
     runs = pd.DataFrame(records)
     if runs.empty:
@@ -69,8 +69,7 @@ def trend(values: pd.Series) -> str:
     values = values.dropna()
     if len(values) < 2:
         return "too few temperatures"
-    temps = [float(c.split("T=")[1].rstrip(")")) for c in values.index]
-    corr = pd.Series(temps).rank().corr(pd.Series(values.to_numpy()).rank())
+    corr = pd.Series(_temperatures(list(values.index))).rank().corr(pd.Series(values.to_numpy()).rank())
     if np.isnan(corr) or abs(corr) < 1e-9:
         return "flat"
     return f"{'rises' if corr > 0 else 'falls'} with T (rank correlation {corr:+.2f})"
@@ -99,7 +98,7 @@ def plot_temperature(mean: pd.DataFrame, std: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, symbol in zip(axes, ("κ", "ρ")):
         columns = [c for c in mean.columns if c.startswith(symbol)]
-        temps = [float(c.split("T=")[1].rstrip(")")) for c in columns]
+        temps = _temperatures(columns)
         for arch in mean.index:
             ax.errorbar(temps, mean.loc[arch, columns], yerr=std.loc[arch, columns].fillna(0), marker="o", ms=4,
                         capsize=3, label=arch)

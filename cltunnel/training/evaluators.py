@@ -46,7 +46,6 @@ def _logger(name: str, run_dir: Path) -> Any:
     return InteractiveLogger()
 
 
-
 def metric_factory(name: str) -> Callable[[], Any]:
     """A named metric, or a user's ``package.module:factory`` (called with no arguments)."""
     if name in METRICS:

@@ -78,11 +78,11 @@ class FastDataMixin:
         unsupported op), the run goes on with the eager step and says why, rather than losing the run."""
         if self._captured_step is False:
             return self._plain_step()
-        if step.calls:
-            return step(self.mb_x, self.mb_y, self.dataloader.task_label)
         try:
             return step(self.mb_x, self.mb_y, self.dataloader.task_label)
         except Exception as err:  # noqa: BLE001 - any compile failure: fall back, visibly
+            if step.calls:  # it ran before: not a compile failure, a bug to see
+                raise
             print(f"capture: compiling the step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                   "eager training step from here on", flush=True)
             self._captured_step = False
@@ -144,13 +144,18 @@ def with_fast_data(strategy_cls: type) -> type:
     return type(strategy_cls.__name__, (FastDataMixin, strategy_cls), {"__module__": strategy_cls.__module__})
 
 
+def _on_cuda_by_default(setting: str, device: torch.device, on: str = "on") -> bool:
+    """The training settings that read ``auto`` (on for CUDA, off elsewhere), ``on`` (or its own word) or ``off``."""
+    return setting == on or (setting == "auto" and device.type == "cuda")
+
+
 def amp_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
-    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    return _on_cuda_by_default(cfg.amp, device, on="bf16")
 
 
 def capture_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
-    return cfg.capture == "on" or (cfg.capture == "auto" and device.type == "cuda")
+    return _on_cuda_by_default(cfg.capture, device)
 
 
 def channels_last_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
-    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    return _on_cuda_by_default(cfg.channels_last, device)

@@ -11,7 +11,6 @@ import importlib
 import inspect
 import os
 import sys
-import warnings
 from typing import Any
 
 import torch
@@ -19,7 +18,8 @@ from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from cltunnel.config import ConfigError, StrategyConfig, TrainingConfig
+from cltunnel.config import ConfigError, EvaluationConfig, StrategyConfig, TrainingConfig
+from cltunnel.training.evaluators import build_evaluator
 from cltunnel.training.fast_data import RunContext, with_fast_data
 
 
@@ -124,12 +124,11 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
     if training.lr_milestones:
         sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, training.lr_milestones, training.lr_gamma)
         plugins = plugins + [LRSchedulerPlugin(sched, reset_scheduler=True, reset_lr=True)]
+    if evaluator is None:
+        evaluator = build_evaluator(EvaluationConfig(), None)  # silent: cltunnel records its own metrics
     try:
-        with warnings.catch_warnings():  # cltunnel records its own metrics; Avalanche's logger-less warning is noise
-            warnings.filterwarnings("ignore", message="No loggers specified")
-            return cls(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=training.batch_size,
+        return cls(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=training.batch_size,
                    train_epochs=training.epochs, eval_mb_size=training.eval_batch_size, device=device,
-                       plugins=plugins, evaluator=evaluator or EvaluationPlugin(loggers=[]), eval_every=-1, run_context=context,
-                       **args)
+                   plugins=plugins, evaluator=evaluator, eval_every=-1, run_context=context, **args)
     except TypeError as err:
         raise ConfigError(f"strategy.args: {cls.__name__} rejected its arguments {args}: {err}") from None
