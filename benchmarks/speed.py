@@ -154,7 +154,7 @@ def time_bare_loop(cfg, scenario, device, ddata: DeviceData, max_batches: int | 
                 if captured is not None:
                     captured(x, y, task.head)
                     continue
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = nn.functional.cross_entropy(model(x, task.head).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -211,7 +211,7 @@ def main() -> None:
         rows.append(("bare loop, compiled (model+loss, optimizer step)", secs, model))
     task = scenario.tasks[0]
     for name, secs, model in rows:
-        acc = predict_accuracy(model, ddata, task, amp=amp_enabled(cfg.training, device))
+        acc = predict_accuracy(model, ddata, task)
         print(f"{name:55s} {n_images / secs:9.0f} img/s  {secs:7.1f}s  task-0 acc {100 * acc:.1f}%")
     ips = {name: n_images / secs for name, secs, _ in rows}
     names = [r[0] for r in rows]

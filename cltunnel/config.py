@@ -181,8 +181,35 @@ class SyntheticConfig:
     checkpoint_every: int = 50
 
 
+NARROW_RESNET_PRESETS = ("mlp", "ode", "resnet", "augmented")
+NARROW_RESNET_TASKS = {"x2": 1, "disk_ring": 2, "xor": 2}  # task -> input dimension
+NARROW_RESNET_REGIME_KEYS = ("name", "eps", "delta", "width")
+NARROW_RESNET_ACTIVATIONS = ("tanh", "relu")
+
+
+@dataclass
+class NarrowResnetConfig:
+    """``narrow_resnet:``: toy input-output maps of narrow ResNets (Kuehn, Kuntz & Wöhrer 2026), blocks
+    x -> eps*x + delta*act(BN(Wx + b)) after an input layer. Defaults: the authors' settings at CPU-minutes size."""
+
+    tasks: list[str] = field(default_factory=lambda: list(NARROW_RESNET_TASKS))
+    regimes: list[Any] = field(default_factory=lambda: list(NARROW_RESNET_PRESETS))  # a preset or {name, eps, delta, width}
+    depths: list[int] = field(default_factory=lambda: [2, 6, 20])  # residual blocks L
+    width: int | None = None  # residual width of every regime but `augmented`; default: the task's input dimension
+    augmented_width: int | None = None  # width of the `augmented` preset; default: input dimension + 1
+    activation: str = "tanh"  # tanh (the authors' figures) | relu
+    batchnorm: list[str] = field(default_factory=lambda: ["disk_ring", "xor"])  # tasks with BN in the blocks (authors: 2-D)
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.01  # Adam
+    points: int = 2000  # data points per task (x2: training points; its error is on a grid of [-1, 1])
+    test_share: float = 0.3  # share of the 2-D points held out for test accuracy
+    box: float = 3.0  # the box [-box, box]^d (data in [-1, 1]^d) searched for critical points and unbounded regions
+    grid: int = 241  # grid points per axis of that box
+
+
 # The sections that select a protocol other than the task sequence (cltunnel.experiments.registry).
-PROTOCOL_SECTIONS = ("erosion", "representations", "synthetic")
+PROTOCOL_SECTIONS = ("erosion", "representations", "synthetic", "narrow_resnet")
 # Sections that were free-form mappings before cltunnel 0.2: their fingerprint counts only the keys that
 # differ from the defaults, as the mapping did, so runs made then still resume.
 SPARSE_FINGERPRINT = {"representations": RepresentationsConfig, "synthetic": SyntheticConfig}
@@ -203,6 +230,7 @@ class RunConfig:
     erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
     representations: RepresentationsConfig | None = None  # set: D/AE/VAE representations (experiments.representations)
     synthetic: SyntheticConfig | None = None  # set: meta-learned synthetic data (experiments.synthetic)
+    narrow_resnet: NarrowResnetConfig | None = None  # set: narrow ResNets on toy maps (experiments.narrow_resnet)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
@@ -402,6 +430,8 @@ def validate(cfg: RunConfig) -> None:
         _validate_representations(cfg.representations)
     if cfg.synthetic is not None:
         _validate_synthetic(cfg.synthetic)
+    if cfg.narrow_resnet is not None:
+        _validate_narrow_resnet(cfg.narrow_resnet)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
     _validate_evaluation(cfg.evaluation)
@@ -465,6 +495,55 @@ def _validate_synthetic(sc: SyntheticConfig) -> None:
     bad = [k for k, v in values.items() if v < 1] + [k for k in ("meta_steps", "test_per_class") if getattr(sc, k) < 0]
     if bad:
         raise ConfigError(f"synthetic: {', '.join(bad)} must be positive (meta_steps, test_per_class: not negative)")
+
+
+def _validate_narrow_resnet(nc: NarrowResnetConfig) -> None:
+    for key, values, valid in (("tasks", nc.tasks, list(NARROW_RESNET_TASKS)), ("batchnorm", nc.batchnorm, list(NARROW_RESNET_TASKS))):
+        bad = [v for v in values if v not in valid]
+        if bad or (key == "tasks" and not values):
+            raise ConfigError(f"narrow_resnet.{key}: unknown {bad}; valid: {', '.join(valid)}" if bad else
+                              f"narrow_resnet.tasks: give at least one of {', '.join(valid)}")
+    if nc.activation not in NARROW_RESNET_ACTIVATIONS:
+        raise ConfigError(f"narrow_resnet.activation: '{nc.activation}' is not one of {', '.join(NARROW_RESNET_ACTIVATIONS)}")
+    names = [_narrow_resnet_regime(r, f"narrow_resnet.regimes[{i}]") for i, r in enumerate(nc.regimes)]
+    if not names or len(set(names)) < len(names):
+        raise ConfigError(f"narrow_resnet.regimes: give one or more regimes with distinct names, got {names}")
+    dims = max(NARROW_RESNET_TASKS[t] for t in nc.tasks)
+    checks = [("depths", nc.depths, bool(nc.depths) and min(nc.depths) >= 1, "at least one depth, each at least 1"),
+              ("width", nc.width, nc.width is None or nc.width >= 1, "must be at least 1 (or empty: the input dimension)"),
+              ("augmented_width", nc.augmented_width, nc.augmented_width is None or nc.augmented_width > dims,
+               f"must be above the tasks' input dimension ({dims})"),
+              ("lr", nc.lr, nc.lr > 0, "must be positive"), ("test_share", nc.test_share, 0 < nc.test_share < 1,
+                                                             "is a share in (0, 1)"),
+              ("box", nc.box, nc.box > 1, "must be above 1 (the data's extent)"), ("grid", nc.grid, nc.grid >= 5,
+                                                                                   "must be at least 5")]
+    checks += [(k, getattr(nc, k), getattr(nc, k) >= 1, "must be at least 1") for k in ("epochs", "batch_size")]
+    checks += [("points", nc.points, nc.points >= 20, "must be at least 20")]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"narrow_resnet.{key}: {rule}, got {value!r}")
+
+
+def _narrow_resnet_regime(spec: Any, where: str) -> str:
+    """A regime is a preset name or a mapping {name, eps, delta, width}; returns its name (checked here, built by
+    cltunnel.experiments.narrow_resnet)."""
+    if isinstance(spec, str):
+        if spec not in NARROW_RESNET_PRESETS:
+            raise ConfigError(f"{where}: unknown preset '{spec}'{_closest(spec, list(NARROW_RESNET_PRESETS))}; valid: "
+                              f"{', '.join(NARROW_RESNET_PRESETS)} or a mapping {{eps, delta}}")
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: a preset ({', '.join(NARROW_RESNET_PRESETS)}) or a mapping {{eps, delta}}, got {spec!r}")
+    unknown = [k for k in spec if k not in NARROW_RESNET_REGIME_KEYS]
+    if unknown or "eps" not in spec or "delta" not in spec:
+        raise ConfigError(f"{where}: give eps and delta (optional: name, width); got keys {sorted(map(str, spec))}")
+    for key in ("eps", "delta", "width"):
+        if key in spec:
+            value = _coerce(spec[key], int if key == "width" else float, f"{where}.{key}")
+            if value < (1 if key == "width" else 0):
+                raise ConfigError(f"{where}.{key}: " + ("must be at least 1" if key == "width" else "must not be negative")
+                                  + f", got {spec[key]!r}")
+    return str(spec.get("name", f"eps={float(spec['eps']):g} delta={float(spec['delta']):g}"))
 
 
 def _validate_ranges(cfg: RunConfig) -> None:

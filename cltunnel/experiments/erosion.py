@@ -111,10 +111,9 @@ class TestCurvePlugin(SupervisedPlugin):
 
     transient = True  # holds the views (whole datasets): never part of a checkpoint
 
-    def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, amp: bool,
-                 epochs: int) -> None:
+    def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, epochs: int) -> None:
         super().__init__()
-        self.views, self.curve, self.every, self.amp, self.epochs = views, curve, every, amp, epochs
+        self.views, self.curve, self.every, self.epochs = views, curve, every, epochs
         self.phase, self.offset = "", 0
 
     def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
@@ -124,14 +123,13 @@ class TestCurvePlugin(SupervisedPlugin):
             trained_on = strategy.run_context.data
             task = trained_on.scenario.tasks[0]
             row["train"] = 100 * predict_accuracy(strategy.model, trained_on, task, task.train_idx[:TRAIN_ACC_ROWS],
-                                                  amp=self.amp, split="eval_train")
+                                                  split="eval_train")
             for name, view in self.views.items():
                 test_task = view.scenario.tasks[0]
-                acc = predict_accuracy(strategy.model, view, test_task, amp=self.amp)
+                acc = predict_accuracy(strategy.model, view, test_task)
                 row[name] = 100 * acc
                 if view.scenario.data.has_lossy_test_rows and len(test_task.test_lossless_idx):
-                    row[f"{name} exact rows"] = 100 * exact_rows_accuracy(strategy.model, view, test_task, acc,
-                                                                          amp=self.amp)
+                    row[f"{name} exact rows"] = 100 * exact_rows_accuracy(strategy.model, view, test_task, acc)
             self.curve.append(row)
 
 
@@ -191,7 +189,7 @@ def train_phase(cfg: RunConfig, model: LayeredModel, views: dict[str, DeviceData
     device = views["clean"].device
     tcfg = dataclasses.replace(cfg.training, epochs=epochs)
     amp = amp_enabled(tcfg, device)
-    recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, amp, epochs)
+    recorder = TestCurvePlugin(views, curve, cfg.erosion.eval_every, epochs)
     recorder.phase, recorder.offset = phase, max([r["epoch"] for r in curve], default=0)
     run_dir, index = resume_at if resume_at else (None, 0)
     resume = MidTaskResumePlugin(tcfg.resume_every if run_dir else 0, epochs, lambda t, done: save_partial_task(

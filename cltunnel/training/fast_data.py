@@ -16,7 +16,8 @@ from torch import nn
 
 from cltunnel.config import TrainingConfig
 from cltunnel.data.device import DeviceBatches, DeviceData, task_generator
-from cltunnel.training.capture import CapturedStep, capture_blockers
+from cltunnel.training.capture import CapturedStep, CaptureRejected, capture_blockers
+from cltunnel.training.overrides import overriding_class
 
 
 class TemperatureCrossEntropy(nn.Module):
@@ -50,19 +51,26 @@ def run_data(strategy: Any) -> DeviceData | None:
 class FastDataMixin:
     """Mixed in front of any Avalanche SGD strategy class to feed it from :class:`DeviceData`.
 
-    The data comes in at construction (``run_context=RunContext(...)``), not set from outside afterwards.
-    Without it (a strategy used outside cltunnel) every method defers to Avalanche.
+    It replaces *where batches come from* and how fast a step runs, never what the strategy does with them:
+    each of its methods stands in for Avalanche's template only; where the strategy class (or a class
+    between it and the templates) defines the same method, that method runs (:mod:`~.overrides`). The data
+    comes in at construction (``run_context=RunContext(...)``); without it (a strategy used outside cltunnel)
+    every method defers to Avalanche.
     """
 
     def __init__(self, *, run_context: RunContext | None = None, **kwargs: Any) -> None:
         self.run_context = run_context  # keyword-only, as Avalanche asks of strategy constructors
-        self._captured_step: CapturedStep | None | bool = None  # decided at the first epoch
+        self._captured_step: CapturedStep | None | bool = None  # decided at the first epoch; False: eager
         super().__init__(**kwargs)  # type: ignore[call-arg]
+
+    def _defers(self, name: str) -> bool:
+        """Whether ``name`` is the strategy's own (or cltunnel has no data here): then Avalanche's MRO decides."""
+        return self.run_context is None or overriding_class(type(self), name) is not None
 
     def training_epoch(self, **kwargs: Any) -> None:
         """Avalanche's epoch, with the inside of each iteration as one compiled call when capture is on and
-        no plugin needs Python between forward and update (cltunnel.training.capture)."""
-        step = self._capture()
+        nothing of the strategy's runs inside the step (cltunnel.training.capture)."""
+        step = self._capture()  # None where the strategy's own training_epoch (or a hook) must run: it says so
         if step is None:
             return super().training_epoch(**kwargs)  # type: ignore[misc]
         for self.mbatch in self.dataloader:
@@ -74,46 +82,38 @@ class FastDataMixin:
             self._after_training_iteration(**kwargs)
 
     def _captured_call(self, step: CapturedStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compiled step; if its first call fails to compile (a backend missing on this machine, an
-        unsupported op), the run goes on with the eager step and says why, rather than losing the run."""
+        """The compiled step, or, once it has been rejected (self-check, compile failure), the eager one."""
         if self._captured_step is False:
-            return self._plain_step()
+            return step.eager(self.mb_x, self.mb_y, self.dataloader.task_label)
         try:
             return step(self.mb_x, self.mb_y, self.dataloader.task_label)
-        except Exception as err:  # noqa: BLE001 - any compile failure: fall back, visibly
-            if step.calls:  # it ran before: not a compile failure, a bug to see
-                raise
-            print(f"capture: compiling the step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                  "eager training step from here on", flush=True)
+        except CaptureRejected as rejected:
+            print(f"capture: {rejected.reason}; eager training step from here on", flush=True)
             self._captured_step = False
-            return self._plain_step()
-
-    def _plain_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eager step without the hooks inside it (capture is on only where no plugin has any)."""
-        self.optimizer.zero_grad()
-        self.loss = self._make_empty_loss()
-        self.mb_output = self.forward()
-        self.loss += self.criterion()
-        self.backward()
-        self.optimizer_step()
-        return self.loss, self.mb_output
+            return rejected.result
 
     def _capture(self) -> CapturedStep | None:
+        """The run's captured step, built at the first epoch (again if the strategy replaced its optimizer or
+        model); None where capture is off, the batches are not cltunnel's, or something blocks it."""
         context = self.run_context
         if context is None or not context.capture or not isinstance(self.dataloader, DeviceBatches):
             return None
-        if self._captured_step is None:
+        step = self._captured_step
+        if step is None:
             blockers = capture_blockers(self)
             if blockers:
-                print(f"capture: eager training step ({', '.join(blockers)} needs per-iteration Python)", flush=True)
+                verb = "runs" if len(blockers) == 1 else "run"
+                print(f"capture: eager training step ({', '.join(blockers)} {verb} inside the step)", flush=True)
                 self._captured_step = False
-            else:
-                self._captured_step = CapturedStep(self.model, self._criterion, self.optimizer, self.device,
-                                                   context.amp)
-        return self._captured_step or None
+                return None
+        if step is False:
+            return None
+        if step is None or step.optimizer is not self.optimizer or step.model is not self.model:
+            self._captured_step = CapturedStep(self.model, self._criterion, self.optimizer, self.device, context.amp)
+        return self._captured_step  # type: ignore[return-value]
 
     def make_train_dataloader(self, **kwargs) -> None:
-        if self.run_context is None:
+        if self._defers("make_train_dataloader"):
             return super().make_train_dataloader(**kwargs)  # type: ignore[misc]
         data = self.run_context.data
         task = data.scenario.tasks[self.experience.current_experience]
@@ -121,16 +121,20 @@ class FastDataMixin:
         self.dataloader = data.batches(task, "train", self.train_mb_size, gen)
 
     def make_eval_dataloader(self, **kwargs) -> None:
-        if self.run_context is None:
+        if self._defers("make_eval_dataloader"):
             return super().make_eval_dataloader(**kwargs)  # type: ignore[misc]
         data = self.run_context.data
         task = data.scenario.tasks[self.experience.current_experience]
         self.dataloader = data.batches(task, "test", self.eval_mb_size)
 
     def forward(self):
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.run_context and self.run_context.amp else contextlib.nullcontext()
-        with amp:
-            if isinstance(self.dataloader, DeviceBatches):  # one task per batch: no per-batch unique()/sync
+        """The model on one task's batch (no per-batch unique()/sync), in bf16 autocast while training with
+        ``amp``; evaluation is always float32 (one precision for every number cltunnel reports). A strategy's
+        own ``forward`` runs instead, inside the same autocast."""
+        context = self.run_context
+        amp = context is not None and context.amp and self.is_training
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            if not self._defers("forward") and isinstance(self.dataloader, DeviceBatches):
                 out = self.model(self.mb_x, self.dataloader.task_label)
             else:
                 out = super().forward()  # type: ignore[misc]

@@ -90,7 +90,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     resume = MidTaskResumePlugin(tcfg.resume_every, tcfg.epochs, lambda t, done: save_partial_task(
         run_dir, t, done, model, strategy, cfg, extra={"history": history}))
     writer = open_tensorboard(run_dir, cfg.logging.tensorboard)
-    curves = HistoryPlugin(history, lambda t: evaluate_seen(model, ddata, t, tcfg.eval_batch_size, amp),
+    curves = HistoryPlugin(history, lambda t: evaluate_seen(model, ddata, t, tcfg.eval_batch_size),
                            cfg.logging.eval_every, writer)
     plugins = [ProgressPlugin(progress), resume, curves, MemorySeedPlugin(seed)]  # the seeds before the memories
     if tcfg.checkpoint_every:
@@ -103,7 +103,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     load_strategy_state(strategy, strategy_state)
     rebuild_memories(strategy, benchmark, seed, start_task)
     if start_task == 0 and "acc_init" not in metrics:  # the untrained model on every task: FWT's baseline
-        init = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
+        init = evaluate_all(model, ddata, tcfg.eval_batch_size)
         metrics["acc_init"] = init.acc
         metrics["acc_init_lossless"] = init.acc_lossless if metrics["acc_lossless"] is not None else None
     for t in range(start_task, len(scenario.tasks)):
@@ -119,7 +119,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         check_finite(model, t)
         if cfg.evaluation.metrics:  # Avalanche's metrics and loggers, on the same device data
             strategy.eval(benchmark.test_stream)
-        ev = evaluate_all(model, ddata, tcfg.eval_batch_size, amp)
+        ev = evaluate_all(model, ddata, tcfg.eval_batch_size)
         end_of_task(history, ev.acc, t, writer)
         metrics["acc"].append(ev.acc)
         if metrics["acc_lossless"] is not None:

@@ -1,0 +1,521 @@
+"""Narrow ResNets cannot fold (Kuehn, Kuntz & Wöhrer 2026, "Universal approximation constraints of narrow
+ResNets: the tunnel effect"; the essay *The Tunnel Wall*): toy input-output maps, no image data.
+
+The network is the authors' (twoehrer/Narrow_ResNet_Constraints): an input layer ``act(Vx + c)`` to the
+residual width, L blocks ``h -> eps*h + delta*act(BN(Wh + b))``, a linear output (a sigmoid for the two
+classification tasks, trained with binary cross-entropy), Adam at lr 0.01. The regimes are named presets
+(``mlp``: eps 0, delta 1; ``ode``: eps 1, delta 1/L; ``resnet``: eps = delta = 1; ``augmented``: the authors'
+augmented MLP, eps 0, delta 1, width above the input dimension) or explicit {eps, delta, width}. Tasks:
+
+- ``x2``: fit x² on U[-1, 1] (MSE). Every monotone map has MSE >= 9/160 against x² (the isotonic bound), and
+  a width-1 network whose blocks are monotone is monotone: with eps = 0 every block is (a composition of
+  monotone maps), whatever the weights; with eps > 0 a block folds only where its slope eps + delta*w*act'
+  turns negative, so ``ode`` (eps 1, delta 1/L) needs a block weight below -L: whether training gets there
+  is measured, not assumed.
+- ``disk_ring``: 2,000 points, a disk (r <= 0.4, the enclosed class) against a ring (0.5 <= r <= 1).
+- ``xor``: U[-1, 1]², class |x2| > |x1| (the boundary is two crossing lines: it needs a saddle).
+
+Measures per model, on a grid of the box [-box, box]^d (data in [-1, 1]^d), in float64 and eval mode:
+the error (MSE over a grid of [-1, 1] for x2: the population MSE by quadrature; else test error %); the
+critical points of the input-output map f (1-D: sign changes of f'; 2-D: grid cells around which ∇f winds,
+i.e. extrema and saddles); whether the hidden map Φ (input to the last block, d -> width) folds, i.e. its
+Jacobian determinant changes sign (width = d only); for ``disk_ring`` whether the predicted disk region that
+holds the data's disk reaches the border of the box (the unbounded "tunnel" of the paper).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from torch import nn
+from tqdm.auto import tqdm
+
+from cltunnel.config import NARROW_RESNET_TASKS, NarrowResnetConfig, RunConfig
+from cltunnel.experiments.registry import Protocol, register_protocol
+from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.tables import write_table
+from cltunnel.store import atomic_save, atomic_write_text, save_run_config, seed_dir, seed_dirs
+from cltunnel.training.checkpoints import safe_load
+
+FINISHED = "narrow_resnet.csv"  # in a seed directory: one row per (task, regime, depth), written last
+MODELS = "models.pt"  # in a seed directory: every trained model with its spec and measures (the resume record)
+MONOTONE_BOUND = 9 / 160  # least MSE of a monotone map against x² on U[-1, 1]
+DISK, RING = 0.4, (0.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- regimes
+@dataclass(frozen=True)
+class Regime:
+    """One row of the table: skip weight eps, residual weight delta, residual width, at one depth."""
+
+    name: str
+    eps: float
+    delta: float
+    width: int
+
+
+def resolve_regime(spec: Any, depth: int, input_dim: int, nc: NarrowResnetConfig) -> Regime:
+    """A preset or an explicit mapping (validated in cltunnel.config) at depth L for a d-dimensional task."""
+    narrow = nc.width or input_dim
+    if isinstance(spec, dict):
+        name = str(spec.get("name", f"eps={float(spec['eps']):g} delta={float(spec['delta']):g}"))
+        return Regime(name, float(spec["eps"]), float(spec["delta"]), int(spec.get("width", narrow)))
+    eps, delta, width = {"mlp": (0.0, 1.0, narrow), "ode": (1.0, 1.0 / depth, narrow), "resnet": (1.0, 1.0, narrow),
+                         "augmented": (0.0, 1.0, nc.augmented_width or input_dim + 1)}[spec]
+    return Regime(spec, eps, delta, width)
+
+
+def regime_name(spec: Any) -> str:
+    return spec if isinstance(spec, str) else resolve_regime(spec, 1, 1, NarrowResnetConfig()).name
+
+
+# ------------------------------------------------------------------------------------------- the model
+class Block(nn.Module):
+    """h -> eps*h + delta*act(BN(Wh + b)): eps the skip, delta the residual weight."""
+
+    def __init__(self, width: int, eps: float, delta: float, act: nn.Module, batchnorm: bool) -> None:
+        super().__init__()
+        self.eps, self.delta = eps, delta
+        self.fc = nn.Linear(width, width)
+        nn.init.xavier_normal_(self.fc.weight)  # the authors' initialisation
+        nn.init.zeros_(self.fc.bias)
+        self.bn = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
+        self.act = act
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.eps * h + self.delta * self.act(self.bn(self.fc(h)))
+
+
+class NarrowResNet(nn.Module):
+    """Input layer act(Vx + c) to the residual width, L blocks, a linear output to one number (a logit for
+    the classification tasks, the fitted value for x2)."""
+
+    def __init__(self, input_dim: int, depth: int, regime: Regime, activation: str, batchnorm: bool) -> None:
+        super().__init__()
+        act = nn.Tanh() if activation == "tanh" else nn.ReLU()
+        self.input = nn.Sequential(nn.Linear(input_dim, regime.width), act)
+        self.blocks = nn.Sequential(*[Block(regime.width, regime.eps, regime.delta, act, batchnorm)
+                                      for _ in range(depth)])
+        self.output = nn.Linear(regime.width, 1)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Φ: the input through the input layer and every block (what the output layer reads)."""
+        return self.blocks(self.input(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(x)).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def task_data(task: str, seed: int, nc: NarrowResnetConfig) -> dict[str, torch.Tensor]:
+    """Training (and, 2-D, test) points of a task, drawn from the seed alone: every regime and depth of a
+    seed sees the same points."""
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
+    if task == "x2":
+        x = rng.uniform(-1, 1, (nc.points, 1))
+        return {"x_train": torch.tensor(x), "y_train": torch.tensor(x[:, 0] ** 2)}
+    if task == "disk_ring":
+        half = nc.points // 2
+        r = np.concatenate([DISK * np.sqrt(rng.uniform(0, 1, half)),  # uniform on the disk and on the annulus
+                            np.sqrt(rng.uniform(RING[0] ** 2, RING[1] ** 2, nc.points - half))])
+        angle = rng.uniform(0, 2 * np.pi, nc.points)
+        x = np.stack([r * np.cos(angle), r * np.sin(angle)], 1)
+        y = (np.arange(nc.points) < half).astype(float)  # 1: the disk, the enclosed class
+    else:  # xor: the authors' level set x2² - x1² >= 0
+        x = rng.uniform(-1, 1, (nc.points, 2))
+        y = (np.abs(x[:, 1]) >= np.abs(x[:, 0])).astype(float)
+    order = rng.permutation(nc.points)
+    n_test = int(round(nc.test_share * nc.points))
+    test, train = order[:n_test], order[n_test:]
+    return {"x_train": torch.tensor(x[train]), "y_train": torch.tensor(y[train]),
+            "x_test": torch.tensor(x[test]), "y_test": torch.tensor(y[test])}
+
+
+def x2_grid(n: int = 2000) -> torch.Tensor:
+    """Midpoints of n equal cells of [-1, 1]: the MSE over them is the population MSE on U[-1, 1] by quadrature."""
+    return (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1
+
+
+# -------------------------------------------------------------------------------------------- training
+def model_seed(seed: int, key: str) -> int:
+    """The initialisation of one (task, regime, depth) depends on the seed and the key only, not on which
+    models ran before it: a resumed seed trains what an uninterrupted one would."""
+    return seed * 1_000_003 + zlib.crc32(key.encode()) % 1_000_003
+
+
+def train(model: NarrowResNet, data: dict[str, torch.Tensor], task: str, nc: NarrowResnetConfig, seed: int
+          ) -> list[float]:
+    """Adam, shuffled mini-batches (a last batch of one row is dropped: BatchNorm needs two); loss per epoch."""
+    x, y = data["x_train"].float(), data["y_train"].float()
+    loss_fn = nn.MSELoss() if task == "x2" else nn.BCEWithLogitsLoss()  # sigmoid + BCE, in one stable step
+    opt = torch.optim.Adam(model.parameters(), lr=nc.lr, fused=True)  # one kernel per step: a third faster here
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(nc.epochs):
+        total, batches = 0.0, 0
+        for rows in torch.randperm(len(x), generator=gen).split(nc.batch_size):
+            if len(rows) < 2:
+                continue
+            loss = loss_fn(model(x[rows]), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, batches = total + loss.item(), batches + 1
+        losses.append(total / max(batches, 1))
+    return losses
+
+
+# -------------------------------------------------------------------------------------------- measures
+def box_grid(box: float, n: int, dims: int) -> torch.Tensor:
+    """The grid of [-box, box]^dims, n points per axis; 2-D rows in (row = x2, column = x1) image order."""
+    axis = torch.linspace(-box, box, n, dtype=torch.float64)
+    if dims == 1:
+        return axis[:, None]
+    x2, x1 = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x1.reshape(-1), x2.reshape(-1)], 1)
+
+
+def grid_axis(nc: NarrowResnetConfig) -> np.ndarray:
+    return np.linspace(-nc.box, nc.box, nc.grid)
+
+
+def input_gradient(f: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(x) and ∇f(x) for a map applied row by row (eval mode: rows do not interact)."""
+    x = x.clone().requires_grad_()
+    y = f(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    return y.detach(), grad.detach()
+
+
+def count_sign_changes(values: np.ndarray) -> int:
+    """Sign changes along a 1-D sequence, exact zeros skipped (a flat, saturated stretch is no critical point)."""
+    signs = np.sign(values)
+    signs = signs[signs != 0]
+    return int(np.count_nonzero(signs[1:] != signs[:-1]))
+
+
+def wrapped_turns(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Along the last axis (a closed path, first point repeated at the end): the total turn in full turns and
+    the largest single step, each step taken as the shorter way round."""
+    steps = np.angle(np.exp(1j * np.diff(angles, axis=-1)))
+    return steps.sum(-1) / (2 * np.pi), np.abs(steps).max(-1)
+
+
+def cell_boundaries(axis: np.ndarray, cells: np.ndarray, per_edge: int) -> np.ndarray:
+    """Points around the boundary of the cells (row, column indices into an axis x axis grid), counter-
+    clockwise from the lower left corner, the first point repeated: (cells, 4 * per_edge + 1, 2) as (x1, x2)."""
+    t = np.linspace(0, 1, per_edge, endpoint=False)
+    x0, x1 = axis[cells[:, 1]][:, None], axis[cells[:, 1] + 1][:, None]
+    y0, y1 = axis[cells[:, 0]][:, None], axis[cells[:, 0] + 1][:, None]
+    xs = np.concatenate([x0 + t * (x1 - x0), x1 + 0 * t, x1 - t * (x1 - x0), x0 + 0 * t, x0], 1)
+    ys = np.concatenate([y0 + 0 * t, y0 + t * (y1 - y0), y1 + 0 * t, y1 - t * (y1 - y0), y0], 1)
+    return np.stack([xs, ys], -1)
+
+
+def winding_cells(gradient: Any, axis: np.ndarray, per_edge: int = 32, sharp: float = np.pi / 2) -> np.ndarray:
+    """Index of the gradient field around every cell of the grid axis x axis ((n-1) x (n-1), rows along x2):
+    +1 around an extremum, -1 around a saddle, 0 elsewhere. The index is the gradient's turn along the cell's
+    boundary; where a step between two corners turns by more than ``sharp`` (a steep ridge the corners cannot
+    resolve) the boundary is walked again at ``per_edge`` points per edge, and a cell still unresolved, or
+    with a corner where the gradient vanishes (a flat, saturated stretch), counts 0."""
+    n = len(axis)
+    x2, x1 = np.meshgrid(axis, axis, indexing="ij")
+    g = gradient(np.stack([x1.ravel(), x2.ravel()], 1)).reshape(n, n, 2)
+    angle, norm = np.arctan2(g[..., 1], g[..., 0]), np.hypot(g[..., 0], g[..., 1])
+    ring = [(slice(None, -1), slice(None, -1)), (slice(None, -1), slice(1, None)), (slice(1, None), slice(1, None)),
+            (slice(1, None), slice(None, -1)), (slice(None, -1), slice(None, -1))]
+    turns, step = wrapped_turns(np.stack([angle[r, c] for r, c in ring], -1))
+    flat = np.stack([norm[r, c] for r, c in ring[:4]], -1).min(-1) <= 1e-12 * max(norm.max(), 1e-300)
+    index = np.where(step <= sharp, np.rint(turns), 0).astype(int)
+    redo = np.argwhere((step > sharp) & ~flat)
+    if len(redo):
+        path = cell_boundaries(axis, redo, per_edge)
+        gp = gradient(path.reshape(-1, 2)).reshape(len(redo), -1, 2)
+        fine_turns, fine_step = wrapped_turns(np.arctan2(gp[..., 1], gp[..., 0]))
+        index[redo[:, 0], redo[:, 1]] = np.where(fine_step <= sharp, np.rint(fine_turns), 0)
+    return np.where(flat, 0, index)
+
+
+def critical_points_1d(f: Any, x: torch.Tensor) -> int:
+    """Critical points of f: R -> R on the grid x: sign changes of f'."""
+    return count_sign_changes(input_gradient(f, x)[1][:, 0].numpy())
+
+
+def critical_cells_2d(f: Any, axis: np.ndarray) -> np.ndarray:
+    """Winding index of ∇f around each cell of the grid axis x axis."""
+    return winding_cells(lambda x: input_gradient(f, torch.as_tensor(x))[1].numpy(), axis)
+
+
+def jacobian(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """The Jacobian (points, out, in) of a map applied row by row."""
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    rows = [torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0] for i in range(out.shape[1])]
+    return torch.stack(rows, 1)
+
+
+def determinant_sign(layers: list[Any], x: torch.Tensor) -> np.ndarray:
+    """Sign of det J of the composition of square layers, as the product of each layer's determinant sign:
+    one determinant of the whole product loses its sign to rounding where the map saturates."""
+    sign = torch.ones(len(x), dtype=torch.float64)
+    h = x
+    for layer in layers:
+        sign = sign * torch.sign(torch.linalg.det(jacobian(layer, h)))
+        with torch.no_grad():
+            h = layer(h)
+    return sign.numpy()
+
+
+def folds(det: np.ndarray) -> bool:
+    """The map folds where its Jacobian determinant changes sign between neighbouring grid points."""
+    signs = np.sign(det)
+    pairs = [(signs[:, :-1], signs[:, 1:]), (signs[:-1, :], signs[1:, :])] if det.ndim == 2 else [(signs[:-1], signs[1:])]
+    return any(bool(np.any(a * b < 0)) for a, b in pairs)
+
+
+def unbounded_region(inside: np.ndarray, seeds_mask: np.ndarray) -> bool:
+    """Whether a region (boolean image) that holds any of ``seeds_mask`` reaches the image's border: the
+    enclosed class escaping to the edge of the box, the paper's unbounded "tunnel"."""
+    labels, _ = ndimage.label(inside)  # 4-connectivity
+    held = set(np.unique(labels[seeds_mask & inside])) - {0}
+    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
+    return bool(held & border)
+
+
+def measure(model: NarrowResNet, task: str, data: dict[str, torch.Tensor], regime: Regime, nc: NarrowResnetConfig
+            ) -> dict[str, float]:
+    """Error, critical points, fold and (disk_ring) unbounded region of a trained model, in float64."""
+    model = model.double().eval()
+    dims = NARROW_RESNET_TASKS[task]
+    grid = box_grid(nc.box, nc.grid, dims)
+    square = regime.width == dims
+    with torch.no_grad():
+        if task == "x2":
+            xs = x2_grid()[:, None]
+            error = float(((model(xs) - xs[:, 0] ** 2) ** 2).mean())
+        else:
+            error = 100 * float(((model(data["x_test"]) > 0).double() != data["y_test"]).double().mean())
+    out = {"error": error, "fold": np.nan, "unbounded": np.nan}
+    if dims == 1:
+        out["critical_points"] = critical_points_1d(model, grid)
+    else:
+        out["critical_points"] = int(np.count_nonzero(critical_cells_2d(model, grid_axis(nc))))
+    if square:
+        det = determinant_sign([model.input, *model.blocks], grid)
+        out["fold"] = float(folds(det.reshape(nc.grid, nc.grid) if dims == 2 else det))
+    if task == "disk_ring":
+        with torch.no_grad():
+            disk = (model(grid) > 0).view(nc.grid, nc.grid).numpy()
+        out["unbounded"] = float(unbounded_region(disk, (grid.norm(dim=1) <= DISK).view(nc.grid, nc.grid).numpy()))
+    model.float()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- a seed
+def model_key(task: str, regime: Regime, depth: int) -> str:
+    return f"{task}/{regime.name}/L{depth}"
+
+
+def model_spec(task: str, regime: Regime, depth: int, nc: NarrowResnetConfig, seed: int) -> dict[str, Any]:
+    """Everything a model's numbers depend on: a saved model is reused only when its spec is unchanged."""
+    return {"task": task, "depth": depth, **asdict(regime), "batchnorm": task in nc.batchnorm, "seed": seed,
+            **{k: getattr(nc, k) for k in ("activation", "epochs", "batch_size", "lr", "points", "test_share", "box",
+                                           "grid")}}
+
+
+def build(spec: dict[str, Any]) -> NarrowResNet:
+    regime = Regime(spec["name"], spec["eps"], spec["delta"], spec["width"])
+    return NarrowResNet(NARROW_RESNET_TASKS[spec["task"]], spec["depth"], regime, spec["activation"], spec["batchnorm"])
+
+
+def jobs(nc: NarrowResnetConfig, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """(key, spec) of every model of a seed, task by task."""
+    out = []
+    for task in nc.tasks:
+        for spec in nc.regimes:
+            for depth in nc.depths:
+                regime = resolve_regime(spec, depth, NARROW_RESNET_TASKS[task], nc)
+                out.append((model_key(task, regime, depth), model_spec(task, regime, depth, nc, seed)))
+    return out
+
+
+def load_models(run_dir: Path) -> dict[str, dict[str, Any]]:
+    path = run_dir / MODELS
+    return safe_load(path, map_location="cpu") if path.exists() else {}
+
+
+def run_narrow_resnet(cfg: RunConfig, seed: int, data: Any = None, progress: bool = True,
+                      stop_after: int | None = None) -> Path:
+    """Train and measure every (task, regime, depth) of one seed; ``data`` is unused (the tasks are drawn from
+    the seed). Each model is saved as it finishes, so a killed seed resumes with the next one; a finished seed
+    with an unchanged config trains nothing. ``stop_after`` returns after that many new models (tests of resume)."""
+    nc = cfg.narrow_resnet
+    run_dir = seed_dir(cfg, seed)
+    todo = jobs(nc, seed)
+    saved = load_models(run_dir)
+    missing = [(key, spec) for key, spec in todo if saved.get(key, {}).get("spec") != spec]
+    if not missing and (run_dir / FINISHED).exists():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(run_dir, cfg, seed)
+    datasets: dict[str, dict[str, torch.Tensor]] = {}
+    for trained, (key, spec) in enumerate(tqdm(missing, desc=f"narrow ResNets, seed {seed}", disable=not progress)):
+        if stop_after is not None and trained >= stop_after:
+            return run_dir
+        task = spec["task"]
+        datasets.setdefault(task, task_data(task, seed, nc))
+        torch.manual_seed(model_seed(seed, key))
+        model = build(spec)
+        losses = train(model, datasets[task], task, nc, model_seed(seed, key))
+        regime = Regime(spec["name"], spec["eps"], spec["delta"], spec["width"])
+        saved[key] = {"spec": spec, "state": model.state_dict(), "losses": losses,
+                      "measures": measure(model, task, datasets[task], regime, nc)}
+        atomic_save(saved, run_dir / MODELS)
+    rows = [{"task": spec["task"], "regime": spec["name"], **{k: spec[k] for k in ("depth", "eps", "delta", "width")},
+             **saved[key]["measures"], "final_loss": saved[key]["losses"][-1]} for key, spec in todo]
+    atomic_write_text(run_dir / FINISHED, pd.DataFrame(rows).to_csv(index=False))
+    print(f"[{cfg.name} seed {seed}] " + "; ".join(
+        f"{r['task']} {r['regime']} L={r['depth']}: {r['error']:.3g}" for r in rows), flush=True)
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+COLUMNS = {"error": None, "critical_points": "critical points", "fold": "folds (share of seeds)",
+           "unbounded": "unbounded region (share of seeds)"}
+ERROR_NAME = {"x2": "MSE on U[-1, 1]", "disk_ring": "test error %", "xor": "test error %"}
+
+
+def task_frames(rows: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows regime × depth in the scenario's order; mean and std (ddof 1) over seeds of each measure."""
+    part = rows[rows.task == task].copy()
+    part["row"] = part.regime + ", L=" + part.depth.astype(str)
+    order = list(dict.fromkeys(part.sort_values(["order", "depth"]).row))
+    columns = [c for c in COLUMNS if part[c].notna().any()]
+    grouped = part.groupby("row")[columns]
+    mean, std = grouped.mean().loc[order], grouped.std(ddof=1).loc[order]
+    names = {c: COLUMNS[c] or ERROR_NAME[task] for c in columns}
+    mean, std = mean.rename(columns=names), std.rename(columns=names)
+    mean.index.name = std.index.name = "regime, depth"
+    return mean, std
+
+
+def aggregate_narrow_resnet(scenario_dir: str | Path) -> str:
+    """One table per task (regime × depth: error, critical points, folds, unbounded region; mean ± std over
+    seeds), the 1-D figure (maps against x², MSE by depth against 9/160) and the decision regions of the first
+    seed for each 2-D task."""
+    scenario_dir = Path(scenario_dir)
+    runs = seed_dirs(scenario_dir, FINISHED)
+    if not runs:
+        return ""
+    rows = pd.concat([pd.read_csv(r / FINISHED).assign(seed=r.name) for r in runs], ignore_index=True)
+    rows["order"] = rows.groupby("seed").cumcount()
+    md = []
+    for task in dict.fromkeys(rows.task):
+        mean, std = task_frames(rows, task)
+        notes = [f"seeds: {[r.name for r in runs]}; std over seeds with ddof 1",
+                 {"x2": f"a monotone map has MSE >= 9/160 = {MONOTONE_BOUND:.5f}; critical points: sign changes of f'",
+                  "disk_ring": "critical points: grid cells around which ∇f winds (extrema, saddles); unbounded: the "
+                               "predicted disk region holding the data's disk reaches the border of the box",
+                  "xor": "critical points: grid cells around which ∇f winds (the boundary needs a saddle)"}[task],
+                 "folds: the hidden map's Jacobian determinant changes sign on the grid (width = input dimension "
+                 "only; – for wider regimes)"]
+        md.append(write_table(mean, std, len(runs), scenario_dir / f"{scenario_dir.name}_{task}",
+                              f"{scenario_dir.name}: {task}, narrow ResNets by regime and depth", notes))
+    models = load_models(runs[0])
+    if "x2" in set(rows.task):
+        plot_x2(rows[rows.task == "x2"], models, scenario_dir / f"{scenario_dir.name}_x2.png")
+    for task in [t for t in dict.fromkeys(rows.task) if t != "x2"]:
+        plot_regions(task, models, scenario_dir / f"{scenario_dir.name}_{task}_regions.png", runs[0].name)
+    return "\n".join(md)
+
+
+def plot_x2(rows: pd.DataFrame, models: dict[str, dict[str, Any]], path: Path) -> None:
+    """Left: the first seed's learned maps against x², one panel per depth. Right: MSE by depth per regime
+    (mean ± std over seeds) against the monotone bound 9/160."""
+    plt = pyplot()
+    depths = sorted(rows.depth.unique())
+    fig, axes = plt.subplots(1, len(depths) + 1, figsize=(3.6 * (len(depths) + 1), 3.4), squeeze=False)
+    xs = torch.linspace(-1.2, 1.2, 241, dtype=torch.float64)
+    for ax, depth in zip(axes[0], depths):
+        ax.plot(xs, xs ** 2, color="black", lw=2, label="x²")
+        for key, entry in models.items():
+            if entry["spec"]["task"] == "x2" and entry["spec"]["depth"] == depth:
+                with torch.no_grad():
+                    ax.plot(xs, _loaded(entry)(xs[:, None]), lw=1.2, label=entry["spec"]["name"])
+        ax.set(title=f"L = {depth}: learned maps", xlabel="x", ylim=(-0.3, 1.5))
+    ax = axes[0, -1]
+    for regime, part in rows.groupby("regime", sort=False):
+        stats = part.groupby("depth").error.agg(["mean", "std"])
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", ms=4, capsize=3, label=regime)
+    ax.axhline(MONOTONE_BOUND, color="black", ls="--", lw=1, label="9/160 (monotone bound)")
+    ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel="MSE", title="MSE against x²")
+    save_figure(fig, axes[0], path)
+
+
+def _loaded(entry: dict[str, Any]) -> NarrowResNet:
+    model = build(entry["spec"])
+    model.load_state_dict(entry["state"])
+    return model.double().eval()
+
+
+def plot_regions(task: str, models: dict[str, dict[str, Any]], path: Path, seed_name: str) -> None:
+    """Predicted class over the box, one panel per (regime, depth): the decision boundary, the fold curve
+    (det J of the hidden map = 0, dashed), critical points (+: extremum, x: saddle) and the test data."""
+    plt = pyplot()
+    entries = [e for e in models.values() if e["spec"]["task"] == task]
+    regimes, depths = list(dict.fromkeys(e["spec"]["name"] for e in entries)), sorted({e["spec"]["depth"] for e in entries})
+    fig, axes = plt.subplots(len(regimes), len(depths), figsize=(3.2 * len(depths), 3.2 * len(regimes)), squeeze=False)
+    for entry in entries:
+        spec = entry["spec"]
+        ax = axes[regimes.index(spec["name"]), depths.index(spec["depth"])]
+        _draw_regions(ax, _loaded(entry), entry, task)
+    fig.suptitle(f"{task}: decision regions ({seed_name}; box [-{entries[0]['spec']['box']:g}, "
+                 f"{entries[0]['spec']['box']:g}]², data in [-1, 1]²)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str) -> None:
+    spec, m = entry["spec"], entry["measures"]
+    n, box = spec["grid"], spec["box"]
+    grid = box_grid(box, n, 2)
+    with torch.no_grad():
+        prob = torch.sigmoid(model(grid)).view(n, n).numpy()
+    axis = np.linspace(-box, box, n)
+    ax.imshow(prob, origin="lower", extent=(-box, box, -box, box), cmap="coolwarm", vmin=0, vmax=1, alpha=0.6)
+    ax.contour(axis, axis, prob, levels=[0.5], colors="black", linewidths=1)
+    if spec["width"] == 2:
+        sign = determinant_sign([model.input, *model.blocks], grid).reshape(n, n)
+        if sign.min() < 0 < sign.max():
+            ax.contour(axis, axis, sign, levels=[0], colors="darkgreen", linewidths=1, linestyles="dashed")
+    index = critical_cells_2d(model, axis)
+    centre = (axis[:-1] + axis[1:]) / 2
+    for value, marker in ((1, "P"), (-1, "X")):
+        rows, cols = np.nonzero(index == value)
+        ax.scatter(centre[cols], centre[rows], marker=marker, s=40, color="gold", edgecolor="black", zorder=3)
+    data = task_data(task, spec["seed"], NarrowResnetConfig(points=spec["points"], test_share=spec["test_share"]))
+    x, y = data["x_test"].numpy(), data["y_test"].numpy()
+    ax.scatter(x[:, 0], x[:, 1], c=np.where(y > 0, "darkred", "navy"), s=1.5, alpha=0.5)
+    tunnel = "" if np.isnan(m["unbounded"]) else (", unbounded" if m["unbounded"] else ", bounded")
+    ax.set(title=f"{spec['name']} (ε={spec['eps']:g}, δ={spec['delta']:.3g}, w={spec['width']}), L={spec['depth']}\n"
+                 f"error {m['error']:.1f}%, {m['critical_points']:.0f} crit.{tunnel}",
+           xticks=[-box, -1, 0, 1, box], yticks=[-box, -1, 0, 1, box])
+    ax.title.set_fontsize(8)
+
+
+def summary(scenario_dir: Path, cfg: RunConfig) -> str:
+    """What ``cltunnel run`` prints: the tables the aggregation wrote, one per task."""
+    paths = [scenario_dir / f"{scenario_dir.name}_{task}.md" for task in cfg.narrow_resnet.tasks]
+    return "\n".join(p.read_text() for p in paths if p.exists())
+
+
+register_protocol(Protocol("narrow_resnet", "narrow_resnet", run_narrow_resnet, aggregate_narrow_resnet, FINISHED,
+                           summary, trains_model_section=False))
