@@ -285,3 +285,27 @@ def test_progress_bar_says_which_part_of_the_run_is_training(label, expected):
     assert plugin.bar.desc.startswith(expected) and plugin.bar.total == 10
     plugin.after_training_exp(strategy)
     assert plugin.bar is None
+
+
+@pytest.mark.slow
+def test_bf16_training_keeps_the_surgery_identities(mnist, tmp_path):
+    """One precision for every number (issue 23, item 3): trained in bf16 autocast (forced here on the CPU,
+    where it is real autocast too), the accuracy matrix and the analyses both evaluate in float32, so the swap
+    table's endpoints equal the accuracy matrix exactly, as in a float32 run; and bf16 really trained (the
+    training losses differ from the float32 run's)."""
+    from cltunnel.experiments.analyses import run_analyses
+
+    loss = {}
+    for amp in ("bf16", "off"):
+        raw = mnist_tiny(tmp_path / amp, data={"train_per_class": 300, "test_per_class": 100},
+                         scenario={"n_tasks": None, "tasks": [5, 5]}, training={"epochs": 2, "amp": amp},
+                         analyses={"run": ["swap"], "probe": {"epochs": 1}})
+        run_dir = run_seed(parse_config(raw), 0, mnist, progress=False)
+        acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
+        assert min(acc[0, 0], acc[1, 0], acc[1, 1]) > 50  # it learned: the identities are not between chance numbers
+        swap = run_analyses(run_dir, ["swap"], "cpu", parse_config(raw).analyses, progress=False, data=mnist)["swap"]
+        assert swap.loc["E1 + T1", "first task"] == acc[0, 0]
+        assert swap.loc["E2 + T2", "first task"] == acc[1, 0]
+        assert swap.loc["E2 + T2", "second task"] == acc[1, 1]
+        loss[amp] = pd.read_csv(run_dir / "history.csv")["loss"].to_numpy()
+    assert not np.allclose(loss["bf16"], loss["off"], rtol=1e-5)
