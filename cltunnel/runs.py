@@ -27,8 +27,9 @@ from cltunnel.training.strategies import check_strategy_args
 TUNNEL_START_ARGS = ("tunnel_start", "layer")  # strategy arguments that name a layer of the body
 
 
-def preflight(cfg: RunConfig) -> Protocol:
-    """Every check that needs no data; raises a one-line error naming the key. Returns the protocol."""
+def preflight(cfg: RunConfig, create: bool = False) -> Protocol:
+    """Every check that needs no data; raises a one-line error naming the key. Returns the protocol.
+    ``create``: a real run about to start makes its output directory here (a dry run writes nothing)."""
     protocol = protocol_for(cfg)
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.data.name}'; valid: {', '.join(DATASETS)}")
@@ -42,7 +43,7 @@ def preflight(cfg: RunConfig) -> Protocol:
         check_evaluation(cfg.evaluation)
         _check_tunnel_starts(cfg, n_layers)
     resolve_device(cfg.device)
-    check_writable(cfg.output_dir)
+    check_writable(cfg.output_dir, create=create)
     return protocol
 
 
@@ -69,7 +70,7 @@ def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress:
 def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
     """Check the scenario, run every seed, then its tables over seeds and (``logging.report``) its report
     pages; returns the scenario directory."""
-    protocol = preflight(cfg)
+    protocol = preflight(cfg, create=True)
     data = load_data(cfg)
     for seed in cfg.seeds:
         run_seed(cfg, seed, data, progress)

@@ -123,22 +123,31 @@ def load_manifest(sweep_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((Path(sweep_dir) / MANIFEST).read_text())
 
 
-def check_writable(directory: str | Path, where: str = "output_dir") -> None:
-    """``directory`` is a writable directory, or could be created in one: checked before any work, without
-    creating anything (a dry run writes nothing)."""
+def check_writable(directory: str | Path, where: str = "output_dir", create: bool = False) -> None:
+    """``directory`` is a writable directory, or could be created in one: checked before any work. A dry run
+    creates nothing; a real run (``create``) makes the directory here, so that a place that passes the check
+    but cannot hold a directory (under /proc, say) is the same one-line error, not a traceback later."""
     path = Path(directory).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise CltunnelError(f"{where}: cannot create or write {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CltunnelError(f"{where}: cannot create or write {path}: {existing} is not writable")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CltunnelError(f"{where}: cannot create {path} ({err.strerror or err})") from None
 
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One writer per run directory: a second process on the same seed directory is refused, naming the
     holder; a lock left by a process that has died is taken over, with a notice."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CltunnelError(f"cannot create the run directory {run_dir} ({err.strerror or err})") from None
     path, me = run_dir / LOCK_FILE, f"{os.getpid()} {socket.gethostname()}"
     while True:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,14 @@ def test_output_directory_that_cannot_be_created(tmp_path, capsys):
     blocker.write_text("")
     rc, err = run_cli(tmp_path, capsys, BASE, "--output-dir", str(blocker / "runs"))
     assert_one_line(rc, err, "output_dir: cannot create or write")
+
+
+@pytest.mark.skipif(not os.access("/proc", os.W_OK | os.X_OK), reason="needs a /proc that passes the write check")
+def test_output_directory_whose_parent_passes_the_write_check_but_holds_no_directory(tmp_path, capsys):
+    """/proc passes the write check (as root), yet no directory can be made in it: once a traceback from
+    the run lock, now the one-line error of the preflight."""
+    rc, err = run_cli(tmp_path, capsys, BASE, "--output-dir", "/proc/cltunnel-runs")
+    assert_one_line(rc, err, "output_dir: cannot create /proc/cltunnel-runs")
 
 
 def test_missing_and_damaged_data_files_are_named(tmp_path, capsys, real_data_dir):
