@@ -2,9 +2,12 @@
 
 A GPU window is short (minutes) and rare. ``cltunnel campaign PLAN --budget S --out DIR`` takes the plan's
 entries in order, skips those whose results ``tables/`` already holds, estimates each run's seconds from
-its image count and a throughput measured on this device (or the plan's figure), never starts a run it
-cannot finish in what is left, and then packs every table, figure, metrics file and provenance line (no
-checkpoints) into at most 8 files of at most 16 MiB under DIR. ``--dry-run`` lists what it would run.
+its image count and a throughput measured on this device the way the run trains, first-step compilation
+included (or the plan's figure), corrected by how long the runs of this call actually took; never starts a
+run it cannot finish in what is left; reports a run that fails with its error and starts the next; and packs
+every table, figure, metrics file and provenance line (no checkpoints) into at most 8 files of at most
+16 MiB under DIR after every run, so a call cut off still returns what finished. CAMPAIGN.md says what was
+estimated against what it took. ``--dry-run`` lists what it would run, in seconds: it measures nothing.
 
 Plan file::
 
@@ -25,9 +28,10 @@ import io
 import shlex
 import tarfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,13 +42,15 @@ from cltunnel.experiments import protocol_for
 from cltunnel.models.zoo import build_model
 from cltunnel.reports.provenance import provenance
 from cltunnel.runs import preflight, run_seed
-from cltunnel.store import scenario_dir_of
+from cltunnel.store import scenario_dir_of, seed_dir
+from cltunnel.training.capture import CapturedStep
+from cltunnel.training.fast_data import TemperatureCrossEntropy, amp_enabled, capture_enabled
 from cltunnel.sweeps import check_jobs, expand, job_config, load_sweep
 
 PLAN_KEYS = {"name", "entries"}
 ENTRY_KEYS = {"name", "what", "scenario", "sweep", "seeds", "set", "done_if", "images_per_second", "overhead"}
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
-STARTUP_SECONDS = 20.0  # per run: data to the device, model build, first-step compilation
+STARTUP_SECONDS = 20.0  # per run: data to the device, model build (compilation is measured: Throughput)
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Unit:
     entry: str
     cfg: RunConfig
     seed: int
-    estimate: float = 0.0
+    estimate: float | None = 0.0  # seconds; None: to be measured on the device
     status: str = "todo"
     seconds: float = 0.0
     why: str = ""
@@ -118,27 +124,36 @@ def training_images(cfg: RunConfig) -> int:
     return n_train * cfg.training.epochs
 
 
-def measure_throughput(cfg: RunConfig, steps: int = 20, warmup: int = 5) -> float:
-    """Images per second of this model's training step at the scenario's batch size, on its device."""
+@dataclass
+class Throughput:
+    """What a model's training step costs on this device: steady images per second, and the seconds its
+    first step takes beyond a steady one (compilation and the self-check where capture is on)."""
+
+    images_per_second: float
+    first_step_seconds: float
+
+
+def measure_throughput(cfg: RunConfig, steps: int = 20, warmup: int = 5) -> Throughput:
+    """This model's training step at the scenario's batch size, on its device, the way the run will train
+    (the captured step where ``training.capture`` turns it on there, else the eager one)."""
     device = resolve_device(cfg.device)
     shape, n_classes = DATASETS[cfg.data.name][2], DATASETS[cfg.data.name][1]
     torch.manual_seed(0)
     model = build_model(cfg.model.name, [n_classes], shape, cfg.model.width, **cfg.model.args).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     x = torch.randn(cfg.training.batch_size, *shape, device=device)
     y = torch.randint(0, n_classes, (cfg.training.batch_size,), device=device)
-    amp = device.type == "cuda" and cfg.training.amp != "off"
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(model(x, 0).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    _sync(device)
-    return steps * cfg.training.batch_size / (time.perf_counter() - start)
+    step = CapturedStep(model, TemperatureCrossEntropy(1.0), opt, device, amp_enabled(cfg.training, device),
+                        log=lambda line: None)
+    train = step if capture_enabled(cfg.training, device) else step.eager
+    times = []
+    for _ in range(warmup + steps):
+        began = time.perf_counter()
+        train(x, y, 0)
+        _sync(device)
+        times.append(time.perf_counter() - began)
+    steady = sum(times[warmup:]) / steps
+    return Throughput(cfg.training.batch_size / steady, max(0.0, sum(times[:warmup]) - warmup * steady))
 
 
 def _sync(device: torch.device) -> None:
@@ -146,26 +161,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def estimate(entries: list[Entry], log: Any = print) -> None:
-    """Each unit's estimated seconds: images / throughput × (1 + overhead) + startup."""
-    measured: dict[str, float] = {}
+def _run_shape(cfg: RunConfig) -> int:
+    """Compiled variants a run makes: one per head (task-incremental) and batch shape (full and last)."""
+    return 2 * (len(cfg.scenario.tasks or []) or cfg.scenario.n_tasks or 1)
+
+
+def estimate(entries: list[Entry], log: Any = print, measure: bool = True) -> None:
+    """Each unit's estimated seconds: images / throughput x (1 + overhead) + startup + first-step cost x the
+    variants the run compiles. ``measure=False`` (a dry run) measures nothing: units of entries without
+    the plan's ``images_per_second`` get no estimate (it is measured on the device at the start)."""
+    measured: dict[str, Throughput] = {}
     for entry in entries:
         for unit in entry.units:
             key = f"{unit.cfg.model.name}/{unit.cfg.model.width}/{unit.cfg.data.name}/{unit.cfg.training.batch_size}"
             if entry.images_per_second:
-                rate = float(entry.images_per_second)
+                rate, first = float(entry.images_per_second), 0.0
+            elif not measure:
+                unit.estimate = None
+                continue
             else:
                 if key not in measured:
                     measured[key] = measure_throughput(unit.cfg)
-                    log(f"measured {key}: {measured[key]:.0f} img/s")
-                rate = measured[key]
-            unit.estimate = training_images(unit.cfg) / rate * (1 + entry.overhead) + STARTUP_SECONDS
+                    log(f"measured {key}: {measured[key].images_per_second:.0f} img/s, first step "
+                        f"+{measured[key].first_step_seconds:.1f} s")
+                rate, first = measured[key].images_per_second, measured[key].first_step_seconds
+            unit.estimate = (training_images(unit.cfg) / rate * (1 + entry.overhead) + STARTUP_SECONDS
+                             + first * _run_shape(unit.cfg))
 
 
-def run_campaign(entries: list[Entry], budget: float, dry_run: bool = False, log: Any = print) -> list[Unit]:
-    """Run the units in plan order within ``budget`` seconds; returns every unit with its status and why."""
+def run_campaign(entries: list[Entry], budget: float, dry_run: bool = False, log: Any = print,
+                 after_unit: Callable[[], None] = lambda: None) -> list[Unit]:
+    """Run the units in plan order within ``budget`` seconds; returns every unit with its status and why.
+
+    A unit that fails is reported with its error and the next one starts. Estimates are corrected by the
+    largest ratio of taken to estimated seconds seen so far in this call (never below 1), so a device slower
+    than its measurement does not start a run it cannot finish. ``after_unit`` runs after each finished or
+    failed unit (the campaign packs there, so a call cut off still returns what finished)."""
     start = time.perf_counter()
-    estimate(entries, log)
+    estimate(entries, log, measure=not dry_run)
+    correction = 1.0
     for entry in entries:
         if entry.done_if is not None and entry.done_if.exists():
             for unit in entry.units:
@@ -173,27 +207,47 @@ def run_campaign(entries: list[Entry], budget: float, dry_run: bool = False, log
             continue
         for unit in entry.units:
             left = budget - (time.perf_counter() - start)
-            if unit.estimate > left:
-                unit.status, unit.why = "skipped", f"needs ~{unit.estimate:.0f} s, {max(left, 0):.0f} s of budget left"
+            needed = None if unit.estimate is None else unit.estimate * correction
+            if needed is not None and needed > left:
+                unit.status, unit.why = "skipped", f"needs ~{needed:.0f} s, {max(left, 0):.0f} s of budget left"
             elif dry_run:
-                unit.status, unit.why = "would run", f"~{unit.estimate / 60:.1f} min"
-                budget -= unit.estimate
+                unit.status = "would run"
+                unit.why = (f"~{needed / 60:.1f} min" if needed is not None
+                            else "estimate: throughput measured on the device at the start")
+                budget -= needed or 0.0
             else:
                 _run_unit(entry, unit, log)
-        if entry.outputs:  # tables over the seeds run so far
-            protocol = protocol_for(entry.units[0].cfg)
-            for scenario_dir in entry.outputs:
-                protocol.aggregate(scenario_dir)
+                if unit.status == "done" and unit.estimate:
+                    correction = max(correction, unit.seconds / unit.estimate)
+                after_unit()
+        _aggregate(entry, log)
     return [u for e in entries for u in e.units]
 
 
+def _aggregate(entry: Entry, log: Any) -> None:
+    """Tables over the seeds run so far (a failure here is reported, not fatal: the runs are saved)."""
+    protocol = protocol_for(entry.units[0].cfg)
+    for scenario_dir in entry.outputs:
+        try:
+            protocol.aggregate(scenario_dir)
+        except Exception as err:  # noqa: BLE001 - one table's failure must not cost the window
+            log(f"[{entry.name}] aggregating {scenario_dir} failed: {type(err).__name__}: {err}")
+
+
 def _run_unit(entry: Entry, unit: Unit, log: Any) -> None:
-    log(f"[{entry.name}] {unit.cfg.name} seed {unit.seed}: estimated {unit.estimate:.0f} s")
+    log(f"[{entry.name}] {unit.cfg.name} seed {unit.seed}: estimated {unit.estimate or 0:.0f} s")
     began = time.perf_counter()
-    run_seed(unit.cfg, unit.seed, progress=False)
-    unit.seconds, unit.status = time.perf_counter() - began, "done"
-    unit.why = f"{unit.seconds:.0f} s (estimated {unit.estimate:.0f} s)"
-    if scenario_dir_of(unit.cfg) not in entry.outputs:
+    try:
+        run_seed(unit.cfg, unit.seed, progress=False)
+    except Exception as err:  # noqa: BLE001 - reported in CAMPAIGN.md; the next run starts
+        unit.seconds, unit.status = time.perf_counter() - began, "failed"
+        unit.why = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        log(f"[{entry.name}] {unit.cfg.name} seed {unit.seed} failed after {unit.seconds:.0f} s: {unit.why}")
+        traceback.print_exc()
+    else:
+        unit.seconds, unit.status = time.perf_counter() - began, "done"
+        unit.why = f"{unit.seconds:.0f} s (estimated {unit.estimate or 0:.0f} s)"
+    if scenario_dir_of(unit.cfg) not in entry.outputs and seed_dir(unit.cfg, unit.seed).exists():
         entry.outputs.append(scenario_dir_of(unit.cfg))
 
 
@@ -201,6 +255,11 @@ def summary(name: str, units: list[Unit], budget: float, command: str) -> str:
     lines = [f"# campaign {name}", "", f"- command: `{command}`", *[f"- {key}: {value}" for key, value in provenance().items() if key != "command"],
              f"- budget: {budget:.0f} s", "", "| entry | run | seed | status | why |", "|---|---|---|---|---|"]
     lines += [f"| {u.entry} | {u.cfg.name} | {u.seed} | {u.status} | {u.why} |" for u in units]
+    ran = [u for u in units if u.status in ("done", "failed")]
+    if ran:
+        took, guessed = sum(u.seconds for u in ran), sum(u.estimate or 0.0 for u in ran)
+        lines += ["", f"Estimated against taken, for the {len(ran)} runs started: {guessed:.0f} s estimated, "
+                      f"{took:.0f} s taken ({took / max(guessed, 1e-9):.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -233,12 +292,17 @@ def pack(out: Path, name: str, sources: list[Path], report: str) -> list[Path]:
 
 
 def campaign(plan: str | Path, budget: float, out: str | Path, dry_run: bool = False, command: str = "") -> str:
-    """The whole call: load and check the plan, run what fits, pack; returns the report."""
+    """The whole call: load and check the plan, run what fits, pack after every run; returns the report."""
     name, entries = load_plan(plan)
     command = command or f"cltunnel campaign {shlex.quote(str(plan))} --budget {budget:g} --out {shlex.quote(str(out))}"
-    units = run_campaign(entries, budget, dry_run)
+    all_units = [u for e in entries for u in e.units]
+
+    def pack_now() -> list[Path]:
+        return pack(Path(out), name, [p for e in entries for p in e.outputs], summary(name, all_units, budget, command))
+
+    units = run_campaign(entries, budget, dry_run, after_unit=pack_now)
     report = summary(name, units, budget, command)
     if not dry_run:
-        paths = pack(Path(out), name, [p for e in entries for p in e.outputs], report)
+        paths = pack_now()
         report += "\npacked: " + ", ".join(str(p) for p in paths) + "\n"
     return report

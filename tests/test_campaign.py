@@ -49,7 +49,8 @@ def test_dry_run_lists_what_would_run_and_runs_nothing(tmp_path, capsys):
     assert cli_main(["campaign", str(write_plan(tmp_path)), "--budget", "600", "--out", str(tmp_path / "out"),
                      "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "| small | small | 0 | would run | ~" in out and "| big | big | 0 | skipped | needs ~" in out
+    assert "| small | small | 0 | would run | estimate: throughput measured on the device" in out
+    assert "| big | big | 0 | skipped | needs ~" in out
     assert "| held | small | 0 | skipped | tables/ already holds it" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
@@ -68,3 +69,47 @@ def test_campaign_runs_what_fits_and_packs_without_checkpoints(tmp_path, capsys)
     assert "tiny/small/seed0/accuracy_matrix.csv" in names and not any(n.endswith(".pt") for n in names)
     report = (tmp_path / "out" / "CAMPAIGN.md").read_text()
     assert "torch:" in report and "device:" in report and "commit:" in report and "command:" in report
+
+
+def test_a_failing_run_is_reported_and_the_next_one_runs_packed_after_each(tmp_path, capsys, monkeypatch):
+    """One failure must not cost a GPU window: the failed run is in CAMPAIGN.md with its error, the next run
+    runs, and the pack is written after every run (here checked as it stood right after the failure)."""
+    import cltunnel.campaign as campaign_module
+
+    path = write_plan(tmp_path)
+    plan = yaml.safe_load(path.read_text())
+    plan["entries"] = [{"name": "broken", "scenario": "small.yaml", "images_per_second": 1000},
+                       {"name": "small", "scenario": "small.yaml", "set": {"training.epochs": 2}}]
+    path.write_text(yaml.safe_dump(plan))
+    real_run, packs = campaign_module.run_seed, []
+
+    def run_seed(cfg, seed, **kw):
+        if cfg.training.epochs == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(cfg, seed, **kw)
+    real_pack = campaign_module.pack
+
+    def pack(out, name, sources, report):
+        packs.append(report)
+        return real_pack(out, name, sources, report)
+    monkeypatch.setattr(campaign_module, "run_seed", run_seed)
+    monkeypatch.setattr(campaign_module, "pack", pack)
+    assert cli_main(["campaign", str(path), "--budget", "600", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| broken | small | 0 | failed | RuntimeError: CUDA error: an illegal memory access" in out
+    assert "| small | small | 0 | done |" in out and "estimated" in out and "taken" in out
+    assert len(packs) == 3 and "| broken | small | 0 | failed |" in packs[0] and "| small | small | 0 | todo |" in packs[0]
+
+
+def test_a_dry_run_measures_nothing(tmp_path, capsys, monkeypatch):
+    """A dry run answers in seconds: no throughput is measured (entries without the plan's figure say it
+    will be measured on the device)."""
+    import cltunnel.campaign as campaign_module
+
+    def forbidden(cfg, *args, **kwargs):
+        raise AssertionError("a dry run measured throughput")
+    monkeypatch.setattr(campaign_module, "measure_throughput", forbidden)
+    assert cli_main(["campaign", str(write_plan(tmp_path)), "--budget", "600", "--out", str(tmp_path / "out"),
+                     "--dry-run"]) == 0
+    assert "| small | small | 0 | would run | estimate: throughput measured on the device at the start |" in \
+        capsys.readouterr().out
