@@ -193,3 +193,18 @@ def test_blockers_name_plugin_hooks_and_overridden_step_methods():
     assert capture_blockers(strategy(Custom, [])) == ["Custom.criterion"]
     with pytest.raises(ConfigError, match="training.capture"):
         parse_config({"scenario": {"tasks": [5, 5]}, "training": {"capture": "yes"}})
+
+
+def test_the_gpu_acceptance_script_passes_its_cpu_smoke_test(capsys):
+    """benchmarks/gpu_acceptance.py is the first call of a GPU session: its CPU form must pass here, so that a
+    FAIL on the device is the device's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_acceptance.py"
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--quick", "--skip-speed"]) == 0, capsys.readouterr().out
+    verdicts = capsys.readouterr().out.split("verdicts:")[-1]
+    assert verdicts.count("PASS") == 7 and "FAIL" not in verdicts
