@@ -452,13 +452,14 @@ def _validate_evaluation(e: EvaluationConfig) -> None:
 
 def parse_tunnel_start(value: Any, where: str) -> int | str:
     """The one reading of a tunnel start, wherever it is given (analyses, strategy arguments, a sweep's base):
-    ``"auto"`` (found from probes) or a layer number k >= 0, the extractor being body layers 1..k. Whether k
+    ``"auto"`` (found from probes) or a layer number k, the extractor being body layers 1..k (k >= 1; a replay
+    point's ``layer`` may be 0, the input). Whether k
     fits the network is checked against the model (:func:`cltunnel.measures.tunnel.check_tunnel_start`)."""
     if value == "auto":
         return "auto"
     text = str(value).strip()
     if isinstance(value, bool) or not text.isdigit():
-        raise ConfigError(f"{where}: 'auto' or a layer number (0..n), got {value!r}")
+        raise ConfigError(f"{where}: 'auto' or a layer number (1..n), got {value!r}")
     return int(text)
 
 

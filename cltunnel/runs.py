@@ -53,7 +53,7 @@ def _check_tunnel_starts(cfg: RunConfig, n_layers: int) -> None:
     for where, value in given.items():
         k = parse_tunnel_start(value, where)
         if k != "auto":
-            check_tunnel_start(k, n_layers, f"{where} ({cfg.model.name})")
+            check_tunnel_start(k, n_layers, f"{where} ({cfg.model.name})", minimum=0 if where.endswith(".layer") else 1)
 
 
 def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress: bool = True,

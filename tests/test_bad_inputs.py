@@ -64,6 +64,7 @@ CASES = [
     ("two protocols at once", {"scenario": {"tasks": [10]}, "erosion": {"ratio": 0.5}, "synthetic": {}},
      "runs one protocol"),
     ("a GPU that is not there", {"device": "cuda:7"}, "device"),
+    ("an empty extractor", {"analyses": {"tunnel_start": 0}}, "analyses.tunnel_start (mlp): 0 is not a layer"),
 ]
 
 

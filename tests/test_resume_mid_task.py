@@ -133,3 +133,27 @@ def test_an_erosion_phase_stopped_part_way_resumes_to_the_same_curve(mnist, tmp_
     resumed = load_metrics(run_seed(cfg, 0, mnist, progress=False))
     for key in ("acc", "curve", "scratch"):
         assert resumed[key] == whole[key], key
+
+
+def test_epoch_checkpoints_of_a_resumed_run_are_those_of_an_uninterrupted_one(mnist, tmp_path, monkeypatch):
+    """Issue 24, epochs: the epoch checkpoints are named from Avalanche's clock, which the resume puts back;
+    the plugin's own count restarted at 0 and overwrote task1_epoch0001.pt with the model after epoch 4."""
+    import torch
+
+    from cltunnel.store import epoch_checkpoints
+
+    whole_dir = run_seed(parse_config(scenario(tmp_path / "whole", checkpoint_every=1, resume_every=0)), 0, mnist,
+                         False)
+    stop_after_epoch(monkeypatch, task=1, epoch=3)
+    cfg = parse_config(scenario(tmp_path / "stopped", checkpoint_every=1))
+    with pytest.raises(Killed):
+        run_seed(cfg, 0, mnist, progress=False)
+    monkeypatch.undo()
+    resumed_dir = run_seed(cfg, 0, mnist, progress=False)
+    for task in (0, 1):
+        whole, resumed = epoch_checkpoints(whole_dir, task), epoch_checkpoints(resumed_dir, task)
+        assert [p.name for p in whole] == [p.name for p in resumed] and len(whole) == 5
+        for a, b in zip(whole, resumed):
+            sa, sb = (torch.load(p, weights_only=True) for p in (a, b))
+            assert sa["epoch"] == sb["epoch"]
+            assert all(torch.equal(v, sb["layers"][n][k]) for n in sa["layers"] for k, v in sa["layers"][n].items())

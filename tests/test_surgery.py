@@ -10,7 +10,7 @@ import torch
 from cltunnel.measures.similarity import class_variance, minibatch_cka, numerical_rank
 from cltunnel.measures.tunnel import tunnel_start
 from cltunnel.models.zoo import build_model
-from cltunnel.models.surgery import compose, own_heads
+from cltunnel.models.surgery import compose, heads_trained_after_their_task, task_heads
 
 
 def trained_like(seed: int, name: str = "vgg11"):
@@ -76,11 +76,17 @@ def test_sources_unchanged_after_fine_tuning_a_composition(pair):
     assert not torch.equal(c.body[0][0].weight, m1.body[0][0].weight)
 
 
-def test_own_heads_take_head_t_from_the_model_after_task_t(pair):
+def test_task_heads_take_head_t_from_the_later_of_its_task_and_the_top(pair):
+    """Head t from M_max(t, top): on M1's top, M1's head 0 and M2's head 1 (M1's never trained); on M2's
+    top, M2's heads for both tasks (M2's head 0 is what the accuracy matrix's row 2 used)."""
     m1, m2 = pair
-    heads = own_heads([m1, m2])
-    assert torch.equal(heads["0"].weight, m1.heads["0"].weight)
-    assert torch.equal(heads["1"].weight, m2.heads["1"].weight)
+    on_m1, on_m2 = task_heads([m1, m2], 0), task_heads([m1, m2], 1)
+    assert torch.equal(on_m1["0"].weight, m1.heads["0"].weight)
+    assert torch.equal(on_m1["1"].weight, m2.heads["1"].weight)
+    assert torch.equal(on_m2["0"].weight, m2.heads["0"].weight)
+    assert torch.equal(on_m2["1"].weight, m2.heads["1"].weight)
+    assert heads_trained_after_their_task([m1, m2]) == [0]  # the fixture's two models differ everywhere
+    assert heads_trained_after_their_task([m1, m1]) == []
 
 
 def test_compose_refuses_different_architectures(pair):
@@ -181,3 +187,46 @@ def test_swap_vs_k_reads_table_5_4_1_rows_off_the_substitution_curves():
     assert list(frame["E1 + T2 / task 1"]) == [1, 11, 21, 31]  # M1's first k layers under M2's tunnel
     assert list(frame["E2 + T1 / task 2"]) == [102, 112, 122, 132]
     assert list(frame["E1 + T2 - E1 + T1 (task 1)"]) == [-30, -20, -10, 0]
+
+
+def test_one_cka_minibatch_rule_no_tiny_batch_equal_weight_and_streamed_equals_direct():
+    """Issue 24, CKA batches: 515 rows at 500 were a batch of 500 and one of 15 (about 9x the spread) and
+    502-503 rows divided by zero; now each batch holds at least the batch size (or all rows), sizes differ by
+    at most one, and the streamed accumulators give the numbers of the direct computation."""
+    from cltunnel.measures.similarity import CKA_MIN_ROWS, CKAMatrix, PairedCKA, cka_batches, cka_matrix, minibatch_cka
+
+    assert cka_batches(5000, 500) == [slice(i, i + 500) for i in range(0, 5000, 500)]  # unchanged where it divides
+    assert cka_batches(515, 500) == [slice(0, 515)]
+    for n in (502, 503, 1015, 1999, 777):
+        sizes = [s.stop - s.start for s in cka_batches(n, 500)]
+        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and min(sizes) >= min(n, 500)
+    with pytest.raises(ValueError, match=f"at least {CKA_MIN_ROWS} rows"):
+        cka_batches(3, 500)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1015, 20, generator=g), torch.randn(1015, 30, generator=g)
+    parts = cka_batches(1015, 500)
+    paired = PairedCKA()
+    matrix = CKAMatrix()
+    for part in parts:
+        paired.add("ab", a[part], b[part])
+        matrix.add([a[part], b[part]])
+    direct = minibatch_cka([(a[p], b[p]) for p in parts])
+    assert paired.values()["ab"] == pytest.approx(direct, rel=1e-12)
+    grams = [[(lambda f: f @ f.T)(t[p].double()) for t in (a, b)] for p in parts]
+    assert torch.allclose(matrix.matrix(), cka_matrix(grams))
+    assert matrix.matrix()[0, 1].item() == pytest.approx(direct, rel=1e-12)
+
+
+def test_weight_change_is_over_parameters_not_batchnorm_statistics(pair):
+    """Issue 24, weight change: the development analysis compares a layer's parameters only; BatchNorm's
+    running means and variances are buffers, whose drift used to enter (and could dominate) the number."""
+    from cltunnel.experiments.analyses import layer_parameters
+
+    layer = next(layer for layer in pair[0].body if any(isinstance(m, torch.nn.BatchNorm2d) for m in layer.modules()))
+    before = layer_parameters(layer).clone()
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.add_(100.0)
+            m.running_var.mul_(50.0)
+    assert torch.equal(layer_parameters(layer), before)
+    assert len(before) == sum(p.numel() for p in layer.parameters())

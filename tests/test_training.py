@@ -309,3 +309,26 @@ def test_bf16_training_keeps_the_surgery_identities(mnist, tmp_path):
         assert swap.loc["E2 + T2", "second task"] == acc[1, 1]
         loss[amp] = pd.read_csv(run_dir / "history.csv")["loss"].to_numpy()
     assert not np.allclose(loss["bf16"], loss["off"], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, trains_old_heads", [("naive", False), ("lwf", True), ("replay", True)])
+def test_swap_endpoints_equal_the_accuracy_matrix_for_every_strategy(mnist, tmp_path, capsys, strategy,
+                                                                     trains_old_heads):
+    """Issue 24, heads: LwF (distillation through every head) and replay (old heads see replayed batches) keep
+    training old heads. Each task's head now comes from the later of the model after that task and the model
+    supplying the top layers, so E1+T1 = a[0][0] and E2+T2 = (a[1][0], a[1][1]) for every strategy; where the
+    strategy trained old heads, the run says so (before: E2+T2 on task 1 used M1's stale head 0)."""
+    from cltunnel.experiments.analyses import read_swap_meta, run_analyses
+
+    raw = mnist_tiny(tmp_path, data={"train_per_class": 300, "test_per_class": 100},
+                     scenario={"n_tasks": None, "tasks": [5, 5]}, training={"epochs": 2}, strategy={"name": strategy},
+                     analyses={"run": ["swap"], "probe": {"epochs": 1}, "tunnel_start": "2"})
+    run_dir = run_seed(parse_config(raw), 0, mnist, progress=False)
+    acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
+    swap = run_analyses(run_dir, ["swap"], "cpu", parse_config(raw).analyses, progress=False, data=mnist)["swap"]
+    assert swap.loc["E1 + T1", "first task"] == acc[0, 0]
+    assert swap.loc["E2 + T2", "first task"] == acc[1, 0]
+    assert swap.loc["E2 + T2", "second task"] == acc[1, 1]
+    notices = read_swap_meta(run_dir).notices
+    assert any("kept training old heads" in n for n in notices) == trains_old_heads, notices

@@ -22,11 +22,11 @@ from cltunnel.data.device import DeviceData, resolve_device
 from cltunnel.data.images import ImageData, load_data, load_dataset, rendered_as
 from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
 from cltunnel.measures.probes import ProbeConfig, layer_ranks, probe_protocol, train_probes
-from cltunnel.measures.similarity import cka_matrix, minibatch_cka
+from cltunnel.measures.similarity import CKAMatrix, PairedCKA, cka_batches
 from cltunnel.measures.tunnel import (check_tunnel_start, describe_rule, format_layer, kappa, profile_notices,
                                       rule_starts, tunnel_start)
 from cltunnel.models.layered import LayeredModel
-from cltunnel.models.surgery import compose, own_heads, with_heads
+from cltunnel.models.surgery import compose, heads_trained_after_their_task, task_heads, with_heads
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.store import epoch_checkpoints, finished_tasks, load_metrics, load_run_config
@@ -44,7 +44,9 @@ THESIS_TABLE_5_4_1 = {
 
 @dataclass
 class LoadedRun:
-    """A finished run's models (one per task, own heads attached) and its data on the analysis device."""
+    """A finished run's models (one per task, as trained) and its data on the analysis device. Analyses take
+    a model or a composition through :meth:`model` / :meth:`compose`, which attach each task's head by the
+    rule of :func:`cltunnel.models.surgery.task_heads`."""
 
     run_dir: Path
     models: list[LayeredModel]
@@ -59,6 +61,26 @@ class LoadedRun:
     @property
     def n_layers(self) -> int:
         return len(self.models[0].body)
+
+    def model(self, index: int) -> LayeredModel:
+        """The model after task ``index`` with each task's head (head t from the later of M_t and it)."""
+        return with_heads(self.models[index], task_heads(self.models, index))
+
+    def compose(self, first: int, rest: int, x: int) -> LayeredModel:
+        """models[first][1:x] + models[rest][x+1:n], with the heads that belong with its top layers."""
+        top = rest if x < self.n_layers else first
+        return compose(self.models[first], self.models[rest], x, task_heads(self.models, top))
+
+    def head_notices(self) -> list[str]:
+        """Where the head rule changes a number compared with 'head t from M_t': tasks whose head the strategy
+        kept training after their task."""
+        changed = heads_trained_after_their_task(self.models)
+        if not changed:
+            return []
+        tasks = ", ".join(str(t) for t in changed)
+        return [f"the strategy kept training old heads (head of task {tasks} changed after its task): each task's "
+                "head is taken from the later of the model after that task and the model that supplies the top "
+                "layers, so E2+T2 and E1+T2 use M2's heads and equal the accuracy matrix's row 2"]
 
     @property
     def depth(self) -> int:
@@ -97,8 +119,6 @@ def load_run(run_dir: str | Path, device: str = "auto", options: AnalysesConfig 
     dev = resolve_device(device)
     scenario = build_scenario(cfg, data if data is not None else load_data(cfg))
     models = [model_from_checkpoint(s).to(dev).eval() for s in states]
-    heads = own_heads(models)
-    models = [with_heads(m, heads) for m in models]
     return LoadedRun(run_dir, models, DeviceData.create(scenario, dev, augment=False, channels_last=False),
                      options or cfg.analyses, progress, tensorboard=cfg.logging.tensorboard, data_config=cfg.data)
 
@@ -243,9 +263,9 @@ def swap_table(run: LoadedRun, k: int) -> pd.DataFrame:
     """Table 5.4.1: E_i + T_j with the extractor = layers 1..k; FT rows retrain a head with the probe protocol."""
     if len(run.models) != 2:
         raise ValueError(f"the swap table needs a 2-task run; {run.run_dir} has {len(run.models)} tasks")
-    m1, m2 = run.models
     L = run.n_layers
-    combos = {"E1 + T1": m1, "E1 + T2": compose(m1, m2, k), "E2 + T2": m2, "E2 + T1": compose(m2, m1, k)}
+    m2 = run.model(1)
+    combos = {"E1 + T1": run.model(0), "E1 + T2": run.compose(0, 1, k), "E2 + T2": m2, "E2 + T1": run.compose(1, 0, k)}
     rows = {name: {"first task": 100 * run.accuracy(m, 0), "second task": 100 * run.accuracy(m, 1)}
             for name, m in combos.items()}
     task0 = run.data.scenario.tasks[0]
@@ -264,10 +284,11 @@ def swap_table(run: LoadedRun, k: int) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------ substitution
 def substitution_curves(run: LoadedRun) -> pd.DataFrame:
     """For x in 0..L: M1[1:x]+M2[x+1:L] and M2[1:x]+M1[x+1:L], accuracy on every task with its own head."""
-    m1, m2 = run.models[0], run.models[-1]
+    last = len(run.models) - 1
     rows = []
     for x in range(run.n_layers + 1):
-        for direction, model in (("M1[1:x]+M2[x+1:n]", compose(m1, m2, x)), ("M2[1:x]+M1[x+1:n]", compose(m2, m1, x))):
+        for direction, model in (("M1[1:x]+M2[x+1:n]", run.compose(0, last, x)),
+                                 ("M2[1:x]+M1[x+1:n]", run.compose(last, 0, x))):
             for t in range(len(run.data.scenario.tasks)):
                 rows.append({"x": x, "direction": direction, "task": t + 1, "accuracy": 100 * run.accuracy(model, t)})
     return pd.DataFrame(rows)
@@ -337,41 +358,48 @@ def plot_swap_vs_k(mean: pd.DataFrame, std: pd.DataFrame, starts: list[int], pat
 
 
 # --------------------------------------------------------------------------------------------- CKA
+def cka_inputs(run: LoadedRun, task: int, batch_size: int):
+    """A task's test rows in the CKA minibatches (:func:`cltunnel.measures.similarity.cka_batches`)."""
+    t = run.data.scenario.tasks[task]
+    for chunk in cka_batches(len(t.test_idx), batch_size):
+        rows = t.test_idx[chunk]
+        yield next(iter(run.data.batches(t, "test", len(rows), rows=rows)))[0]
+
+
 @torch.no_grad()
 def layer_cka_between(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int, batch_size: int = 500
                       ) -> dict[int, float]:
-    """CKA between the same layer of two models on a task's test rows (minibatch unbiased HSIC)."""
-    t = run.data.scenario.tasks[task]
-    pairs: dict[int, list] = {k: [] for k in range(1, run.n_layers + 1)}
-    for x, _, _ in run.data.batches(t, "test", batch_size):
+    """CKA between the same layer of two models on a task's test rows (minibatch unbiased HSIC, streamed)."""
+    acc = PairedCKA()
+    for x in cka_inputs(run, task, batch_size):
         oa, ob = a.layer_outputs(x), b.layer_outputs(x)
-        for k in pairs:
-            pairs[k].append((oa[k], ob[k]))
-    return {k: minibatch_cka(v) for k, v in pairs.items()}
+        for k in range(1, run.n_layers + 1):
+            acc.add(k, oa[k], ob[k])
+    return acc.values()  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def layer_cka_matrix(run: LoadedRun, model_index: int = 0, task: int = 0, batch_size: int = 500) -> pd.DataFrame:
     """CKA between every pair of body layers of one model on a task's test rows (the thesis's heatmaps)."""
     model = run.models[model_index]
-    grams = []
-    for x, _, _ in run.data.batches(run.data.scenario.tasks[task], "test", batch_size):
+    acc = CKAMatrix()
+    for x in cka_inputs(run, task, batch_size):
         outs = model.layer_outputs(x)
-        grams.append([(lambda f: f @ f.T)(outs[k].flatten(1).double()) for k in sorted(outs)])
+        acc.add([outs[k] for k in sorted(outs)])
     names = [f"{k} {n}" for k, n in enumerate(model.layer_names, start=1)]
-    return pd.DataFrame(cka_matrix(grams).numpy(), index=names, columns=names)
+    return pd.DataFrame(acc.matrix().numpy(), index=names, columns=names)
 
 
 @torch.no_grad()
 def cross_cka_matrix(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int = 0, batch_size: int = 500
                      ) -> pd.DataFrame:
     """CKA between every layer of ``a`` (rows) and every layer of ``b`` (columns) on a task's test rows."""
-    grams = []
-    for x, _, _ in run.data.batches(run.data.scenario.tasks[task], "test", batch_size):
+    acc = CKAMatrix()
+    for x in cka_inputs(run, task, batch_size):
         outs = [a.layer_outputs(x), b.layer_outputs(x)]
-        grams.append([(lambda f: f @ f.T)(o[k].flatten(1).double()) for o in outs for k in sorted(o)])
+        acc.add([o[k] for o in outs for k in sorted(o)])
     n = len(a.body)
-    full = cka_matrix(grams).numpy()  # both models' layers together; the off-diagonal block is a vs b
+    full = acc.matrix().numpy()  # both models' layers together; the off-diagonal block is a vs b
     names = [f"{k} {name}" for k, name in enumerate(a.layer_names, start=1)]
     return pd.DataFrame(full[:n, n:], index=names, columns=names)
 
@@ -404,7 +432,8 @@ def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------- development
 def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
     """Rank per layer at every saved epoch of ``task`` (and at its end), and each layer's relative weight
-    change since the previous checkpoint: how early the tunnel forms (thesis E4)."""
+    change since the previous checkpoint: how early the tunnel forms (thesis E4). Weight change is over the
+    layer's parameters only: BatchNorm's running statistics are buffers, and their drift would dominate."""
     paths = epoch_checkpoints(run.run_dir, task)
     if not paths:
         raise FileNotFoundError(f"{run.run_dir}: no epoch checkpoints; set training.checkpoint_every and retrain")
@@ -415,17 +444,21 @@ def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
         state = load_checkpoint(path)
         model = model_from_checkpoint(state).to(run.data.device).eval()
         ranks, _ = layer_ranks(model, run.data, t, rows_idx, run.options.probe_protocol, run.options.rank_threshold)
+        weights = [layer_parameters(layer) for layer in model.body]
         for k, name in enumerate(model.layer_names, start=1):
             change = np.nan
             if previous is not None:
-                now = torch.cat([v.flatten().float() for v in state["layers"][name].values() if v.is_floating_point()])
-                before = torch.cat([v.flatten().float() for v in previous["layers"][name].values()
-                                    if v.is_floating_point()])
+                now, before = weights[k - 1], previous[k - 1]
                 change = float((now - before).norm() / before.norm().clamp_min(1e-12))
             records.append({"epoch": state["epoch"], "layer": k, "name": name,
                             "rank": ranks[k], "weight_change": change})
-        previous = state
+        previous = weights
     return pd.DataFrame(records)
+
+
+def layer_parameters(layer: torch.nn.Module) -> torch.Tensor:
+    """A layer's parameters as one vector (no buffers)."""
+    return torch.cat([p.detach().flatten().float() for p in layer.parameters()])
 
 
 def plot_development(dev: pd.DataFrame, path: Path) -> None:
@@ -472,6 +505,9 @@ def run_analyses(run_dir: str | Path, names: list[str] | None = None, device: st
 def _analysis_swap(run: LoadedRun) -> pd.DataFrame:
     k, profile = resolve_tunnel_start(run)
     notices = write_tunnel_profile(run, profile)[2] if profile is not None else []
+    for notice in run.head_notices():
+        print(f"notice: {notice}", flush=True)
+        notices.append(notice)
     df = swap_table(run, k)
     df.attrs["tunnel_start"] = k
     df.to_csv(run.run_dir / "swap_table.csv")

@@ -35,7 +35,7 @@ from cltunnel.data.device import DeviceData, resolve_device, task_generator
 from cltunnel.data.images import ImageData
 from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
 from cltunnel.measures.probes import ProbeConfig, fit_probes, layer_features, probe_accuracy
-from cltunnel.measures.similarity import minibatch_cka
+from cltunnel.measures.similarity import cka_batches, minibatch_cka
 from cltunnel.models.layered import LayeredModel
 from cltunnel.reports.figures import pyplot
 from cltunnel.reports.tables import write_table
@@ -146,8 +146,8 @@ def penultimate(model: LayeredModel, data: DeviceData, task: Task) -> torch.Tens
 
 
 def linear_cka(a: torch.Tensor, b: torch.Tensor, batch: int = 500) -> float:
-    return minibatch_cka([(a[i : i + batch], b[i : i + batch]) for i in range(0, len(a) - batch + 1, batch)]
-                         or [(a, b)])
+    """Minibatch linear CKA by the one minibatch rule of every CKA path (similarity.cka_batches)."""
+    return minibatch_cka([(a[part], b[part]) for part in cka_batches(len(a), batch)])
 
 
 def protocol_3(kind: str, data: DeviceData, all_classes: DeviceData, rc: RepresentationsConfig, seed: int, probe: ProbeConfig,

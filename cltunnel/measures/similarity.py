@@ -31,29 +31,82 @@ def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return ((trace + middle - last) / (n * (n - 3))).squeeze()
 
 
+CKA_MIN_ROWS = 50  # no CKA minibatch smaller: the unbiased HSIC needs 4 rows, and its spread grows as rows shrink
+
+
+def cka_batches(n: int, batch_size: int) -> list[slice]:
+    """The one minibatch rule of every CKA path: ``n`` rows cut into ``max(1, n // batch_size)`` contiguous
+    batches whose sizes differ by at most one, so every batch has at least ``batch_size`` rows (or all ``n``)
+    and every row weighs the same in the sum of HSICs. (n = 5,000 at 500 gives ten batches of 500, as
+    before; 515 rows give one batch, not 500 + a 15-row batch of ~9x the spread.)"""
+    if n < CKA_MIN_ROWS:
+        raise ValueError(f"CKA needs at least {CKA_MIN_ROWS} rows, got {n}")
+    count = max(1, n // batch_size)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _gram(f: torch.Tensor) -> torch.Tensor:
+    f = f.flatten(1).double()
+    return f @ f.T
+
+
+class PairedCKA:
+    """Linear CKA between matching representations (layer k of two models), streamed over minibatches:
+    per pair only the three HSIC sums are kept, never the features."""
+
+    def __init__(self) -> None:
+        self.sums: dict[object, list[torch.Tensor]] = {}
+
+    def add(self, key: object, x: torch.Tensor, y: torch.Tensor) -> None:
+        kx, ky = _gram(x), _gram(y)
+        terms = [_unbiased_hsic(kx, ky), _unbiased_hsic(kx, kx), _unbiased_hsic(ky, ky)]
+        old = self.sums.get(key)
+        self.sums[key] = terms if old is None else [a + b for a, b in zip(old, terms)]
+
+    def values(self) -> dict[object, float]:
+        return {key: float(xy / torch.sqrt(xx * yy)) for key, (xy, xx, yy) in self.sums.items()}
+
+
 def minibatch_cka(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Linear CKA from minibatches (X_i, Y_i) with the unbiased HSIC estimator (Nguyen et al. 2021)."""
-    xy = xx = yy = 0.0
+    """Linear CKA from minibatches (X_i, Y_i) with the unbiased HSIC estimator, summed over minibatches then
+    normalised (Nguyen et al. 2021)."""
+    acc = PairedCKA()
     for x, y in pairs:
-        x, y = x.flatten(1).double(), y.flatten(1).double()
-        kx, ky = x @ x.T, y @ y.T
-        xy = xy + _unbiased_hsic(kx, ky)
-        xx = xx + _unbiased_hsic(kx, kx)
-        yy = yy + _unbiased_hsic(ky, ky)
-    return float(xy / torch.sqrt(xx * yy))
+        acc.add(0, x, y)
+    return acc.values()[0]
+
+
+class CKAMatrix:
+    """Representation x representation linear CKA, streamed: each minibatch's Gram matrices are folded into
+    the HSIC sums and dropped."""
+
+    def __init__(self) -> None:
+        self.hsic: torch.Tensor | None = None
+
+    def add(self, features: list[torch.Tensor]) -> None:
+        self.add_grams([_gram(f) for f in features])
+
+    def add_grams(self, grams: list[torch.Tensor]) -> None:
+        n = len(grams)
+        if self.hsic is None:
+            self.hsic = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                self.hsic[i, j] += _unbiased_hsic(grams[i], grams[j]).cpu()
+
+    def matrix(self) -> torch.Tensor:
+        hsic = torch.triu(self.hsic) + torch.triu(self.hsic, 1).T
+        diag = hsic.diag().sqrt()
+        return hsic / (diag[:, None] * diag[None, :])
 
 
 def cka_matrix(gram_batches: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Layer × layer linear CKA from per-minibatch Gram matrices (one list of L Grams per minibatch)."""
-    n_layers = len(gram_batches[0])
-    hsic = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+    """Layer x layer linear CKA from per-minibatch Gram matrices (one list of L Grams per minibatch)."""
+    acc = CKAMatrix()
     for grams in gram_batches:
-        for i in range(n_layers):
-            for j in range(i, n_layers):
-                hsic[i, j] += _unbiased_hsic(grams[i], grams[j]).cpu()
-    hsic = torch.triu(hsic) + torch.triu(hsic, 1).T
-    diag = hsic.diag().sqrt()
-    return hsic / (diag[:, None] * diag[None, :])
+        acc.add_grams(grams)
+    return acc.matrix()
 
 
 def class_variance(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -2,7 +2,8 @@
 profile, the notices that say when a profile makes them unreliable, κ of chapter 6, and the thesis's
 "k (share of depth)" notation. Analyses, strategies, tables and figures all read k from here.
 
-The rules (k = the tunnel's first layer; the extractor is body layers 1..k):
+The rules. k is the last layer of the extractor, for every rule: the extractor is body layers 1..k and the
+tunnel layers k+1..n; each rule picks k as the first layer at which its criterion holds:
 
 * ``last`` — the first layer whose probe accuracy reaches ``threshold`` (0.95) × the **last** layer's: the
   thesis's §1 wording and cltunnel's default. On a profile that declines towards the output it is satisfied
@@ -29,10 +30,13 @@ EARLY_SHARE = 0.10  # a rule's k within the first 10 % of the body's layers (or 
 DISAGREEMENT = 2  # the rules' ks more than two layers apart
 
 
-def check_tunnel_start(k: int, n_layers: int, where: str) -> int:
-    """k as a tunnel start of a body of ``n_layers`` layers: 0 (no extractor) to n (no tunnel)."""
-    if not 0 <= k <= n_layers:
-        raise ConfigError(f"{where}: {k} is not a layer of this network's body (0..{n_layers})")
+def check_tunnel_start(k: int, n_layers: int, where: str, minimum: int = 1) -> int:
+    """k, the last layer of the extractor, in a body of ``n_layers`` layers: 1 to n (n: no tunnel). k = 0 (an
+    empty extractor) is refused: no rule can give it, and a swap or penalty on no layers means nothing. (A
+    replay point is another thing: layer 0 there is the input, so replay passes ``minimum=0``.)"""
+    if not minimum <= k <= n_layers:
+        raise ConfigError(f"{where}: {k} is not a layer of this network's body (k is the extractor's last "
+                          f"layer, {minimum}..{n_layers})")
     return k
 
 

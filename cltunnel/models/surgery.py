@@ -4,14 +4,21 @@ Works on the one layer abstraction, so any architecture (registry or wrapped) co
 composed model owns deep copies of its layers: parameters and BatchNorm statistics travel with their
 layer, and nothing is shared with the sources.
 
-Heads: in the thesis each task is evaluated "with its own head", the head trained on that task. With
-checkpoints M_1..M_T, :func:`own_heads` takes head t from M_t (the checkpoint right after task t).
+Heads: in the thesis each task is evaluated "with its own head", the head trained on that task. A head
+need not stop changing after its task (LwF distils through every head, replay trains old heads on replayed
+batches), so "its own head" must also belong with the top of the body it sits on: for a composition whose
+top layers come from M_top, :func:`task_heads` takes head t from the later of M_t (the first model in which
+head t was trained) and M_top. So E2+T2 and E1+T2 use M2's heads for both tasks, E1+T1 and E2+T1 use M1's
+head 0 and M2's head 1 (M1's head 1 never trained); an analysis's endpoint equals the accuracy matrix
+(E1+T1 on task 1 = a[0][0], E2+T2 = a[1][0], a[1][1]) for every strategy. For naive fine-tuning nothing
+changes: a head gets no gradient after its task there.
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from cltunnel.config import ConfigError
@@ -34,11 +41,25 @@ def compose(first: LayeredModel, rest: LayeredModel, x: int, heads: nn.ModuleDic
     return model.to(device).eval()
 
 
-def own_heads(models: list[LayeredModel]) -> nn.ModuleDict:
-    """Head t from the model after task t (for class-incremental runs: the last model's single head)."""
-    if len(models[-1].heads) == 1:
-        return copy.deepcopy(models[-1].heads)
-    return nn.ModuleDict({str(t): copy.deepcopy(m.heads[str(t)]) for t, m in enumerate(models)})
+def task_heads(models: list[LayeredModel], top: int) -> nn.ModuleDict:
+    """The heads for a body whose top layers come from ``models[top]`` (models[t]: the model after task t):
+    head t from ``models[max(t, top)]``; a class-incremental run's single head from ``models[top]``."""
+    if len(models[top].heads) == 1:
+        return copy.deepcopy(models[top].heads)
+    return nn.ModuleDict({str(t): copy.deepcopy(models[max(t, top)].heads[str(t)]) for t in range(len(models))})
+
+
+def heads_trained_after_their_task(models: list[LayeredModel]) -> list[int]:
+    """Tasks t whose head changed in a model after M_t (the strategy kept training old heads)."""
+    if len(models[0].heads) == 1:
+        return []
+    changed = []
+    for t, model in enumerate(models):
+        own = model.heads[str(t)].state_dict()
+        if any(any(not torch.equal(v, later.heads[str(t)].state_dict()[n]) for n, v in own.items())
+               for later in models[t + 1:]):
+            changed.append(t)
+    return changed
 
 
 def with_heads(model: LayeredModel, heads: nn.ModuleDict) -> LayeredModel:

@@ -37,19 +37,27 @@ class ProgressPlugin(SupervisedPlugin):
 
 
 class EpochCheckpointPlugin(SupervisedPlugin):
-    """Saves the model every ``every`` epochs within each task (how the tunnel develops during training)."""
+    """Saves the model every ``every`` epochs within each task (how the tunnel develops during training).
+
+    The epoch is read from Avalanche's clock, which a mid-task resume puts back, so a resumed run writes the
+    same ``task<t>_epoch<e>.pt`` files as one never stopped (a count of its own would restart at 0)."""
 
     def __init__(self, save: "Callable[[int, int], object]", every: int) -> None:
         super().__init__()
-        self.save, self.every, self.epoch = save, every, 0
-
-    def before_training_exp(self, strategy, **kwargs):
-        self.epoch = 0
+        self.save, self.every = save, every
 
     def after_training_epoch(self, strategy, **kwargs):
-        self.epoch += 1
-        if self.every and self.epoch % self.every == 0:
-            self.save(strategy.experience.current_experience, self.epoch)
+        epoch = epochs_finished(strategy, self)
+        if self.every and epoch % self.every == 0:
+            self.save(strategy.experience.current_experience, epoch)
+
+
+def epochs_finished(strategy, plugin: SupervisedPlugin) -> int:
+    """Epochs of the current task finished, read in ``plugin``'s ``after_training_epoch``: Avalanche's clock
+    counts the epoch in its own after_training_epoch, which runs after the plugins listed before it."""
+    plugins = strategy.plugins
+    clock_after = plugins.index(strategy.clock) > plugins.index(plugin) if strategy.clock in plugins else True
+    return strategy.clock.train_exp_epochs + (1 if clock_after else 0)
 
 
 class Timer:

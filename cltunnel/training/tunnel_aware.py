@@ -10,8 +10,8 @@ mechanism) wrapped in a thin strategy class (so YAML can name it and it composes
 * :class:`LayerReplayPlugin` at the tunnel start — replay stored extractor outputs through the tunnel and
   old heads, instead of replaying images through the whole network (at layer 0: plain experience replay).
 
-Convention, shared with the analyses: with tunnel start ``k`` the extractor is body layers 1..k and the
-tunnel is layers k+1..n. ``tunnel_start: auto`` finds k after the first task from linear probes of that
+Convention, shared with the analyses: with tunnel start ``k`` (the extractor's last layer, 1..n) the extractor
+is body layers 1..k and the tunnel is layers k+1..n. ``tunnel_start: auto`` finds k after the first task from linear probes of that
 model (the thesis's 95 % rule) and keeps it for the rest of the run. Truncating the network to its
 extractor is a model, not a strategy: ``model: {name: vgg19, args: {conv_layers: k}}``.
 """
@@ -43,18 +43,19 @@ class TunnelStart:
     analyses' defaults), so the analysis of the same run with the same settings finds the same k."""
 
     def __init__(self, spec: int | str = "auto", threshold: float | None = None, probe_epochs: int = 10,
-                 rule: str = "last", rank_samples: int = 2000) -> None:
+                 rule: str = "last", rank_samples: int = 2000, minimum: int = 1) -> None:
         self.spec = parse_tunnel_start(spec, "strategy.args.tunnel_start")
         if rule not in TUNNEL_RULE_NAMES:
             raise ConfigError(f"strategy.args.tunnel_rule: unknown '{rule}'; valid: {', '.join(TUNNEL_RULE_NAMES)}")
         self.threshold, self.probe_epochs, self.rule, self.rank_samples = threshold, probe_epochs, rule, rank_samples
         self.value: int | None = self.spec if isinstance(self.spec, int) else None
+        self.minimum = minimum  # 1 for a tunnel start; 0 where layer 0 means the input (a replay point)
 
     def resolve(self, strategy: Any) -> int:
         """k for this run; with ``auto``, computed once (call it after the first task has been learned)."""
         if self.value is None:
             self.value = self._from_probes(strategy)
-        return check_tunnel_start(self.value, len(strategy.model.body), "strategy.args.tunnel_start")
+        return check_tunnel_start(self.value, len(strategy.model.body), "strategy.args.tunnel_start", self.minimum)
 
     def _from_probes(self, strategy: Any) -> int:
         data = run_data(strategy)
@@ -211,7 +212,7 @@ class LayerReplayPlugin(SupervisedPlugin):
                  batch_size: int | None = None, **probe: Any) -> None:
         super().__init__()
         self.mem_size, self.alpha, self.batch_size = mem_size, alpha, batch_size
-        self.tunnel = TunnelStart(layer, **probe)
+        self.tunnel = TunnelStart(layer, minimum=0, **probe)
         self.buffer: dict[int, dict[str, Any]] = {}  # task id -> rows, labels, head (and features for layer > 0)
         self.generator: torch.Generator | None = None
 
