@@ -230,3 +230,26 @@ def test_weight_change_is_over_parameters_not_batchnorm_statistics(pair):
             m.running_var.mul_(50.0)
     assert torch.equal(layer_parameters(layer), before)
     assert len(before) == sum(p.numel() for p in layer.parameters())
+
+
+def test_the_shallow_figure_marks_the_full_depth_networks_own_k(tmp_path):
+    """Issue 24, shallow figure: every depth runs the swap, and 'conv10' sorts before 'conv16', so the first
+    swap_meta.txt found was the 10-layer network's k; now the full-depth runs' own k (or their resolved
+    analyses.tunnel_start, which covers a base given as a file) marks the extractor."""
+    import yaml
+
+    from cltunnel.experiments.shallow import extractor_length
+
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"configs": ["conv10", "conv16"], "source": {"base": "x.yaml"}}))
+    for config, layers, k in (("conv10", 10, 3), ("conv16", None, 8)):
+        run = tmp_path / config / "seed0"
+        run.mkdir(parents=True)
+        args = {"conv_layers": layers} if layers else {}
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "vgg19", "args": args},
+                                                         "analyses": {"tunnel_start": "auto"}}))
+        (run / "metrics.json").write_text("{}")
+        (run / "swap_meta.txt").write_text(f"tunnel_start {k} of {layers or 16} layers (rule 'last' at 0.95)\n")
+    assert extractor_length(tmp_path) == 8
+    (tmp_path / "conv16" / "seed0" / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "vgg19", "args": {}}, "analyses": {"tunnel_start": 9}}))
+    assert extractor_length(tmp_path) == 9

@@ -113,3 +113,16 @@ def test_a_strategy_and_the_analysis_of_its_run_find_the_same_k_by_each_rule(mni
     finally:
         tunnel_aware.TunnelStart.resolve = resolve
     assert set(found) == {"last", "peak", "rank"}
+
+
+def test_a_rank_at_its_sample_cap_is_named():
+    """Issue 24: ranks are taken on analyses.rank_samples rows, which caps them at rows - 1; where a layer's
+    rank reaches the cap the profile says so (and which layers)."""
+    import pandas as pd
+
+    from cltunnel.experiments.analyses import rank_cap_notices
+
+    profile = pd.DataFrame({"rank": [1999, 1200, 40], "rank_cap": [1999, 1999, 511]}, index=[1, 2, 3])
+    notices = rank_cap_notices(profile)
+    assert len(notices) == 1 and "layer(s) 1 " in notices[0] and "rank_samples" in notices[0]
+    assert rank_cap_notices(profile.assign(rank=[10, 10, 10])) == []

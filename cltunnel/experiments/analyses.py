@@ -21,7 +21,7 @@ from cltunnel.config import ANALYSIS_NAMES, AnalysesConfig, ConfigError, DataCon
 from cltunnel.data.device import DeviceData, resolve_device
 from cltunnel.data.images import ImageData, load_data, load_dataset, rendered_as
 from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
-from cltunnel.measures.probes import ProbeConfig, layer_ranks, probe_protocol, train_probes
+from cltunnel.measures.probes import ProbeConfig, layer_ranks, probe_protocol, rank_cap, train_probes
 from cltunnel.measures.similarity import CKAMatrix, PairedCKA, cka_batches
 from cltunnel.measures.tunnel import (check_tunnel_start, describe_rule, format_layer, kappa, profile_notices,
                                       rule_starts, tunnel_start)
@@ -133,14 +133,24 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
     acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
     ranks, variances = layer_ranks(model, run.data, t, t.train_idx[: run.options.rank_samples],
                                    run.options.probe_protocol, run.options.rank_threshold)
+    rows = len(t.train_idx[: run.options.rank_samples])
+    caps = {k: rank_cap(rows, n) for k, n in layer_widths(model, run.data, t).items()}
     profile = pd.DataFrame({"layer": list(acc), "name": model.layer_names,
                             "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc],
+                            "rank_cap": [caps[k] for k in acc],
                             "intra_class_var": [variances[k][0] for k in acc],
                             "inter_class_var": [variances[k][1] for k in acc]})
     profile = profile.set_index("layer")
     if (model_index, task) == (0, 0):
         run.profile = profile
     return profile
+
+
+@torch.no_grad()
+def layer_widths(model: LayeredModel, data: DeviceData, task: Task) -> dict[int, int]:
+    """Features per body layer (flattened), from one small batch."""
+    x = next(iter(data.batches(task, "test", 2)))[0]
+    return {k: out[0].numel() for k, out in model.eval().layer_outputs(x).items()}
 
 
 def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
@@ -164,7 +174,7 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> tuple[int, di
     k and the notices on the profile (also printed)."""
     acc, ranks = profile_series(profile)
     starts, chosen = rule_starts(acc, ranks), run.rule_start(acc, ranks)
-    notices = profile_notices(acc, starts, run.depth)
+    notices = profile_notices(acc, starts, run.depth) + rank_cap_notices(profile)
     for notice in notices if not run.notices_shown else []:
         print(f"notice ({run.run_dir}): {notice}", flush=True)
     run.notices_shown = True
@@ -172,6 +182,18 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> tuple[int, di
     log_profile(run, "tunnel_profile", profile[["probe_acc", "rank"]])
     _plot_tunnel(profile, chosen, starts, run.rule_text(), run.depth, run.run_dir / "tunnel_profile.png")
     return chosen, starts, notices
+
+
+def rank_cap_notices(profile: pd.DataFrame) -> list[str]:
+    """Layers whose rank reached what the sampled rows allow (``analyses.rank_samples``)."""
+    if "rank_cap" not in profile:
+        return []
+    capped = [int(k) for k, row in profile.iterrows() if row["rank"] >= row["rank_cap"]]
+    if not capped:
+        return []
+    return [f"the numerical rank reached its cap at layer(s) {', '.join(map(str, capped))} (cap "
+            f"{int(profile['rank_cap'].min())}: analyses.rank_samples rows minus one, or the features sampled): "
+            "there the rank measures the sample; raise analyses.rank_samples"]
 
 
 def log_profile(run: LoadedRun, tag: str, frame: pd.DataFrame) -> None:

@@ -4,12 +4,13 @@
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cltunnel.experiments.analyses import SWAP_META, read_swap_meta
+from cltunnel.experiments.analyses import read_swap_meta
 from cltunnel.models.zoo import VGG_STAGES
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
@@ -45,16 +46,23 @@ def depth_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
 
 
 def extractor_length(sweep_dir: Path) -> int | None:
-    """The full model's extractor (in conv layers): the base scenario's ``analyses.tunnel_start`` when it
-    is a number, else the tunnel start its runs' tunnel analysis found."""
+    """The full-depth model's extractor (in conv layers), read from the full-depth runs themselves: their own
+    resolved ``analyses.tunnel_start`` when it is a number (so a ``base:`` given as a file counts too), else
+    the k their swap analysis used (the most common over seeds). Runs of shallower networks run the swap
+    too, and their k is not the full network's."""
     manifest = load_manifest(sweep_dir)
-    base = (manifest.get("source") or {}).get("base")
-    given = ((base or {}).get("analyses") or {}).get("tunnel_start", "auto") if isinstance(base, dict) else "auto"
-    given = parse_tunnel_start(given, "analyses.tunnel_start")
-    if given != "auto":
-        return given
-    found = sorted(sweep_dir.glob(f"*/seed*/{SWAP_META}"))
-    return read_swap_meta(found[0].parent).k if found else None
+    runs = [run for config in manifest["configs"] for run in seed_dirs(sweep_dir / config)]
+    if not runs:
+        return None
+    full = max(_conv_layers(run) for run in runs)
+    full_runs = [run for run in runs if _conv_layers(run) == full]
+    for run in full_runs:
+        given = parse_tunnel_start((load_run_config(run).get("analyses") or {}).get("tunnel_start", "auto"),
+                                   "analyses.tunnel_start")
+        if given != "auto":
+            return given
+    ks = [meta.k for meta in (read_swap_meta(run) for run in full_runs) if meta is not None]
+    return Counter(ks).most_common(1)[0][0] if ks else None
 
 
 def depth_report(sweep_dir: str | Path) -> str:

@@ -79,6 +79,13 @@ def layer_ranks(model: LayeredModel, data: DeviceData, task: Task, rows: torch.T
     return ranks, variances
 
 
+def rank_cap(n_rows: int, n_features: int) -> int:
+    """The largest numerical rank ``n_rows`` centred rows of ``n_features`` features can show (features above
+    RANK_MAX_FEATURES are subsampled): where a layer's rank reaches it, the rank measures the sample, not the
+    layer, and ``analyses.rank_samples`` should grow."""
+    return min(n_rows - 1, n_features, RANK_MAX_FEATURES)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).float()
 
