@@ -404,7 +404,7 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(sections[where.split(".")[0]], attr)
         if value not in allowed:
             raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
-    if cfg.scenario.tasks is None and cfg.scenario.n_tasks is None:
+    if cfg.scenario.tasks is None and cfg.scenario.n_tasks is None and cfg.narrow_resnet is None:  # toy data only
         raise ConfigError("scenario: give either 'tasks' (classes per task, e.g. [5, 5]) or 'n_tasks'")
     if cfg.scenario.tasks is not None and cfg.scenario.n_tasks is not None:
         raise ConfigError("scenario: give 'tasks' or 'n_tasks', not both")

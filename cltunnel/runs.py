@@ -31,6 +31,15 @@ def preflight(cfg: RunConfig, create: bool = False) -> Protocol:
     """Every check that needs no data; raises a one-line error naming the key. Returns the protocol.
     ``create``: a real run about to start makes its output directory here (a dry run writes nothing)."""
     protocol = protocol_for(cfg)
+    if protocol.needs_data:
+        _check_data_section(cfg, protocol)
+    resolve_device(cfg.device)
+    check_writable(cfg.output_dir, create=create)
+    return protocol
+
+
+def _check_data_section(cfg: RunConfig, protocol: Protocol) -> None:
+    """The dataset, its split and class order, and (for protocols that train ``model:``) the model against it."""
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset '{cfg.data.name}'; valid: {', '.join(DATASETS)}")
     _, n_classes, in_shape = DATASETS[cfg.data.name]
@@ -42,9 +51,6 @@ def preflight(cfg: RunConfig, create: bool = False) -> Protocol:
         check_strategy_args(cfg.strategy)
         check_evaluation(cfg.evaluation)
         _check_tunnel_starts(cfg, n_layers)
-    resolve_device(cfg.device)
-    check_writable(cfg.output_dir, create=create)
-    return protocol
 
 
 def _check_tunnel_starts(cfg: RunConfig, n_layers: int) -> None:
@@ -56,11 +62,16 @@ def _check_tunnel_starts(cfg: RunConfig, n_layers: int) -> None:
             check_tunnel_start(k, n_layers, f"{where} ({cfg.model.name})", minimum=0 if where.endswith(".layer") else 1)
 
 
+def load_data_for(cfg: RunConfig) -> ImageData | None:
+    """The scenario's dataset, or None for a protocol that draws its data from the seed."""
+    return load_data(cfg) if protocol_for(cfg).needs_data else None
+
+
 def run_seed(cfg: RunConfig, seed: int, data: ImageData | None = None, progress: bool = True,
              stop_after: int | None = None) -> Path:
     """Train (or resume) one seed, holding its directory's lock; return its run directory. ``stop_after``
     ends a task sequence early (tests of resume)."""
-    data = data if data is not None else load_data(cfg)
+    data = data if data is not None else load_data_for(cfg)
     options = {"stop_after": stop_after} if stop_after is not None else {}
     with run_lock(seed_dir(cfg, seed)):
         record_provenance(seed_dir(cfg, seed), resolve_device(cfg.device))
@@ -71,7 +82,7 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
     """Check the scenario, run every seed, then its tables over seeds and (``logging.report``) its report
     pages; returns the scenario directory."""
     protocol = preflight(cfg, create=True)
-    data = load_data(cfg)
+    data = load_data_for(cfg)
     for seed in cfg.seeds:
         run_seed(cfg, seed, data, progress)
     scenario_dir = scenario_dir_of(cfg)

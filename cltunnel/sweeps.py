@@ -40,9 +40,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from cltunnel.config import ConfigError, RunConfig, parse_config, read_yaml, set_dotted
-from cltunnel.data.images import load_data
 from cltunnel.errors import CltunnelError
-from cltunnel.runs import preflight, run_seed, saved_protocol
+from cltunnel.runs import load_data_for, preflight, run_seed, saved_protocol
 from cltunnel.reports.page import build_report
 from cltunnel.store import CONFIG_FILE, MANIFEST, load_manifest, seed_dir, seed_dirs
 
@@ -251,7 +250,7 @@ def _run_local(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key not in cache:
             try:
-                cache[key] = load_data(cfg)
+                cache[key] = load_data_for(cfg)
             except Exception:  # noqa: BLE001 - run_job reports it per run
                 cache[key] = None
         bar.set_postfix_str(f"running {job.config} seed {job.seed}")

@@ -525,4 +525,4 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 
 register_protocol(Protocol("narrow_resnet", "narrow_resnet", run_narrow_resnet, aggregate_narrow_resnet, FINISHED,
-                           summary, trains_model_section=False))
+                           summary, trains_model_section=False, needs_data=False))

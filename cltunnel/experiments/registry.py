@@ -29,6 +29,7 @@ class Protocol:
     summary: Callable[[Path, RunConfig], str] | None = None  # what `cltunnel run` prints; default: aggregate
     sweep_report: Callable[[Path, dict[str, Any]], str] | None = None  # (sweep dir, manifest) -> markdown
     trains_model_section: bool = True  # trains cfg.model with cfg.strategy (checked before any work)
+    needs_data: bool = True  # reads cfg.data (False: its data are drawn from the seed; no dataset is loaded)
 
     def summarise(self, scenario_dir: Path, cfg: RunConfig) -> str:
         return self.summary(scenario_dir, cfg) if self.summary else self.aggregate(scenario_dir)
