@@ -99,3 +99,23 @@ def test_shallow_vgg_variants_have_the_layer_counts_they_claim(depth):
         pools = [mod for mod in m.body.modules() if isinstance(mod, nn.MaxPool2d)]
         assert len(convs) == k and len(m.body) == k + 2 and len(pools) == 5, (depth, k)
         assert m(torch.zeros(2, 3, 32, 32), 0).shape == (2, 5)
+
+
+@pytest.mark.parametrize("depth", [8, 14, 20, 38, 56])
+def test_the_cifar_resnet_family_has_n_blocks_per_stage_and_depth_20_is_resnet20(depth):
+    """Issue 25, item 1: He et al.'s CIFAR ResNet at depth 6n + 2: a stem, 3n blocks (body layers), a pool;
+    depth 20 is the registered ResNet-20, weight for weight; a depth that is not 6n + 2 is a one-line error."""
+    from cltunnel.config import ConfigError
+    from cltunnel.models.zoo import build_model, check_model
+
+    n = (depth - 2) // 6
+    assert check_model("cifar_resnet", 2.0, {"depth": depth}, [5, 5], (3, 32, 32)) == 3 * n + 2
+    if depth == 20:
+        torch.manual_seed(0)
+        family = build_model("cifar_resnet", [10], (3, 32, 32), 1.0, depth=20)
+        torch.manual_seed(0)
+        resnet20 = build_model("resnet20", [10], (3, 32, 32), 1.0)
+        x = torch.randn(4, 3, 32, 32)
+        assert torch.equal(family.eval()(x, 0), resnet20.eval()(x, 0))
+    with pytest.raises(ConfigError, match="6n \\+ 2"):
+        check_model("cifar_resnet", 1.0, {"depth": 21}, [10], (3, 32, 32))

@@ -97,19 +97,30 @@ class BasicBlock(nn.Module):
 
 RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 20: [3, 3, 3]}  # 20: He et al.'s CIFAR ResNet (3 stages)
 RESNET_WIDTHS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512), 20: (16, 32, 64)}
+CIFAR_RESNET_WIDTHS = (16, 32, 64)  # He et al.'s CIFAR family: depth 6n + 2, three stages of n blocks
 
 
-def resnet_layers(depth: int, width: float, in_shape: tuple[int, int, int], skip: bool = True
+def cifar_resnet_blocks(depth: int) -> list[int]:
+    """Blocks per stage of He et al.'s CIFAR ResNet of ``depth`` = 6n + 2 layers (8, 14, 20, 26, 32, 38, 44,
+    56, 110, 164, ...): n blocks in each of three stages (Nguyen et al. 2021 vary depth this way)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"cifar_resnet: depth must be 6n + 2 with n >= 1 (8, 14, 20, 26, ...), got {depth}")
+    return [(depth - 2) // 6] * 3
+
+
+def resnet_layers(depth: int, width: float, in_shape: tuple[int, int, int], skip: bool = True,
+                  blocks: list[int] | None = None, stage_widths: tuple[int, ...] | None = None
                   ) -> tuple["OrderedDict[str, nn.Module]", int]:
     """CIFAR ResNet: 3x3 stem, residual blocks (one layer each, output after the block's conv2 and
     the addition), global average pool as the last body layer. ResNet-18/34: four stages from 64 channels;
-    ResNet-20: three stages of three blocks from 16 channels (the thesis's chapter-6 "ResNet-20 style")."""
-    widths = [max(1, round(c * width)) for c in RESNET_WIDTHS[depth]]
+    ResNet-20: three stages of three blocks from 16 channels (the thesis's chapter-6 "ResNet-20 style");
+    ``blocks``/``stage_widths`` give any other plan (the CIFAR family, :func:`cifar_resnet_blocks`)."""
+    widths = [max(1, round(c * width)) for c in (stage_widths or RESNET_WIDTHS[depth])]
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
     layers["stem"] = nn.Sequential(nn.Conv2d(in_shape[0], widths[0], 3, 1, 1, bias=False),
                                    nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
     c_in = widths[0]
-    for stage, (count, c_out) in enumerate(zip(RESNET_BLOCKS[depth], widths), start=1):
+    for stage, (count, c_out) in enumerate(zip(blocks or RESNET_BLOCKS[depth], widths), start=1):
         for b in range(count):
             stride = 2 if stage > 1 and b == 0 else 1
             layers[f"block{stage}_{b + 1}"] = BasicBlock(c_in, c_out, stride, skip)
@@ -144,6 +155,10 @@ for _d in RESNET_BLOCKS:
     MODELS[f"resnet{_d}_noskip"] = lambda width, in_shape, d=_d: resnet_layers(d, width, in_shape, skip=False)
 
 
+# He et al.'s CIFAR ResNet at any depth 6n + 2 and width multiplier (stages of 16w, 32w, 64w channels), with or
+# without skips: `model: {name: cifar_resnet, width: 4, args: {depth: 38, skip: false}}`.
+MODELS["cifar_resnet"] = lambda width, in_shape, depth=20, skip=True: resnet_layers(
+    depth, width, in_shape, skip, cifar_resnet_blocks(depth), CIFAR_RESNET_WIDTHS)
 MODELS["mlp"] = lambda width, in_shape, depth=12, hidden=1024: mlp_layers(depth, width, in_shape, hidden)
 
 
