@@ -71,3 +71,45 @@ def test_report_command_rebuilds_and_refuses_other_directories(scenario_dir, tmp
     assert (directory / "report.html").exists()
     assert cli_main(["report", str(tmp_path)]) == 2
     assert "not a run, scenario or sweep directory" in capsys.readouterr().err
+
+
+def table_rows(md: str) -> list[str]:
+    """The rendered table rows of a page's Tables section (not the config or provenance)."""
+    section = md.split("## Tables", 1)[1].split("## Resolved config", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("where", ["scenario", "seed0"])
+def test_every_table_is_formatted_once_without_csv_debris(scenario_dir, where):
+    directory, _ = scenario_dir
+    directory = directory if where == "scenario" else directory / "seed0"
+    md = (directory / "report.md").read_text()
+    rows = table_rows(md)
+    assert rows, "no tables on the page"
+    text = "\n".join(rows)
+    assert "Unnamed" not in text and "mean.1" not in text and "std.1" not in text
+    cells = [c.strip() for row in rows for c in row.strip("|").split("|")]
+    assert not [c for c in cells if c.lower() in ("nan", "nan ± nan")]
+    assert not re.search(r"\d\.\d{3,}", text), "a number with more than two decimals"
+    titles = re.findall(r"^### Table \d+\. (.*)$", md, flags=re.M)
+    assert len(titles) == len(set(titles)) >= 3  # each table once
+    assert "## Figures" in md and re.search(r"\*\*Figure 1\.\*\* \w", md)  # figures captioned in words
+
+
+def test_the_title_names_scenario_and_seed_and_notices_come_first(scenario_dir):
+    directory, cfg = scenario_dir
+    md = (directory / "seed0" / "report.md").read_text()
+    assert md.startswith(f"# {cfg.name}, seed 0: run report\n")
+    assert f"<title>{cfg.name}, seed 0: run report</title>" in (directory / "seed0" / "report.html").read_text()
+    assert (directory / "report.md").read_text().startswith(f"# {directory.name}: 2 seeds (0, 1), mean ± std")
+    if "## Notices" in md:
+        assert md.index("## Notices") < min(md.index(h) for h in ("## Figures", "## Tables", "Directory:"))
+
+
+def test_the_page_fits_a_phone(scenario_dir):
+    page = (scenario_dir[0] / "seed0" / "report.html").read_text()
+    assert "name='viewport' content='width=device-width" in page
+    style = re.search(r"<style>(.*)</style>", page).group(1)
+    assert "max-width:100%" in style.split("img{", 1)[1].split("}", 1)[0]
+    assert "overflow-x:auto" in style.split("table{", 1)[1].split("}", 1)[0]
+    assert re.search(r"body\{[^}]*max-width:\d+px", style)

@@ -18,7 +18,8 @@ import markdown
 import pandas as pd
 
 from cltunnel.reports.provenance import load_provenance
-from cltunnel.store import CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, seed_dirs
+from cltunnel.reports.tables import format_mean_std, markdown_table
+from cltunnel.store import CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
@@ -64,8 +65,19 @@ TABLES = [
     ("cl_metrics_exact_rows.md", "The same metrics on the exact-pixel test rows only."),
     ("summary.md", "Every configuration of the sweep: average accuracy and forgetting."),
     ("table_6_3_1.md", "κ and ρ by architecture and softmax temperature (thesis Table 6.3.1; the reading checked)."),
+    ("swap_table.csv", "Extractor/tunnel swap of this run in the layout of thesis Table 5.4.1: accuracy (%) of "
+                       "extractor Ei with tunnel Tj on each task; E2+T1 (FT) and E2 (FT) retrain a head (first task "
+                       "only)."),
+    ("tunnel_profile.csv", "Per layer of the model after task 1: linear-probe accuracy (%), numerical rank and the "
+                           "cap the sample count puts on it, intra- and inter-class variance."),
+    ("*substitution.csv", "The substitution curves as numbers: accuracy (%) on each task of M1[1:x]+M2[x+1:n] and "
+                          "M2[1:x]+M1[x+1:n], by the number x of layers taken from the first model."),
+    ("*cka_m1_m2.csv", "Linear CKA of each layer between the models after task 1 and task 2, on each task's data."),
     ("*.md", ""),
+    ("*.csv", ""),
 ]
+# CSVs a figure already shows in full: named under the tables, not printed (a per-epoch log is not a table).
+BEHIND_FIGURES = {"history.csv": "history.png"}
 NOTES = ("tunnel_start.txt", "swap_meta.txt", "ood_rho.txt")  # one-line results shown verbatim
 SKIPPED = (REPORT_MD, "README.md", "CAMPAIGN.md")
 
@@ -95,33 +107,80 @@ def children(directory: Path, kind: str) -> list[Path]:
 
 
 def report_markdown(directory: Path) -> str:
-    """The page as markdown, figures linked by file name."""
+    """The page as markdown, figures linked by file name: title, notices, then results, figures, tables,
+    config and provenance, numbered and captioned like a paper's appendix."""
     kind = kind_of(directory)
-    parts = [f"# {directory.name}: {kind} report", "", f"`{directory.resolve()}`", ""]
+    results, notices = _notes(directory)
+    parts = [f"# {page_title(directory, kind)}", ""]
+    if notices:
+        parts += ["## Notices", ""] + [f"> **Notice:** {n}  " for n in notices] + [""]
+    parts += [f"Directory: `{directory.resolve()}`", ""]
     subpages = children(directory, kind)
     if subpages:
         parts += ["## " + ("Seeds" if kind == "scenario" else "Configurations"), ""]
         parts += [f"- [{p.name}]({p.name}/{REPORT_HTML})" for p in subpages] + [""]
-    results, notices = _notes(directory)
-    if notices:
-        parts += ["## Notices", ""] + [f"> **Notice:** {n}  " for n in notices] + [""]
     if results:
         parts += ["## Results in one line", ""] + results + [""]
-    figures = _order([p for p in directory.glob("*.png")], FIGURES)
-    if figures:
-        parts += ["## Figures", ""]
-        for fig in figures:
-            parts += [f"![{fig.stem}]({fig.name})", "", f"*{fig.name}*: {caption(fig.name, FIGURES)}", ""]
-    tables = _order([p for p in directory.glob("*.md") if p.name not in SKIPPED], TABLES)
-    csv_only = [p for p in sorted(directory.glob("*.csv")) if not p.with_suffix(".md").exists()]
-    if tables or csv_only:
-        parts += ["## Tables", ""]
-        for table in tables:
-            parts += [f"*{table.name}*: {caption(table.name, TABLES)}", "", _demote(table.read_text()), ""]
-        for table in csv_only:
-            parts += [f"*{table.name}*", "", _csv_markdown(table), ""]
+    parts += _figures_section(directory) + _tables_section(directory)
     parts += _config_section(directory, kind, subpages) + _provenance_section(directory, kind, subpages)
     return "\n".join(parts) + "\n"
+
+
+def page_title(directory: Path, kind: str) -> str:
+    """What the page is about in words: the scenario and seed of a run, the seeds of a scenario."""
+    if kind == "run":
+        config = load_run_config(directory)
+        return f"{config.get('name', directory.parent.name)}, seed {config.get('seed', directory.name)}: run report"
+    if kind == "scenario":
+        seeds = [p.name.removeprefix("seed") for p in seed_dirs(directory, CONFIG_FILE)]
+        return f"{directory.name}: {len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(seeds)}), mean ± std"
+    return f"{directory.name}: sweep report"
+
+
+def _figures_section(directory: Path) -> list[str]:
+    figures = _order(list(directory.glob("*.png")), FIGURES)
+    parts = ["## Figures", ""] if figures else []
+    for i, fig in enumerate(figures, 1):
+        parts += [f"![{fig.stem}]({fig.name})", "", f"**Figure {i}.** {caption(fig.name, FIGURES)} "
+                  f"<small>({fig.name})</small>", ""]
+    return parts
+
+
+def _tables_section(directory: Path) -> list[str]:
+    """Every table once: a written markdown table, else its CSV formatted (two decimals, named columns)."""
+    md = [p for p in directory.glob("*.md") if p.name not in SKIPPED]
+    csv = [p for p in directory.glob("*.csv") if not p.with_suffix(".md").exists() and p.name not in BEHIND_FIGURES]
+    tables = _order(md + csv, TABLES)
+    if not tables:
+        return []
+    parts = ["## Tables", ""]
+    for i, table in enumerate(tables, 1):
+        title, body = _md_table(table) if table.suffix == ".md" else (_label(table), _csv_markdown(table))
+        text = caption(table.name, TABLES)
+        parts += [f"### Table {i}. {title}", ""] + ([text, ""] if text else []) + [body, ""]
+    behind = [f"`{name}` (behind {figure})" for name, figure in BEHIND_FIGURES.items() if (directory / name).exists()]
+    if behind:
+        parts += ["Also in the directory: " + ", ".join(behind) + ".", ""]
+    return parts
+
+
+# A CSV's column names as a reader wants them (others: underscores become spaces).
+COLUMN_NAMES = {"probe_acc": "probe accuracy (%)", "rank_cap": "rank cap", "intra_class_var": "intra-class variance",
+                "inter_class_var": "inter-class variance", "train_acc": "training accuracy"}
+
+
+def _label(path: Path) -> str:
+    label = path.stem.replace("_", " ")
+    return label[:1].upper() + label[1:]
+
+
+def _md_table(path: Path) -> tuple[str, str]:
+    """A table file's own heading becomes the page's numbered table title; the rest is shown as written."""
+    text = path.read_text()
+    heading = re.match(r"#{1,6} (.*)\n", text)
+    if heading is None:
+        return _label(path), text.strip()
+    return heading.group(1).strip(), text[heading.end():].strip()
 
 
 def _notes(directory: Path) -> tuple[list[str], list[str]]:
@@ -133,19 +192,49 @@ def _notes(directory: Path) -> tuple[list[str], list[str]]:
             continue
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         notices += [line[len("notice: "):] for line in lines if line.startswith("notice: ")]
-        results += [f"- {path.name}:"] + [f"    - {line}" for line in lines if not line.startswith("notice: ")]
+        lines = [line for line in lines if not line.startswith("notice: ")]
+        used = {line.replace(" (used)", "") for line in lines if " (used)" in line}
+        results += [f"- {path.name}:"] + [f"    - {line}" for line in lines if line not in used]
     return results, list(dict.fromkeys(notices))
 
 
-def _demote(md: str) -> str:
-    """A table file's own headings sit below the page's sections."""
-    return re.sub(r"^(#{1,3}) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", md, flags=re.M)
-
-
 def _csv_markdown(path: Path, max_rows: int = 40) -> str:
+    frame = csv_table(path)
+    more = f"\n\n({len(frame) - max_rows} more rows in {path.name})" if len(frame) > max_rows else ""
+    return markdown_table(frame.head(max_rows), index=frame.index.name != "_") + more
+
+
+def csv_table(path: Path) -> pd.DataFrame:
+    """A CSV as a table of formatted cells: an unnamed first column is the row labels, a mean/std header pair
+    becomes "m ± s", integers stay integers, other numbers get two decimals, a missing value is "–"."""
+    if path.read_text().startswith(",mean,"):  # write_table's two header rows
+        raw = pd.read_csv(path, header=[0, 1], index_col=0)
+        return format_mean_std(raw["mean"], raw["std"], 2 if raw["std"].fillna(0).to_numpy().any() else 1)
     frame = pd.read_csv(path)
-    more = f"\n\n({len(frame) - max_rows} more rows in the file)" if len(frame) > max_rows else ""
-    return frame.head(max_rows).to_markdown(index=False, floatfmt=".4g") + more
+    if fnmatch.fnmatch(path.name, "*substitution.csv"):
+        return _substitution_wide(frame)
+    if str(frame.columns[0]).startswith("Unnamed"):
+        frame = frame.set_index(frame.columns[0]).rename_axis(None)
+    else:
+        frame = frame.rename_axis("_")  # no row labels of its own: the index is not shown
+    frame = frame.rename(columns=lambda c: COLUMN_NAMES.get(c, str(c).replace("_", " ")))
+    return frame.apply(_format_column)
+
+
+def _format_column(column: pd.Series) -> pd.Series:
+    if not pd.api.types.is_numeric_dtype(column):
+        return column.map(lambda v: "–" if pd.isna(v) else str(v))
+    whole = column.dropna().map(lambda v: float(v).is_integer()).all()
+    return column.map(lambda v: "–" if pd.isna(v) else f"{v:.0f}" if whole else f"{v:.2f}")
+
+
+def _substitution_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per x, one column per (direction, task); mean ± std (ddof 1) where the file pools seeds."""
+    frame = frame.assign(curve=frame["direction"] + ", task " + frame["task"].astype(str))
+    grouped = frame.groupby(["x", "curve"])["accuracy"]
+    mean, std = grouped.mean().unstack(), grouped.std(ddof=1).unstack()
+    shown = format_mean_std(mean, std, int(grouped.size().max()))
+    return shown.rename_axis(index="x", columns=None)
 
 
 def _config_section(directory: Path, kind: str, subpages: list[Path]) -> list[str]:
@@ -176,15 +265,26 @@ def to_html(md: str, directory: Path, title: str) -> str:
         return f'src="data:image/png;base64,{data}"'
 
     body = re.sub(r'src="([^":]+\.png)"', inline, body)
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    body = body.replace(" ± ", "\u00a0±\u00a0")  # a narrow window wraps a long cell, never a "m ± s" apart
+    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-         "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:13px;margin:.5em 0}"
-         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f4f4f4}"
-         "pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:12px}code{font-size:12px}"
-         "h2{border-bottom:1px solid #ddd;margin-top:1.6em}")
+# Readable from a phone to a desktop: the text column is capped, wide tables and code scroll inside
+# themselves instead of widening the page, figures shrink to the column.
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:1.5em auto;padding:0 1em;color:#222;"
+         "line-height:1.45}"
+         "img{display:block;max-width:100%;height:auto;margin:.5em auto;border:1px solid #ddd}"
+         "table{display:block;max-width:100%;overflow-x:auto;border-collapse:collapse;font-size:13px;"
+         "margin:.5em 0;font-variant-numeric:tabular-nums}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}th{background:#f4f4f4}"
+         "td:first-child{white-space:nowrap}table+ul{font-size:.9em;color:#444}"
+         "tbody tr:nth-child(even){background:#fafafa}"
+         "pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:12px}code{font-size:12px;word-break:break-all}"
+         "blockquote{margin:.4em 0;padding:.4em .8em;background:#fff8e1;border-left:4px solid #f0b400}"
+         "h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;margin-top:1.6em}h3{font-size:1.05em;margin-top:1.4em}"
+         "ul{padding-left:1.3em}small{color:#666}")
 
 
 def build_report(directory: str | Path) -> Path:
@@ -199,5 +299,5 @@ def build_report(directory: str | Path) -> Path:
         build_report(child)
     md = report_markdown(directory)
     atomic_write_text(directory / REPORT_MD, md)
-    atomic_write_text(directory / REPORT_HTML, to_html(md, directory, directory.name))
+    atomic_write_text(directory / REPORT_HTML, to_html(md, directory, page_title(directory, kind_of(directory))))
     return directory / REPORT_HTML
