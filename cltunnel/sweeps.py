@@ -243,6 +243,14 @@ def _tick(bar: tqdm, results: list[JobResult], running: int) -> None:
 
 
 def _run_local(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
+    threads = torch.get_num_threads()  # run_job fixes them per run; the caller's process gets its own back
+    try:
+        return _run_local_jobs(sweep, jobs, bar)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_local_jobs(sweep: Sweep, jobs: list[Job], bar: tqdm) -> list[JobResult]:
     cache: dict[str, Any] = {}
     results: list[JobResult] = []
     for i, job in enumerate(jobs):

@@ -41,3 +41,16 @@ def mnist(real_data_dir):
     from cltunnel.data.images import load_dataset
 
     return load_dataset("mnist", real_data_dir)
+
+
+@pytest.fixture(autouse=True)
+def threads_are_left_as_found():
+    """Float sums depend on torch's thread count: a test that changes it and leaves it changed makes later
+    tests compare runs made with different counts (seen: an in-process run against a subprocess run)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, f"the test left torch's threads at {after} (found {before})"

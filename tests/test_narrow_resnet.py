@@ -16,7 +16,16 @@ from cltunnel.config import NarrowResnetConfig, parse_config
 from cltunnel.experiments import protocol_for
 from cltunnel.experiments import narrow_resnet as nr
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These toy networks train faster on one thread; the setting is restored so that no later test (one
+    comparing an in-process run with a subprocess, say) inherits it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fit_x2(regime: str, depth: int, nc: NarrowResnetConfig, seed: int = 0) -> dict[str, float]:
