@@ -29,7 +29,7 @@ from cltunnel.data.device import DeviceData, resolve_device, task_generator  # n
 from cltunnel.data.images import load_data  # noqa: E402
 from cltunnel.data.scenarios import avalanche_benchmark, build_scenario  # noqa: E402
 from cltunnel.models.zoo import make_model, model_spec  # noqa: E402
-from cltunnel.training.evaluation import predict_accuracy  # noqa: E402
+from cltunnel.training.accuracy import predict_accuracy  # noqa: E402
 from cltunnel.training.capture import CapturedStep  # noqa: E402
 from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled  # noqa: E402
 from cltunnel.training.strategies import build_strategy  # noqa: E402

@@ -86,7 +86,7 @@ class LoggingConfig:
     report: bool = True  # report.html and report.md after `cltunnel run`
 
 
-# Avalanche's metrics and loggers by the names a scenario gives them (training.evaluators builds them).
+# Avalanche's metrics and loggers by the names a scenario gives them (training.avalanche_metrics builds them).
 EVAL_METRICS = ("accuracy", "loss", "forgetting", "bwt", "class_accuracy", "timing", "confusion_matrix")
 EVAL_LOGGERS = ("text", "csv", "tensorboard", "interactive")
 
@@ -102,7 +102,8 @@ class EvaluationConfig:
 TUNNEL_RULE_NAMES = ("last", "peak", "rank")  # defined in cltunnel.measures.tunnel
 PROBE_PROTOCOLS = ("thesis", "official")  # see cltunnel.measures.probes.protocol_config
 
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")  # implemented in cltunnel.experiments.analyses
+# Each registered with @register_analysis by a module of cltunnel.experiments.analyses (checked on import).
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from cltunnel.models.zoo import check_model
 from cltunnel.reports.page import REPORT_HTML, build_report
 from cltunnel.reports.provenance import record_provenance
 from cltunnel.store import CONFIG_FILE, check_writable, finished_tasks, load_run_config, run_lock, scenario_dir_of, seed_dir, seed_dirs
-from cltunnel.training.evaluators import check_evaluation
+from cltunnel.training.avalanche_metrics import check_evaluation
 from cltunnel.training.strategies import check_strategy_args
 
 TUNNEL_START_ARGS = ("tunnel_start", "layer")  # strategy arguments that name a layer of the body

@@ -79,3 +79,14 @@ def test_runs_dispatch_through_the_registry(monkeypatch, tmp_path):
     assert isinstance(cfg.erosion, ErosionConfig)
     assert runs.run_seed(cfg, 3, data="data stand-in") == tmp_path
     assert calls == [(0.25, 3, "data stand-in")]
+
+
+def test_every_analysis_name_is_registered_by_one_module_in_order():
+    """config.ANALYSIS_NAMES (validated without importing the analyses) and the modules that register
+    themselves with @register_analysis agree, in the order ``analyses.run`` defaults to."""
+    from cltunnel.config import ANALYSIS_NAMES
+    from cltunnel.experiments.analyses import ANALYSES, register_analysis
+
+    assert tuple(ANALYSES) == ANALYSIS_NAMES
+    with pytest.raises(ValueError, match="ANALYSIS_NAMES"):
+        register_analysis("not_an_analysis")

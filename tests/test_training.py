@@ -19,7 +19,7 @@ from cltunnel.runs import run_seed
 from cltunnel.data.scenarios import build_scenario
 from cltunnel.store import load_metrics
 from cltunnel.data.device import DeviceData
-from cltunnel.training.evaluation import predict_accuracy
+from cltunnel.training.accuracy import predict_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ from cltunnel.training.checkpoints import (latest_checkpoint, load_checkpoint, l
                                            model_from_checkpoint, save_partial_task, save_task_checkpoint)
 from cltunnel.training.loop import MidTaskResumePlugin
 from cltunnel.training.plain_state import decode
-from cltunnel.training.evaluation import exact_rows_accuracy, predict_accuracy
+from cltunnel.training.accuracy import exact_rows_accuracy, predict_accuracy
 from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
 from cltunnel.training.plugins import ProgressPlugin
 from cltunnel.training.strategies import build_strategy

@@ -20,13 +20,17 @@ def pyplot():
 
 def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
     """Grid and legend on every axis, then write the PNG and free the figure."""
-    plt = pyplot()
     for ax in np.atleast_1d(axes).flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=legend_size)
+    write_figure(fig, path)
+
+
+def write_figure(fig, path: Path) -> None:
+    """Lay out, write the PNG (120 dpi, as every figure of a run) and free the figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:

@@ -26,8 +26,8 @@ from cltunnel.reports.tables import render
 from cltunnel.store import partial_checkpoint_path, save_metrics, save_run_config, seed_dir
 from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, load_partial_task, load_strategy_state,
                                            save_epoch_checkpoint, save_partial_task, save_task_checkpoint)
-from cltunnel.training.evaluation import Evaluation, evaluate_all, evaluate_seen
-from cltunnel.training.evaluators import build_evaluator, close_loggers
+from cltunnel.training.accuracy import Evaluation, evaluate_all, evaluate_seen
+from cltunnel.training.avalanche_metrics import build_evaluator, close_loggers
 from cltunnel.training.history import HistoryPlugin, end_of_task, open_tensorboard, write_history
 from cltunnel.training.plain_state import decode
 from cltunnel.training.fast_data import (RunContext, TemperatureCrossEntropy, amp_enabled, capture_enabled,

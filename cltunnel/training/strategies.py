@@ -19,7 +19,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from cltunnel.config import ConfigError, EvaluationConfig, StrategyConfig, TrainingConfig
-from cltunnel.training.evaluators import build_evaluator
+from cltunnel.training.avalanche_metrics import build_evaluator
 from cltunnel.training.fast_data import RunContext, with_fast_data
 
 
@@ -116,7 +116,7 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
                    device: torch.device, plugins: list, context: RunContext | None = None,
                    evaluator: EvaluationPlugin | None = None) -> Any:
     """Instantiate the strategy with SGD at the scenario's settings and ``evaluator`` (default: a silent
-    Avalanche evaluator; see training.evaluators); with a ``context``, it trains from cltunnel's device data."""
+    Avalanche evaluator; see training.avalanche_metrics); with a ``context``, it trains from cltunnel's device data."""
     cls, args = resolve_strategy(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay,

@@ -1,6 +1,6 @@
 """Avalanche's evaluation, named in the scenario (``evaluation: {metrics: [...], loggers: [...]}``).
 
-cltunnel's accuracy matrix comes from its own device-path evaluation (``training.evaluation``); this module
+cltunnel's accuracy matrix comes from its own device-path evaluation (``training.accuracy``); this module
 builds the ``EvaluationPlugin`` a user of Avalanche expects beside it: its metrics, computed on the same
 device data (the strategy's eval loader is cltunnel's), written by its loggers into the run directory. With
 no metrics named the evaluator is silent and the strategy is never asked to evaluate, which costs nothing.

@@ -1,0 +1,111 @@
+"""Linear CKA per layer: between the same layer of M1 and M2 on every task's test rows (analysis ``cka``:
+``cka_m1_m2.csv``), between every pair of one model's layers (analysis ``cka_layers``: the thesis's heatmaps,
+``cka_layers_model<i>.csv``/``.png``), and between every layer of two models (:func:`cross_cka_matrix`, for
+the erosion protocol). Minibatch unbiased HSIC over :func:`~cltunnel.experiments.analyses.loading.cka_inputs`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cltunnel.experiments.analyses.loading import LoadedRun, cka_inputs
+from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.measures.similarity import CKAMatrix, PairedCKA
+from cltunnel.models.layered import LayeredModel
+from cltunnel.reports.figures import pyplot
+from cltunnel.reports.tables import aggregate, write_table
+
+
+@torch.no_grad()
+def layer_cka_between(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int, batch_size: int = 500
+                      ) -> dict[int, float]:
+    """CKA between the same layer of two models on a task's test rows (minibatch unbiased HSIC, streamed)."""
+    acc = PairedCKA()
+    for x in cka_inputs(run, task, batch_size):
+        oa, ob = a.layer_outputs(x), b.layer_outputs(x)
+        for k in range(1, run.n_layers + 1):
+            acc.add(k, oa[k], ob[k])
+    return acc.values()  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def layer_cka_matrix(run: LoadedRun, model_index: int = 0, task: int = 0, batch_size: int = 500) -> pd.DataFrame:
+    """CKA between every pair of body layers of one model on a task's test rows (the thesis's heatmaps)."""
+    model = run.models[model_index]
+    acc = CKAMatrix()
+    for x in cka_inputs(run, task, batch_size):
+        outs = model.layer_outputs(x)
+        acc.add([outs[k] for k in sorted(outs)])
+    names = [f"{k} {n}" for k, n in enumerate(model.layer_names, start=1)]
+    return pd.DataFrame(acc.matrix().numpy(), index=names, columns=names)
+
+
+@torch.no_grad()
+def cross_cka_matrix(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int = 0, batch_size: int = 500
+                     ) -> pd.DataFrame:
+    """CKA between every layer of ``a`` (rows) and every layer of ``b`` (columns) on a task's test rows."""
+    acc = CKAMatrix()
+    for x in cka_inputs(run, task, batch_size):
+        outs = [a.layer_outputs(x), b.layer_outputs(x)]
+        acc.add([o[k] for o in outs for k in sorted(o)])
+    n = len(a.body)
+    full = acc.matrix().numpy()  # both models' layers together; the off-diagonal block is a vs b
+    names = [f"{k} {name}" for k, name in enumerate(a.layer_names, start=1)]
+    return pd.DataFrame(full[:n, n:], index=names, columns=names)
+
+
+def plot_cka_matrix(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
+    ticks = range(len(matrix))
+    ax.set_xticks(ticks, [str(k + 1) for k in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(k + 1) for k in ticks], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
+    m1, m2 = run.models[0], run.models[-1]
+    cols = {f"task {t + 1} data": layer_cka_between(run, m1, m2, t) for t in range(len(run.data.scenario.tasks))}
+    df = pd.DataFrame(cols)
+    df.insert(0, "name", m1.layer_names)
+    df.index.name = "layer"
+    return df
+
+
+@register_analysis("cka")
+def cka_analysis(run: LoadedRun) -> pd.DataFrame:
+    df = cka_m1_m2(run)
+    df.to_csv(run.run_dir / "cka_m1_m2.csv")
+    return df
+
+
+@register_analysis("cka_layers")
+def cka_layers_analysis(run: LoadedRun) -> list[pd.DataFrame]:
+    matrices = []
+    for i, model in enumerate(run.models):
+        matrix = layer_cka_matrix(run, model_index=i, task=0)
+        matrix.to_csv(run.run_dir / f"cka_layers_model{i + 1}.csv")
+        plot_cka_matrix(matrix, run.run_dir / f"cka_layers_model{i + 1}.png", f"M{i + 1}, task-1 test data")
+        matrices.append(matrix)
+    return matrices
+
+
+def cka_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
+    """Mean ± std over the seeds' ``cka_m1_m2.csv`` (``<scenario>_cka_m1_m2.*``); None where no seed has one."""
+    ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
+    if not ckas:
+        return None
+    names = ckas[0]["name"]
+    mean, std = aggregate([c.drop(columns="name") for c in ckas])
+    mean.index = [f"{i} {n}" for i, n in zip(mean.index, names)]
+    std.index = mean.index
+    return write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
+                       f"{scenario_dir.name}: CKA between M1 and M2 per layer", list(provenance))

@@ -1,0 +1,134 @@
+"""The tunnel of the model after task 1: linear-probe accuracy and numerical rank per body layer, the k each
+tunnel-start rule picks on them, the notices on degenerate profiles (analysis ``tunnel``:
+``tunnel_profile.csv``/``.png``, ``tunnel_start.txt``, ``variance_profile.png``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cltunnel.config import parse_tunnel_start
+from cltunnel.experiments.analyses.loading import LoadedRun, layer_widths, log_profile
+from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.measures.probes import layer_ranks, rank_cap, train_probes
+from cltunnel.measures.tunnel import (check_tunnel_start, describe_rule, format_layer, kappa, profile_notices,
+                                      rule_starts, tunnel_start)
+from cltunnel.reports.figures import pyplot, save_figure
+
+
+def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.DataFrame:
+    """Probe accuracy and numerical rank per body layer of model ``model_index`` on ``task``'s data."""
+    if (model_index, task) == (0, 0) and run.profile is not None:
+        return run.profile
+    model = run.models[model_index]
+    t = run.data.scenario.tasks[task]
+    acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
+    ranks, variances = layer_ranks(model, run.data, t, t.train_idx[: run.options.rank_samples],
+                                   run.options.probe_protocol, run.options.rank_threshold)
+    rows = len(t.train_idx[: run.options.rank_samples])
+    caps = {k: rank_cap(rows, n) for k, n in layer_widths(model, run.data, t).items()}
+    profile = pd.DataFrame({"layer": list(acc), "name": model.layer_names,
+                            "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc],
+                            "rank_cap": [caps[k] for k in acc],
+                            "intra_class_var": [variances[k][0] for k in acc],
+                            "inter_class_var": [variances[k][1] for k in acc]})
+    profile = profile.set_index("layer")
+    if (model_index, task) == (0, 0):
+        run.profile = profile
+    return profile
+
+
+def resolve_tunnel_start(run: LoadedRun) -> tuple[int, pd.DataFrame | None]:
+    """From ``analyses.tunnel_start`` (a layer number) or, by default, by ``analyses.tunnel_rule`` from the
+    profile of the model after task 1."""
+    given = parse_tunnel_start(run.options.tunnel_start, "analyses.tunnel_start")
+    if given != "auto":
+        return check_tunnel_start(given, run.n_layers, "analyses.tunnel_start"), None
+    profile = tunnel_profile(run)
+    acc, ranks = profile_series(profile)
+    return run.rule_start(acc, ranks), profile
+
+
+def profile_series(profile: pd.DataFrame) -> tuple[dict[int, float], dict[int, float]]:
+    """A tunnel profile's probe accuracies (in [0, 1]) and ranks, layer -> value, as the rules read them."""
+    return (profile["probe_acc"] / 100).to_dict(), profile["rank"].to_dict()
+
+
+def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> tuple[int, dict[str, int], list[str]]:
+    """The profile's CSV, figure and TensorBoard scalars; returns the k the scenario's rule picks, every rule's
+    k and the notices on the profile (also printed)."""
+    acc, ranks = profile_series(profile)
+    starts, chosen = rule_starts(acc, ranks), run.rule_start(acc, ranks)
+    notices = profile_notices(acc, starts, run.depth) + rank_cap_notices(profile)
+    for notice in notices if not run.notices_shown else []:
+        print(f"notice ({run.run_dir}): {notice}", flush=True)
+    run.notices_shown = True
+    profile.to_csv(run.run_dir / "tunnel_profile.csv")
+    log_profile(run, "tunnel_profile", profile[["probe_acc", "rank"]])
+    _plot_tunnel(profile, chosen, starts, run.rule_text(), run.depth, run.run_dir / "tunnel_profile.png")
+    return chosen, starts, notices
+
+
+def rank_cap_notices(profile: pd.DataFrame) -> list[str]:
+    """Layers whose rank reached what the sampled rows allow (``analyses.rank_samples``)."""
+    if "rank_cap" not in profile:
+        return []
+    capped = [int(k) for k, row in profile.iterrows() if row["rank"] >= row["rank_cap"]]
+    if not capped:
+        return []
+    return [f"the numerical rank reached its cap at layer(s) {', '.join(map(str, capped))} (cap "
+            f"{int(profile['rank_cap'].min())}: analyses.rank_samples rows minus one, or the features sampled): "
+            "there the rank measures the sample; raise analyses.rank_samples"]
+
+
+def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule: str, depth: int, path: Path
+                 ) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    x = profile.index.to_numpy()
+    ax.plot(x, profile["probe_acc"], marker="o", color="C0", label="linear probe accuracy")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("probe accuracy (%)", color="C0")
+    ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label=f"tunnel from {format_layer(start, depth)}")
+    for (name, k), style in zip(starts.items(), (":", "--", "-.")):
+        ax.axvline(k, color="k", linestyle=style, linewidth=1, label=f"rule {name}: k={k}")
+    ax.set_title(rule, fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(x, profile["rank"], marker="s", color="C3", label="numerical rank")
+    ax2.set_ylabel("numerical rank", color="C3")
+    ax.set_xticks(x)
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="center right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_layer(frame: pd.DataFrame, lines: dict[str, str], start: int, path: Path, **axis: Any) -> None:
+    """Columns of a per-layer frame against the layer, the tunnel (from ``start``) shaded."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = frame.index.to_numpy()
+    for (column, label), marker in zip(lines.items(), "os"):
+        ax.plot(x, frame[column], marker=marker, label=label)
+    ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
+    ax.set(xlabel="layer", xticks=x, **axis)
+    save_figure(fig, [ax], path)
+
+
+@register_analysis("tunnel")
+def tunnel_analysis(run: LoadedRun) -> pd.DataFrame:
+    profile = tunnel_profile(run)
+    chosen, starts, notices = write_tunnel_profile(run, profile)
+    acc, _ = profile_series(profile)
+    lines = [f"{run.rule_text()} (used): {format_layer(chosen, run.depth)}"]
+    lines += [f"{describe_rule(rule)}: {format_layer(k, run.depth)}" for rule, k in starts.items()]
+    lines += [f"rule 'last' at 0.98: {format_layer(tunnel_start(acc, 0.98, 'last'), run.depth)}",
+              f"kappa (eta 0.99): {kappa(acc, run.depth):.3f}", *[f"notice: {n}" for n in notices]]
+    (run.run_dir / "tunnel_start.txt").write_text("\n".join(lines) + "\n")
+    # intra- and inter-class variance per layer (the thesis's Figure 5.3 style)
+    plot_per_layer(profile, {"intra_class_var": "intra-class variance", "inter_class_var": "inter-class variance"},
+                   chosen, run.run_dir / "variance_profile.png", ylabel="variance", yscale="log")
+    return profile
