@@ -71,7 +71,7 @@ def test_campaign_runs_what_fits_and_packs_without_checkpoints(tmp_path, capsys)
     assert "torch:" in report and "device:" in report and "commit:" in report and "command:" in report
 
 
-def test_a_failing_run_is_reported_and_the_next_one_runs_packed_after_each(tmp_path, capsys, monkeypatch):
+def test_a_failing_run_is_reported_and_the_next_one_runs_packed_after_each(tmp_path, capsys, monkeypatch, real_data_dir):
     """One failure must not cost a GPU window: the failed run is in CAMPAIGN.md with its error, the next run
     runs, and the pack is written after every run (here checked as it stood right after the failure)."""
     import cltunnel.campaign as campaign_module

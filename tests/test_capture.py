@@ -195,7 +195,7 @@ def test_blockers_name_plugin_hooks_and_overridden_step_methods():
         parse_config({"scenario": {"tasks": [5, 5]}, "training": {"capture": "yes"}})
 
 
-def test_the_gpu_acceptance_script_passes_its_cpu_smoke_test(capsys):
+def test_the_gpu_acceptance_script_passes_its_cpu_smoke_test(capsys, real_data_dir):
     """benchmarks/gpu_acceptance.py is the first call of a GPU session: its CPU form must pass here, so that a
     FAIL on the device is the device's."""
     import importlib.util
