@@ -148,7 +148,12 @@ def strategy_runs(device: torch.device, out: Path) -> None:
 def speed(device: torch.device) -> None:
     command = [sys.executable, str(Path(__file__).with_name("speed.py")), "--device", str(device), "--width", "1",
                "--train-per-class", "5000", "--capture", "--skip-stock"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as err:
+        print((err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or ""))
+        verdict("speed rows", False, f"timed out after 150 s: {' '.join(command[1:])}")
+        return
     print(result.stdout + result.stderr[-2000:], flush=True)
     verdict("speed rows", result.returncode == 0, " ".join(command[1:]))
 

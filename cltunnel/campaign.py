@@ -181,7 +181,11 @@ def estimate(entries: list[Entry], log: Any = print, measure: bool = True) -> No
                 continue
             else:
                 if key not in measured:
-                    measured[key] = measure_throughput(unit.cfg)
+                    try:
+                        measured[key] = measure_throughput(unit.cfg)
+                    except Exception as err:  # noqa: BLE001 - an OOM or compile failure must not end the call
+                        log(f"measuring {key} failed ({type(err).__name__}: {str(err)[:200]}); its runs are not started")
+                        measured[key] = Throughput(1e-9, 0.0)
                     log(f"measured {key}: {measured[key].images_per_second:.0f} img/s, first step "
                         f"+{measured[key].first_step_seconds:.1f} s")
                 rate, first = measured[key].images_per_second, measured[key].first_step_seconds
@@ -298,7 +302,14 @@ def campaign(plan: str | Path, budget: float, out: str | Path, dry_run: bool = F
     all_units = [u for e in entries for u in e.units]
 
     def pack_now() -> list[Path]:
-        return pack(Path(out), name, [p for e in entries for p in e.outputs], summary(name, all_units, budget, command))
+        """Pack what finished so far; a failure to pack (too large, disk full) is reported, not fatal: the
+        last good pack stays, and the campaign goes on."""
+        try:
+            return pack(Path(out), name, [p for e in entries for p in e.outputs],
+                        summary(name, all_units, budget, command))
+        except (ConfigError, OSError) as err:
+            print(f"packing failed ({type(err).__name__}: {err}); the last good pack is kept", flush=True)
+            return []
 
     units = run_campaign(entries, budget, dry_run, after_unit=pack_now)
     report = summary(name, units, budget, command)

@@ -6,6 +6,7 @@ inside the step must give the eager numbers and name itself on the captured path
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cltunnel.config import parse_config
 from cltunnel.runs import run_seed
@@ -83,3 +84,31 @@ def test_a_plugin_hook_inside_the_step_is_named():
     strategy = object.__new__(Naive)
     strategy.plugins = [ForwardCalls()]
     assert capture_blockers(strategy) == ["ForwardCalls.before_forward"]
+
+
+def test_rows_a_strategy_adds_from_other_tasks_go_through_their_own_heads():
+    """DER puts buffer rows of earlier tasks in front of the batch (``_before_forward``); the device path's
+    one-head forward would send them through the current task's head. Only the loader's own batch takes the
+    fast path; a new tensor goes through Avalanche's forward, each row to its own head (as Avalanche does)."""
+    from types import SimpleNamespace
+
+    from avalanche.training import DER
+    from cltunnel.models.zoo import build_model
+    from cltunnel.training.fast_data import with_fast_data
+
+    model = build_model("mlp", [5, 5], (1, 28, 28), 0.25, depth=3).eval()
+    strategy = object.__new__(with_fast_data(DER))
+
+    import cltunnel.training.fast_data as fd
+    loader = object.__new__(fd.DeviceBatches)
+    loader.task_label, loader.last_x = 1, torch.randn(3, 1, 28, 28)
+    strategy.__dict__.update(model=model, run_context=None, dataloader=loader, is_training=True,
+                             device=torch.device("cpu"), experience=SimpleNamespace(task_labels=[1]))
+    strategy.run_context = fd.RunContext(data=None)
+    buffer = torch.randn(3, 1, 28, 28)
+    strategy.mbatch = [torch.cat([buffer, loader.last_x]), None, torch.tensor([0, 0, 0, 1, 1, 1])]
+    with torch.no_grad():
+        out = strategy.forward()
+        assert torch.allclose(out[:3], model(buffer, 0)) and torch.allclose(out[3:], model(loader.last_x, 1))
+        strategy.mbatch = [loader.last_x, None, torch.tensor([1, 1, 1])]
+        assert torch.allclose(strategy.forward(), model(loader.last_x, 1))

@@ -81,7 +81,7 @@ class DeviceBatches:
         self.data, self.x, self.y, self.rows = data, x, y, rows
         self.label_map, self.task_label, self.batch_size = label_map, task_label, batch_size
         self.generator, self.augment, self.overlay = generator, augment, overlay
-
+        self.last_x: torch.Tensor | None = None  # the batch last yielded: all of it is this loader's task
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
 
@@ -100,6 +100,7 @@ class DeviceBatches:
             if self.data.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = self.label_map[self.y[idx]]
+            self.last_x = x
             yield [x, y, torch.full_like(y, self.task_label)]
 
 

@@ -108,7 +108,8 @@ class FastDataMixin:
                 return None
         if step is False:
             return None
-        if step is None or step.optimizer is not self.optimizer or step.model is not self.model:
+        if (step is None or step.optimizer is not self.optimizer or step.model is not self.model
+                or step.criterion is not self._criterion):
             self._captured_step = CapturedStep(self.model, self._criterion, self.optimizer, self.device, context.amp)
         return self._captured_step  # type: ignore[return-value]
 
@@ -127,6 +128,13 @@ class FastDataMixin:
         task = data.scenario.tasks[self.experience.current_experience]
         self.dataloader = data.batches(task, "test", self.eval_mb_size)
 
+    def _one_task_batch(self) -> bool:
+        """Whether ``mb_x`` is the batch cltunnel's loader yielded, whose rows are all of its task. A strategy
+        that puts rows of other tasks in front of it (DER's buffer in ``_before_forward``) makes a new tensor:
+        then Avalanche's forward sends each row through its own task's head."""
+        loader = self.dataloader
+        return isinstance(loader, DeviceBatches) and loader.last_x is not None and self.mb_x is loader.last_x
+
     def forward(self):
         """The model on one task's batch (no per-batch unique()/sync), in bf16 autocast while training with
         ``amp``; evaluation is always float32 (one precision for every number cltunnel reports). A strategy's
@@ -134,7 +142,7 @@ class FastDataMixin:
         context = self.run_context
         amp = context is not None and context.amp and self.is_training
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            if not self._defers("forward") and isinstance(self.dataloader, DeviceBatches):
+            if not self._defers("forward") and self._one_task_batch():
                 out = self.model(self.mb_x, self.dataloader.task_label)
             else:
                 out = super().forward()  # type: ignore[misc]
