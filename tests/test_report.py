@@ -31,14 +31,19 @@ def monkeypatch_module():
         yield patch
 
 
+def page_dir(scenario_dir, where: str):
+    """The scenario's directory, or its seed 0's."""
+    directory, _ = scenario_dir
+    return directory if where == "scenario" else directory / "seed0"
+
+
 def images(page: str) -> list[str]:
     return re.findall(r'<img [^>]*src="([^"]*)"', page)
 
 
 @pytest.mark.parametrize("where", ["scenario", "seed0"])
 def test_the_page_is_self_contained_and_every_figure_decodes(scenario_dir, where):
-    directory, _ = scenario_dir
-    directory = directory if where == "scenario" else directory / "seed0"
+    directory = page_dir(scenario_dir, where)
     page = (directory / "report.html").read_text()
     sources = images(page)
     assert len(sources) == len(list(directory.glob("*.png"))) >= 3
@@ -81,8 +86,7 @@ def table_rows(md: str) -> list[str]:
 
 @pytest.mark.parametrize("where", ["scenario", "seed0"])
 def test_every_table_is_formatted_once_without_csv_debris(scenario_dir, where):
-    directory, _ = scenario_dir
-    directory = directory if where == "scenario" else directory / "seed0"
+    directory = page_dir(scenario_dir, where)
     md = (directory / "report.md").read_text()
     rows = table_rows(md)
     assert rows, "no tables on the page"

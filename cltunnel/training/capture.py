@@ -118,13 +118,7 @@ class StepState:
 
     @classmethod
     def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer) -> "StepState":
-        tensors = {f"param {n}": p.detach().clone() for n, p in model.named_parameters()}
-        names = {p: n for n, p in model.named_parameters()}
-        for p, state in optimizer.state.items():
-            if "momentum_buffer" in state and state["momentum_buffer"] is not None:
-                tensors[f"momentum {names.get(p, '?')}"] = state["momentum_buffer"].detach().clone()
-        tensors.update({f"buffer {n}": b.detach().clone() for n, b in model.named_buffers()})
-        return cls(tensors)
+        return cls({name: t.detach().clone() for name, t in StepState.live(model, optimizer).items()})
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Put the values back into the same tensors (the compiled code guards on their identity)."""
@@ -135,6 +129,7 @@ class StepState:
 
     @staticmethod
     def live(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """The tensors themselves, by name (parameters' data, momentum buffers, model buffers)."""
         live = {f"param {n}": p.data for n, p in model.named_parameters()}
         names = {p: n for n, p in model.named_parameters()}
         for p, state in optimizer.state.items():
@@ -263,8 +258,7 @@ class CapturedStep:
             before.restore(self.model, self.optimizer)
             _set_rng_state(rng)
             result = self.eager(x, y, head)  # a real error raises here, as it would without capture
-            raise CaptureRejected(f"compiling the step failed ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:200] if str(err) else ''})", result) from err
+            raise CaptureRejected(compile_failure(err), result) from err
 
     def _checked(self, x: torch.Tensor, y: torch.Tensor, head: int, reset: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The self-check: one eager step, then one compiled step from the same state, compared. After an
@@ -283,8 +277,7 @@ class CapturedStep:
             loss_c, out_c = self._compiled(x, y, head)
         except Exception as err:  # noqa: BLE001 - failed to compile: the eager result stands
             eager.restore(self.model, self.optimizer)
-            raise CaptureRejected(f"compiling the step failed ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:200] if str(err) else ''})", (loss_e, out_e)) from err
+            raise CaptureRejected(compile_failure(err), (loss_e, out_e)) from err
         worst, bad = compare_steps(before, eager, StepState.of(self.model, self.optimizer), float(loss_e),
                                    float(loss_c), self.tolerance, self.loss_tolerance)
         self.checks.append(worst)
@@ -297,6 +290,12 @@ class CapturedStep:
         self.log(f"capture: self-check passed at {where}: compiled vs eager step differ by at most {worst:.1e} "
                  f"(tolerance {self.tolerance:g})")
         return loss_c, out_c
+
+
+def compile_failure(err: Exception) -> str:
+    """The notice for a step that failed to compile or record: the error's type and first line."""
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"compiling the step failed ({type(err).__name__}: {first})"
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
