@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_cmd_list)
     ana = sub.add_parser("analyze", help="tunnel / swap / substitution / cka analyses of finished runs")
     ana.add_argument("run_dir", help="a run directory (seed<k>) or a scenario directory (all seeds)")
-    ana.add_argument("--analyses", help="comma-separated: tunnel,swap,substitution,cka (default: the YAML's, else all)")
+    ana.add_argument("--analyses", help="comma-separated names of ANALYSIS_NAMES, e.g. tunnel,swap,block_structure (default: the YAML's, else all)")
     ana.add_argument("--tunnel-start", type=int, help="extractor = layers 1..k (default: from probes)")
     ana.add_argument("--device", default="auto")
     ana.add_argument("--no-progress", action="store_true")

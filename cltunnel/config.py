@@ -103,23 +103,25 @@ TUNNEL_RULE_NAMES = ("last", "peak", "rank")  # defined in cltunnel.measures.tun
 PROBE_PROTOCOLS = ("thesis", "official")  # see cltunnel.measures.probes.protocol_config
 
 # Each registered with @register_analysis by a module of cltunnel.experiments.analyses (checked on import).
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood")
+ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood", "block_structure")
 
 
 @dataclass
 class AnalysesConfig:
-    run: list[str] = field(default_factory=list)  # after training: tunnel, swap, substitution, cka, cka_layers, development, ood
+    run: list[str] = field(default_factory=list)  # after training: any of ANALYSIS_NAMES
     tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
     tunnel_rule: str = "last"  # how "auto" picks k: last | peak | rank (cltunnel.measures.tunnel, README)
     tunnel_threshold: float | None = None  # the rule's share (default: last 0.95, peak 0.95, rank 0.10)
     probe_protocol: str = "thesis"  # thesis | official (e7mul/tunnel_project: 80/20 split, 1e-3 |W|, <=10k dims)
     probe: dict[str, Any] = field(default_factory=dict)  # ProbeConfig overrides (epochs, lr, batch_size, ...)
-    rank_samples: int = 2000  # training rows whose representations give the numerical rank
+    rank_samples: int = 10000  # training rows (at most) whose representations give the numerical rank (capped at rows - 1)
     rank_threshold: float = 1e-3  # singular values above sigma_1 * this count towards the rank
     ood_data: str = "mnist"  # out-of-distribution probes: a dataset rendered in the run's input format
     ood_classes: list[int] = field(default_factory=list)  # its classes to probe (empty: the first 10)
     ood_train_per_class: int = 500  # probe training images per class
     ood_test_per_class: int = 200  # probe test images per class
+    block_threshold: float = 0.9  # block structure: the longest run of layers whose pairwise CKA are all at least this
+    block_min_layers: int = 3  # ... spanning at least this many layers (else: no block)
 
 
 @dataclass
@@ -572,6 +574,8 @@ def _validate_ranges(cfg: RunConfig) -> None:
         ("analyses.rank_threshold", a.rank_threshold, 0 < a.rank_threshold < 1, "is a share in (0, 1)"),
         ("analyses.ood_train_per_class", a.ood_train_per_class, a.ood_train_per_class >= 1, "must be at least 1"),
         ("analyses.ood_test_per_class", a.ood_test_per_class, a.ood_test_per_class >= 1, "must be at least 1"),
+        ("analyses.block_threshold", a.block_threshold, 0 < a.block_threshold <= 1, "is a CKA in (0, 1]"),
+        ("analyses.block_min_layers", a.block_min_layers, a.block_min_layers >= 2, "must be at least 2"),
     ]
     for where, value, ok, rule in checks:
         if not ok:

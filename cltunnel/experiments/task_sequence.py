@@ -12,6 +12,7 @@ import pandas as pd
 from cltunnel.config import RunConfig
 from cltunnel.data.images import ImageData
 from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
+from cltunnel.experiments.block_sweep import block_sweep_report, has_blocks
 from cltunnel.experiments.registry import TASK_SEQUENCE, Protocol, register_protocol
 from cltunnel.experiments.shallow import DEPTH_AXIS, depth_report
 from cltunnel.experiments.temperature import TEMPERATURE_AXIS, temperature_report
@@ -43,7 +44,8 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     """Per configuration: its mean ± std tables and analyses; across them: the summary table, the per-layer
-    CKA (M1 vs M2) of every configuration side by side, and the depth report of a shallow-network sweep."""
+    CKA (M1 vs M2) of every configuration side by side, the depth report of a shallow-network sweep, the
+    temperature report of a temperature sweep and the block-structure grids where runs have them."""
     for config in manifest["configs"]:
         if seed_dirs(sweep_dir / config):
             render(sweep_dir / config)
@@ -60,6 +62,8 @@ def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
         md += "\n" + depth_report(sweep_dir)
     if TEMPERATURE_AXIS in manifest["axes"]:
         md += "\n" + temperature_report(sweep_dir)
+    if has_blocks(sweep_dir, manifest):
+        md += "\n" + block_sweep_report(sweep_dir, manifest)
     return md
 
 

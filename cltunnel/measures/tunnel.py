@@ -16,8 +16,16 @@ tunnel layers k+1..n; each rule picks k as the first layer at which its criterio
   at layers 7-9 on every one (GPU width 1 on the (5,5), (3,7), (7,3) splits; CPU width 1/4) and agrees with
   the thesis's VGG-19 tunnel start at layer 8 (Table 5.2.1). It needs no probe, so no probe protocol moves it.
 * a fixed k, given as a layer number where a rule is accepted.
+
+Tunnel strength, as later work measures it on out-of-distribution (OOD) probes: the share of the best OOD
+probe accuracy the last layer retains (:func:`ood_retained`), its class (:func:`tunnel_strength`, Harun et
+al., NeurIPS 2024) and the Pearson correlation of the ID and OOD probe curves (:func:`id_ood_pearson`).
 """
 from __future__ import annotations
+
+import math
+
+import numpy as np
 
 from cltunnel.config import TUNNEL_RULE_NAMES, ConfigError
 
@@ -106,3 +114,51 @@ def kappa(probe_acc: dict[int, float], depth: int, eta: float = 0.99) -> float:
 def format_layer(k: int, n: int) -> str:
     """The thesis's "k (share of depth)" notation."""
     return f"{k} ({100 * k / n:.0f}%)"
+
+
+# Harun et al., "What variables affect out-of-distribution generalization in pretrained models?", NeurIPS
+# 2024: the tunnel's strength by the share (%) of the best layer's OOD probe accuracy the last layer retains.
+# Each class: (name, lowest retained share in it, the range in words); the first class whose bound is met wins.
+TUNNEL_STRENGTH_CLASSES = (("negligible", 95.0, ">= 95 %"), ("weak", 90.0, "90-95 %"), ("medium", 80.0, "80-90 %"),
+                           ("strong", -math.inf, "< 80 %"))
+STRENGTH_SOURCE = "Harun et al. 2024"
+
+
+def ood_retained(ood_acc: dict[int, float]) -> float:
+    """100 x the last layer's OOD probe accuracy / the best layer's (layer -> accuracy, any scale): how much of
+    the OOD information the network still has at its output, the tunnel's strength in Harun et al. (NeurIPS
+    2024); 100 - 100 rho. NaN when no layer beats 0 (no share of nothing)."""
+    layers = sorted(ood_acc)
+    best = max(ood_acc.values())
+    return 100 * ood_acc[layers[-1]] / best if best > 0 else math.nan
+
+
+def id_ood_pearson(id_acc: dict[int, float], ood_acc: dict[int, float]) -> float:
+    """The Pearson correlation over layers of the ID and OOD probe curves: near 1 when OOD accuracy rises and
+    falls with the in-distribution one (no tunnel-specific loss), low or negative when the tunnel discards
+    OOD information the ID task keeps. NaN when either curve is constant (or has fewer than two layers):
+    the correlation is undefined there (0/0), and NaN says so instead of numpy's warning."""
+    if sorted(id_acc) != sorted(ood_acc):
+        raise ValueError(f"ID and OOD probes on different layers: {sorted(id_acc)} vs {sorted(ood_acc)}")
+    layers = sorted(id_acc)
+    a = np.array([id_acc[k] for k in layers], dtype=float)
+    b = np.array([ood_acc[k] for k in layers], dtype=float)
+    if len(layers) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def tunnel_strength(retained: float) -> str:
+    """The tunnel-strength class of a retained OOD share (%): >= 95 negligible, 90-95 weak, 80-90 medium, < 80
+    strong (:data:`TUNNEL_STRENGTH_CLASSES`; Harun et al., NeurIPS 2024, "What variables affect
+    out-of-distribution generalization in pretrained models?"). "n/a" for NaN (no OOD accuracy to share)."""
+    if math.isnan(retained):
+        return "n/a"
+    return next(name for name, lowest, _ in TUNNEL_STRENGTH_CLASSES if retained >= lowest)
+
+
+def describe_strength(retained: float) -> str:
+    """The class with its range and source, e.g. "medium (80-90 % retained; Harun et al. 2024)"."""
+    name = tunnel_strength(retained)
+    span = next((words for n, _, words in TUNNEL_STRENGTH_CLASSES if n == name), None)
+    return f"{name} ({span} retained; {STRENGTH_SOURCE})" if span else name

@@ -94,3 +94,30 @@ def parameter_names(model: LayeredModel, part: str, k: int) -> set[str]:
         return {name for name, _ in model.named_parameters()}
     chosen = model.split(k)[0 if part == "extractor" else 1]
     return {f"body.{layer}.{name}" for layer, module in chosen for name, _ in module.named_parameters()}
+
+
+@torch.no_grad()
+def shape_preserving_layers(model: LayeredModel, example: torch.Tensor) -> set[int]:
+    """Body layers (1-based) whose output has their input's shape: the ones a deletion can drop without
+    breaking the layers after them (a ResNet's blocks inside a stage; not a downsampling block, not a pool)."""
+    kept, x = set(), example
+    for k, layer in enumerate(model.eval().body, start=1):
+        out = layer(x)
+        if out.shape == x.shape:
+            kept.add(k)
+        x = out
+    return kept
+
+
+def delete_layers(model: LayeredModel, layers: list[int], example: torch.Tensor) -> LayeredModel:
+    """A copy of ``model`` without the body layers ``layers`` (1-based), heads kept: Nguyen et al.'s (2021,
+    Appendix E) test of how much the layers inside a block structure still do. Refuses a layer whose output
+    shape differs from its input's (:func:`shape_preserving_layers`), naming it."""
+    bad = sorted(set(layers) - shape_preserving_layers(model, example))
+    if bad:
+        raise ValueError(f"cannot delete body layer(s) {bad}: their output shape differs from their input's")
+    drop = set(layers)
+    kept = OrderedDict((name, copy.deepcopy(layer)) for k, (name, layer) in enumerate(model.body.named_children(), 1)
+                       if k not in drop)
+    pruned = LayeredModel(kept, {k: copy.deepcopy(h) for k, h in model.heads.items()}, arch=model.arch)
+    return pruned.to(example.device).eval()

@@ -75,24 +75,37 @@ def vgg_layers(depth: int, width: float, in_shape: tuple[int, int, int], conv_la
     return layers, hidden
 
 
+class Add(nn.Module):
+    """The residual sum as a module (no parameters), so that a forward hook sees the representation after
+    the addition and before the activation (Nguyen et al. 2021 compare every intermediate output)."""
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return x + shortcut
+
+
 class BasicBlock(nn.Module):
-    """ResNet basic block; ``skip=False`` gives the no-skip variant with the same layers."""
+    """ResNet basic block; ``skip=False`` gives the no-skip variant with the same layers. Its activations
+    and the addition are modules without parameters (the state dict is that of the functional form), so
+    :mod:`cltunnel.models.inner` can hook every intermediate output: conv1, bn1, relu1, conv2, bn2, add,
+    relu2."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, skip: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.skip = skip
         self.shortcut: nn.Module = nn.Identity()
         if skip and (stride != 1 or c_in != c_out):
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.add = Add()
+        self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x) if self.skip else out)
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(self.add(out, self.shortcut(x)) if self.skip else out)
 
 
 RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 20: [3, 3, 3]}  # 20: He et al.'s CIFAR ResNet (3 stages)

@@ -41,6 +41,17 @@ FIGURES = [
     ("erosion_cka.png", "CKA per layer between the models before and after erosion (thesis ch. 4)."),
     ("erosion_ratio.png", "Erosion against the share of squared training images (thesis ch. 4)."),
     ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
+    ("block_structure_inner.png", "Block structure (Nguyen et al. 2021, Fig. 3 layout) over every intermediate "
+                                  "representation of the model after task 1: linear CKA, cos² of first-PC scores, "
+                                  "CKA with each layer's first PC removed; the block (CKA rule) outlined."),
+    ("block_structure_layers.png", "The same three maps over the body layers (the layers the tunnel is cut at)."),
+    ("block_vs_tunnel.png", "The block beside the tunnel on the same model: probe accuracy, numerical rank (share of "
+                            "its largest) and first-PC variance share per layer; the block shaded, each rule's k."),
+    ("*cross_seed_cka.png", "Linear CKA between the layers of two seeds' models (Nguyen et al. 2021, Fig. 4): "
+                            "the diagonal says where two trainings learn the same representation."),
+    ("block_structure_grid.png", "Every configuration's CKA map over its intermediate representations, laid out as "
+                                 "Nguyen et al. 2021's Figures 1-2 (first seed)."),
+    ("block_structure_grid_without_pc.png", "The same maps with each representation's first PC removed."),
     ("*cka_layers_model*.png", "Layer-by-layer linear CKA matrix of one model (thesis §5.6)."),
     ("*cka*.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
     ("table_6_3_1.png", "Softmax temperature T against κ and ρ per architecture (thesis Table 6.3.1, ch. 6)."),
@@ -73,13 +84,29 @@ TABLES = [
     ("*substitution.csv", "The substitution curves as numbers: accuracy (%) on each task of M1[1:x]+M2[x+1:n] and "
                           "M2[1:x]+M1[x+1:n], by the number x of layers taken from the first model."),
     ("*cka_m1_m2.csv", "Linear CKA of each layer between the models after task 1 and task 2, on each task's data."),
+    ("block_structure_summary.md", "Block structure of this run (Nguyen et al. 2021): accuracies, the block by the "
+                                   "stated rule at both granularities, CKA in it with and without the first PC, "
+                                   "first-PC shares, probes across it, the block's layers deleted, each rule's k."),
+    ("block_structure.csv", "Per body layer: probe accuracy, numerical rank and its cap, first-PC variance share, "
+                            "whether the layer is in the block."),
+    ("*_block_structure.md", "The block-structure summary over seeds, with the cross-seed CKA in and out of the "
+                             "block."),
+    ("block_structure.md", "Every configuration of the sweep: accuracies, the block, its CKA with and without the "
+                           "first PC, first-PC shares and cross-seed CKA."),
     ("*.md", ""),
     ("*.csv", ""),
 ]
-# CSVs a figure already shows in full: named under the tables, not printed (a per-epoch log is not a table).
-BEHIND_FIGURES = {"history.csv": "history.png"}
+# CSVs a figure already shows in full (name patterns): named under the tables, not printed (a per-epoch log or
+# a layer x layer matrix is not a table to read).
+BEHIND_FIGURES = {"history.csv": "history.png", "block_layers_*.csv": "block_structure_layers.png",
+                  "block_inner_*.csv": "block_structure_inner.png", "*cross_seed_cka.csv": "the cross-seed CKA figure"}
 NOTES = ("tunnel_start.txt", "swap_meta.txt", "ood_rho.txt")  # one-line results shown verbatim
 SKIPPED = (REPORT_MD, "README.md", "CAMPAIGN.md")
+
+
+def behind_figure(name: str) -> str | None:
+    """The figure that shows a CSV in full, if one does (:data:`BEHIND_FIGURES`)."""
+    return next((figure for pattern, figure in BEHIND_FIGURES.items() if fnmatch.fnmatch(name, pattern)), None)
 
 
 def caption(name: str, table: list[tuple[str, str]]) -> str:
@@ -149,7 +176,7 @@ def _figures_section(directory: Path) -> list[str]:
 def _tables_section(directory: Path) -> list[str]:
     """Every table once: a written markdown table, else its CSV formatted (two decimals, named columns)."""
     md = [p for p in directory.glob("*.md") if p.name not in SKIPPED]
-    csv = [p for p in directory.glob("*.csv") if not p.with_suffix(".md").exists() and p.name not in BEHIND_FIGURES]
+    csv = [p for p in directory.glob("*.csv") if not p.with_suffix(".md").exists() and not behind_figure(p.name)]
     tables = _order(md + csv, TABLES)
     if not tables:
         return []
@@ -158,7 +185,8 @@ def _tables_section(directory: Path) -> list[str]:
         title, body = _md_table(table) if table.suffix == ".md" else (_label(table), _csv_markdown(table))
         text = caption(table.name, TABLES)
         parts += [f"### Table {i}. {title}", ""] + ([text, ""] if text else []) + [body, ""]
-    behind = [f"`{name}` (behind {figure})" for name, figure in BEHIND_FIGURES.items() if (directory / name).exists()]
+    behind = [f"`{p.name}` (behind {behind_figure(p.name)})" for p in sorted(directory.glob("*.csv"))
+              if behind_figure(p.name)]
     if behind:
         parts += ["Also in the directory: " + ", ".join(behind) + ".", ""]
     return parts

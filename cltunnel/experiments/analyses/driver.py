@@ -11,8 +11,10 @@ import pandas as pd
 
 from cltunnel.config import AnalysesConfig, ConfigError
 from cltunnel.data.images import ImageData
+from cltunnel.experiments.analyses.block_structure import block_seeds_table
 from cltunnel.experiments.analyses.cka import cka_seeds_table
 from cltunnel.experiments.analyses.loading import load_run
+from cltunnel.experiments.analyses.ood import ood_seeds_table
 from cltunnel.experiments.analyses.registry import ANALYSES
 from cltunnel.experiments.analyses.substitution import plot_substitution
 from cltunnel.experiments.analyses.swap import swap_by_rule, swap_seeds_table, swap_vs_k_table
@@ -92,7 +94,13 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
         by_rule = swap_by_rule(scenario_dir, out_dir)
         if by_rule:
             written.append(by_rule)
+    blocks = block_seeds_table(scenario_dir, out_dir, runs, provenance)
+    if blocks is not None:
+        written.append(blocks)
     ckas = cka_seeds_table(scenario_dir, out_dir, runs, provenance)
     if ckas is not None:
         written.append(ckas)
+    oods = ood_seeds_table(scenario_dir, out_dir, runs, provenance)
+    if oods is not None:
+        written.append(oods)
     return written

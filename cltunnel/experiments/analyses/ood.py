@@ -1,7 +1,12 @@
 """Out-of-distribution probes (thesis E8): the model after task 1 probed per layer on another dataset beside
 its own, and rho, how much of the OOD information the tunnel discards (analysis ``ood``: ``ood_probes.csv``/
-``.png``, ``ood_rho.txt``)."""
+``.png``, ``ood_rho.txt``); with the tunnel-strength measures of later work, the share of OOD accuracy the last
+layer retains, its class (Harun et al., NeurIPS 2024) and the ID-OOD Pearson correlation (``ood_strength.csv``),
+and their mean ± std over a scenario's seeds (:func:`ood_seeds_table`)."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -14,6 +19,12 @@ from cltunnel.experiments.analyses.loading import LoadedRun, log_profile
 from cltunnel.experiments.analyses.registry import register_analysis
 from cltunnel.experiments.analyses.tunnel import plot_per_layer, tunnel_profile
 from cltunnel.measures.probes import train_probes
+from cltunnel.measures.tunnel import (TUNNEL_STRENGTH_CLASSES, describe_strength, id_ood_pearson, ood_retained,
+                                      tunnel_strength)
+from cltunnel.reports.tables import STD_NOTE, aggregate, write_table
+
+STRENGTH_FILE = "ood_strength.csv"
+STRENGTH_MEASURES = {"rho": "rho", "retained": "OOD retained (%)", "pearson": "Pearson ID-OOD"}
 
 
 def ood_data(run: LoadedRun) -> tuple[DeviceData, Task]:
@@ -52,14 +63,57 @@ def ood_profile(run: LoadedRun) -> tuple[pd.DataFrame, float]:
     return frame, float((best - frame["ood_probe_acc"].iloc[-1]) / best)
 
 
+def ood_strength(frame: pd.DataFrame, rho: float, ood_name: str) -> dict[str, Any]:
+    """The tunnel-strength measures of one OOD profile (:func:`ood_profile`'s frame): rho, the retained share
+    (%), the ID-OOD Pearson correlation and the retained share's class."""
+    ood, ind = frame["ood_probe_acc"].to_dict(), frame["id_probe_acc"].to_dict()
+    retained = ood_retained(ood)
+    return {"ood_data": ood_name, "rho": rho, "retained": retained, "pearson": id_ood_pearson(ind, ood),
+            "strength": tunnel_strength(retained)}
+
+
 @register_analysis("ood")
 def ood_analysis(run: LoadedRun) -> pd.DataFrame:
     frame, rho = ood_profile(run)
     frame.to_csv(run.run_dir / "ood_probes.csv")
     log_profile(run, "ood_probes", frame[["id_probe_acc", "ood_probe_acc"]])
     start = run.rule_start((frame["id_probe_acc"] / 100).to_dict())
-    (run.run_dir / "ood_rho.txt").write_text(f"ood data: {run.options.ood_data}\nrho: {rho:.4f}\n")
+    strength = ood_strength(frame, rho, run.options.ood_data)
+    pd.DataFrame([strength]).to_csv(run.run_dir / STRENGTH_FILE, index=False)
+    # rho stays the last line: readers split the file at "rho: " (tests, temperature sweeps read it by key)
+    (run.run_dir / "ood_rho.txt").write_text(
+        f"ood data: {run.options.ood_data}\nood retained (%): {strength['retained']:.2f}\n"
+        f"pearson id-ood: {strength['pearson']:.2f}\ntunnel strength: {describe_strength(strength['retained'])}\n"
+        f"rho: {rho:.4f}\n")
     plot_per_layer(frame, {"id_probe_acc": "in-distribution (task 1)",
-                           "ood_probe_acc": f"OOD: {run.options.ood_data} (rho {rho:.2f})"},
-                   start, run.run_dir / "ood_probes.png", ylabel="linear probe accuracy (%)")
+                           "ood_probe_acc": f"OOD: {run.options.ood_data} (rho {rho:.2f}, "
+                                            f"{strength['retained']:.1f} % retained)"},
+                   start, run.run_dir / "ood_probes.png", ylabel="linear probe accuracy (%)",
+                   title=f"tunnel strength: {strength['strength']} (Harun et al. 2024)")
     return frame
+
+
+def ood_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
+    """Mean ± std over the seeds' ``ood_strength.csv`` of rho, the retained share and the ID-OOD Pearson
+    correlation, one row per OOD dataset labelled with the class of the mean retained share
+    (``<scenario>_ood_strength.*``); None where no seed has one."""
+    rows = [pd.read_csv(r / STRENGTH_FILE) for r in runs if (r / STRENGTH_FILE).exists()]
+    if not rows:
+        return None
+    seeds = pd.concat(rows, ignore_index=True)
+    means, stds = [], []
+    for name, group in seeds.groupby("ood_data", sort=False):
+        per_seed = [group.loc[[i], list(STRENGTH_MEASURES)].set_axis([name]) for i in group.index]
+        mean, std = aggregate(per_seed)
+        label = f"{name} ({tunnel_strength(float(mean['retained'].iloc[0]))})"
+        means.append(mean.set_axis([label]))
+        stds.append(std.set_axis([label]))
+    mean, std = (pd.concat(f).rename(columns=STRENGTH_MEASURES).rename_axis("OOD data (class of the mean)")
+                 for f in (means, stds))
+    classes = ", ".join(f"{words} {name}" for name, _, words in TUNNEL_STRENGTH_CLASSES)
+    notes = [*provenance, "rho = (best OOD probe accuracy - last layer's) / best; retained = 100 x last / best",
+             f"tunnel strength of the mean retained share (Harun et al., NeurIPS 2024): {classes}",
+             "Pearson: over layers, between the ID and OOD probe-accuracy curves (NaN where a curve is constant)",
+             STD_NOTE]
+    return write_table(mean, std, len(rows), out_dir / f"{scenario_dir.name}_ood_strength",
+                       f"{scenario_dir.name}: OOD tunnel strength over {len(rows)} seeds", notes)

@@ -1,0 +1,283 @@
+"""Block structure (Nguyen, Raghu & Kornblith, ICLR 2021), read beside the tunnel on the same model (analysis
+``block_structure``).
+
+On the model after task 1 and task 1's test rows, at two granularities (the body layers, and every
+intermediate output inside them, :mod:`cltunnel.models.inner`):
+
+- the layer x layer linear CKA (minibatch unbiased HSIC, ratio of sums: the paper's estimator; its §3),
+- the share of variance of each layer's first principal component, the squared cosine similarity of the
+  layers' first-PC scores, and the CKA with each layer's first PC removed (its §4.1, Figure 3),
+- the block by a stated rule (:func:`cltunnel.measures.blocks.find_block`: the longest run of at least
+  ``analyses.block_min_layers`` layers whose pairwise CKA are all at least ``analyses.block_threshold``),
+- probe accuracy across the block and the accuracy of the model with the block's inner layers deleted, with
+  its head and with a head retrained (its §4, Appendix E),
+- the tunnel beside it: each rule's k, the block's first layer, numerical rank and first-PC share per layer in
+  one figure and one table (neither paper has this comparison).
+
+Across a scenario's seeds (:func:`block_seeds_table`): the summary as mean ± std, and the CKA between the
+layers of two seeds' models (the paper's §5, Figure 4), inside and outside the block.
+
+Files: ``block_structure.csv`` (per body layer), ``block_structure_summary.csv``/``.md``,
+``block_<granularity>_<measure>.csv`` (granularity layers | inner; measure cka | cka_without_pc | pc_cos2),
+``block_structure_layers.png``, ``block_structure_inner.png``, ``block_vs_tunnel.png``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cltunnel.experiments.analyses.cka import cross_cka_matrix
+from cltunnel.experiments.analyses.loading import LoadedRun, cka_inputs, load_run
+from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.experiments.analyses.tunnel import profile_series, tunnel_profile
+from cltunnel.measures.blocks import BlockStats, block_summary, find_block
+from cltunnel.measures.probes import fit_probes, probe_accuracy
+from cltunnel.measures.similarity import gram_matrix
+from cltunnel.measures.tunnel import format_layer, rule_starts
+from cltunnel.models.inner import hooked, inner_representations
+from cltunnel.models.layered import LayeredModel
+from cltunnel.models.surgery import delete_layers, shape_preserving_layers
+from cltunnel.reports.figures import pyplot, write_figure
+from cltunnel.reports.tables import aggregate, write_table
+from cltunnel.training.accuracy import predict_accuracy
+
+CKA_BATCH = 500  # rows per CKA minibatch (the one rule, cltunnel.measures.similarity.cka_batches)
+MEASURES = {"cka": "linear CKA", "pc_cos2": "cos² of first-PC scores", "cka_without_pc": "CKA, first PC removed"}
+
+
+@dataclass
+class Granularity:
+    """One granularity's measures: names of its representations, the body layer each sits in, the streamed
+    statistics and the block found on its CKA map (0-based, inclusive; None: no block)."""
+
+    names: list[str]
+    layers: list[int]
+    stats: BlockStats
+    block: tuple[int, int] | None = None
+
+    def matrix(self, measure: str) -> pd.DataFrame:
+        values = {"cka": self.stats.cka, "pc_cos2": self.stats.pc_cos2,
+                  "cka_without_pc": self.stats.cka_without_first_pc}[measure]()
+        return pd.DataFrame(np.asarray(values), index=self.names, columns=self.names)
+
+
+@torch.no_grad()
+def measure_granularities(run: LoadedRun, model: LayeredModel, task: int = 0) -> dict[str, Granularity]:
+    """One pass over the task's test rows in the CKA minibatches: every body layer's and every inner
+    representation's Gram matrix, folded into the block statistics at once (no features kept)."""
+    batches = cka_inputs(run, task, CKA_BATCH)
+    first = next(batches)
+    reps = inner_representations(model, first[:2])
+    layers = Granularity([f"{k} {n}" for k, n in enumerate(model.layer_names, 1)],
+                         list(range(1, len(model.body) + 1)), BlockStats())
+    inner = Granularity([r.label for r in reps], [r.layer for r in reps], BlockStats())
+    for x in [first, *batches]:
+        grams: list[torch.Tensor | None] = [None] * len(reps)
+        with hooked(reps, lambda i, out: grams.__setitem__(i, gram_matrix(out))):
+            outs = model.layer_outputs(x)
+        layers.stats.add_grams([gram_matrix(outs[k]) for k in sorted(outs)])
+        inner.stats.add_grams(grams)
+    o = run.options
+    for g in (layers, inner):
+        g.block = find_block(g.stats.cka(), o.block_threshold, o.block_min_layers)
+    return {"layers": layers, "inner": inner}
+
+
+def deletion(run: LoadedRun, model: LayeredModel, block: tuple[int, int] | None, task: int = 0) -> dict[str, Any]:
+    """Accuracy with the block's inner layers (its layers after the first) deleted where their shapes allow,
+    with the model's head and with a linear head retrained on the pruned body's output (the probe protocol)."""
+    if block is None:
+        return {"deleted layers": "none (no block)"}
+    t = run.data.scenario.tasks[task]
+    example = next(iter(run.data.batches(t, "test", 2)))[0]
+    deletable = shape_preserving_layers(model, example)
+    drop = [k for k in range(block[0] + 2, block[1] + 2) if k in deletable]
+    if not drop:
+        return {"deleted layers": "none (no layer of the block keeps its input's shape)"}
+    pruned = delete_layers(model, drop, example)
+    last = len(pruned.body)
+    probes = fit_probes(pruned, run.data, t, [last], run.probe_config(), run.progress)
+    return {"deleted layers": " ".join(map(str, drop)),
+            "test acc, block deleted, own head": 100 * predict_accuracy(pruned, run.data, t),
+            "test acc, block deleted, head retrained": 100 * probe_accuracy(pruned, run.data, t, probes, [last])[last]}
+
+
+def per_layer_frame(run: LoadedRun, grains: dict[str, Granularity], profile: pd.DataFrame) -> pd.DataFrame:
+    """Per body layer: probe accuracy, numerical rank and its cap, first-PC share, inside the block or not."""
+    g = grains["layers"]
+    share = np.asarray(g.stats.first_pc_share())
+    inside = [g.block is not None and g.block[0] <= i <= g.block[1] for i in range(len(g.names))]
+    frame = profile[["name", "probe_acc", "rank", "rank_cap"]].copy()
+    frame["first_pc_share"] = share
+    frame["in_block"] = inside
+    return frame
+
+
+def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity], frame: pd.DataFrame
+            ) -> dict[str, Any]:
+    """One row: accuracies, the block (both granularities) as layers and share of depth, its CKA with and
+    without the first PC, first-PC shares in and out of it, probes across it, deletion, each rule's k."""
+    t = run.data.scenario.tasks[0]
+    row: dict[str, Any] = {"train acc": 100 * predict_accuracy(model, run.data, t, split="eval_train"),
+                           "test acc": 100 * predict_accuracy(model, run.data, t)}
+    g, n = grains["layers"], len(model.body)
+    row["block (body layers)"] = f"{g.block[0] + 1}-{g.block[1] + 1}" if g.block else "none"
+    row["block share of depth"] = (g.block[1] - g.block[0] + 1) / n if g.block else 0.0
+    row.update({f"{key} (body layers)": value for key, value in
+                block_summary(g.stats.cka(), g.stats.cka_without_first_pc(), g.stats.first_pc_share(), g.block).items()})
+    i = grains["inner"]
+    row["block (inner)"] = f"{i.names[i.block[0]]} .. {i.names[i.block[1]]}" if i.block else "none"
+    row["block share of inner representations"] = (i.block[1] - i.block[0] + 1) / len(i.names) if i.block else 0.0
+    row.update({f"{key} (inner)": value for key, value in
+                block_summary(i.stats.cka(), i.stats.cka_without_first_pc(), i.stats.first_pc_share(), i.block).items()})
+    if g.block:
+        row["probe acc at block start"] = frame["probe_acc"].iloc[g.block[0]]
+        row["probe acc at block end"] = frame["probe_acc"].iloc[g.block[1]]
+    row["probe acc at last layer"] = frame["probe_acc"].iloc[-1]
+    row.update(deletion(run, model, g.block))
+    acc, ranks = profile_series(frame)
+    row.update({f"tunnel start, rule {rule}": k for rule, k in rule_starts(acc, ranks).items()})
+    row["block first layer"] = g.block[0] + 1 if g.block else None
+    row["depth n"] = run.depth
+    return row
+
+
+@register_analysis("block_structure")
+def block_structure_analysis(run: LoadedRun) -> pd.DataFrame:
+    model = run.model(0)
+    grains = measure_granularities(run, model)
+    frame = per_layer_frame(run, grains, tunnel_profile(run))
+    row = summary(run, model, grains, frame)
+    out = run.run_dir
+    frame.to_csv(out / "block_structure.csv")
+    for name, g in grains.items():
+        for measure in MEASURES:
+            g.matrix(measure).to_csv(out / f"block_{name}_{measure}.csv")
+        plot_maps(g, out / f"block_structure_{name}.png", f"{run.run_dir.name}: {name}")
+    one = pd.DataFrame([row])
+    one.to_csv(out / "block_structure_summary.csv", index=False)
+    notes = [f"block rule: the longest run of at least {run.options.block_min_layers} layers whose pairwise CKA "
+             f"are all >= {run.options.block_threshold} (task-1 test rows, {len(run.data.scenario.tasks[0].test_idx)})",
+             "first principal components taken per CKA minibatch (>= 500 rows where there are 500), shares as "
+             "ratios of sums over minibatches"]
+    shown = pd.Series({k: _shown(v) for k, v in row.items()}, name="value").to_frame()
+    md = "### Block structure (Nguyen et al. 2021) beside the tunnel\n\n" + shown.to_markdown() + "\n\n" + \
+        "\n".join(f"- {n}" for n in notes) + "\n"
+    (out / "block_structure_summary.md").write_text(md)
+    plot_block_vs_tunnel(frame, row, run.depth, out / "block_vs_tunnel.png")
+    return frame
+
+
+def _shown(value: Any) -> str:
+    """Numbers to three significant digits (accuracies to one decimal), NaN and None as a dash."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def _boundaries(layers: list[int]) -> list[float]:
+    """Positions between representations where the body layer changes (drawn as thin lines)."""
+    return [i - 0.5 for i in range(1, len(layers)) if layers[i] != layers[i - 1]]
+
+
+def plot_maps(g: Granularity, path: Path, title: str) -> None:
+    """The paper's Figure 3 layout: CKA, cos² of first-PC scores, CKA with the first PC removed; the block
+    outlined, body-layer boundaries marked on the inner maps."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    lines = _boundaries(g.layers) if len(set(g.layers)) < len(g.layers) else []
+    for ax, (measure, label) in zip(axes, MEASURES.items()):
+        im = ax.imshow(g.matrix(measure).to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
+        for pos in lines:
+            ax.axhline(pos, color="w", lw=0.3, alpha=0.5)
+            ax.axvline(pos, color="w", lw=0.3, alpha=0.5)
+        if g.block:
+            a, b = g.block
+            ax.add_patch(plt.Rectangle((a - 0.5, a - 0.5), b - a + 1, b - a + 1, fill=False, ec="cyan", lw=1.2))
+        ax.set(title=label, xlabel="representation" if lines else "layer", ylabel="representation" if lines else "layer")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title + (f" — block {g.names[g.block[0]]} .. {g.names[g.block[1]]}" if g.block else " — no block"),
+                 fontsize=9)
+    write_figure(fig, path)
+
+
+def plot_block_vs_tunnel(frame: pd.DataFrame, row: dict[str, Any], depth: int, path: Path) -> None:
+    """Probe accuracy, numerical rank (share of its largest) and first-PC share per body layer; the block
+    shaded, each tunnel rule's k a vertical line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    x = frame.index.to_numpy()
+    ax.plot(x, frame["probe_acc"] / 100, marker="o", label="probe accuracy")
+    ax.plot(x, frame["rank"] / frame["rank"].max(), marker="s", label="numerical rank / its largest")
+    ax.plot(x, frame["first_pc_share"], marker="^", label="first-PC variance share")
+    inside = x[frame["in_block"].to_numpy(dtype=bool)]
+    if len(inside):
+        ax.axvspan(inside.min() - 0.5, inside.max() + 0.5, color="C2", alpha=0.12, label="block (CKA rule)")
+    for (key, k), style in zip([(k, v) for k, v in row.items() if k.startswith("tunnel start")], (":", "--", "-.")):
+        ax.axvline(k, color="k", ls=style, lw=1, label=f"{key.replace('tunnel start, ', '')}: k={format_layer(k, depth)}")
+    ax.set(xlabel="layer", xticks=x, ylim=(0, 1.05), title="block structure beside the tunnel (model after task 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    write_figure(fig, path)
+
+
+NUMERIC_SUMMARY = ("train acc", "test acc", "block share of depth", "probe acc at last layer",
+                   "test acc, block deleted, own head", "test acc, block deleted, head retrained")
+
+
+def block_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
+    """Mean ± std over the seeds' block summaries and, with two seeds or more, the CKA between the layers of
+    the first two seeds' models (``<scenario>_cross_seed_cka.*``); None where no seed has a block summary."""
+    done = [r for r in runs if (r / "block_structure_summary.csv").exists()]
+    if not done:
+        return None
+    rows = pd.concat([pd.read_csv(r / "block_structure_summary.csv") for r in done], ignore_index=True)
+    numeric = rows.select_dtypes("number")
+    mean, std = aggregate([numeric.iloc[[i]].reset_index(drop=True) for i in range(len(numeric))])
+    if len(done) > 1:
+        mean, std = _with_cross_seed(scenario_dir, out_dir, done, mean, std)
+    notes = [f"blocks per seed (body layers): {', '.join(map(str, rows['block (body layers)']))}", *provenance]
+    mean, std = mean.T.set_axis(["value"], axis=1), std.T.set_axis(["value"], axis=1)
+    return write_table(mean, std, len(done), out_dir / f"{scenario_dir.name}_block_structure",
+                       f"{scenario_dir.name}: block structure over seeds", notes)
+
+
+def _with_cross_seed(scenario_dir: Path, out_dir: Path, done: list[Path], mean: pd.DataFrame, std: pd.DataFrame
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    matrix, inside = cross_seed_cka(done[0], done[1])
+    matrix.to_csv(out_dir / f"{scenario_dir.name}_cross_seed_cka.csv")
+    plot_cross_seed(matrix, inside, out_dir / f"{scenario_dir.name}_cross_seed_cka.png",
+                    f"{scenario_dir.name}: {done[0].name} vs {done[1].name}")
+    diag = np.diag(matrix.to_numpy())
+    mean["cross-seed CKA in block"] = float(diag[inside].mean()) if inside.any() else np.nan
+    mean["cross-seed CKA outside block"] = float(diag[~inside].mean()) if (~inside).any() else np.nan
+    std["cross-seed CKA in block"] = std["cross-seed CKA outside block"] = np.nan
+    return mean, std
+
+
+def cross_seed_cka(a_dir: Path, b_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """CKA between every body layer of seed a's model after task 1 (rows) and seed b's (columns) on seed a's
+    task-1 test rows, and which layers are in seed a's block."""
+    a, b = load_run(a_dir, progress=False), load_run(b_dir, progress=False)
+    matrix = cross_cka_matrix(a, a.model(0), b.model(0))
+    inside = pd.read_csv(a_dir / "block_structure.csv", index_col=0)["in_block"].to_numpy(dtype=bool)
+    return matrix, inside
+
+
+def plot_cross_seed(matrix: pd.DataFrame, inside: np.ndarray, path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
+    if inside.any():
+        a, b = np.flatnonzero(inside)[[0, -1]]
+        ax.add_patch(plt.Rectangle((a - 0.5, a - 0.5), b - a + 1, b - a + 1, fill=False, ec="cyan", lw=1.2))
+    ax.set(xlabel="layer, second seed", ylabel="layer, first seed", title=title)
+    fig.colorbar(im, ax=ax, label="linear CKA")
+    write_figure(fig, path)
