@@ -137,6 +137,57 @@ def test_block_structure_analysis_on_real_data(tiny_scenario):
     assert 0 <= summary["test acc"] <= 100 and 0 <= summary["train acc"] <= 100
 
 
+def test_deletion_drops_the_block_after_its_first_layer_and_retrains_a_head(tiny_scenario):
+    """The deletion path on a block given by hand (the tiny model need not have one): body layers after the
+    block's first, where shapes allow; the own-head accuracy is the pruned model's."""
+    from cltunnel.experiments.analyses import load_run
+    from cltunnel.experiments.analyses.block_structure import deletion, layers_to_delete
+    from cltunnel.training.accuracy import predict_accuracy
+
+    assert layers_to_delete((1, 4), {2, 3, 5, 7}) == [3, 5]  # block = body layers 2..5 (0-based 1..4)
+    assert layers_to_delete((0, 0), {1, 2}) == []
+    run = load_run(tiny_scenario / "seed0", "cpu", progress=False)
+    model = run.model(0)
+    result = deletion(run, model, (0, 2))  # stem, block1_1, block2_1: only block1_1 keeps its input's shape
+    assert result["deleted layers"] == "2"
+    t = run.data.scenario.tasks[0]
+    x = next(iter(run.data.batches(t, "test", 2)))[0]
+    assert result["test acc, block deleted, own head"] == pytest.approx(
+        100 * predict_accuracy(delete_layers(model, [2], x), run.data, t))
+    assert 0 <= result["test acc, block deleted, head retrained"] <= 100
+    assert deletion(run, model, None)["deleted layers"].startswith("none")
+
+
+def test_a_module_run_twice_is_refused():
+    """torchvision's ResNet blocks call one ReLU twice: one hook slot would hold two representations."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu = torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv(self.relu(x)))
+
+    from collections import OrderedDict
+
+    from cltunnel.models.layered import LayeredModel
+
+    model = LayeredModel(OrderedDict(block=Twice()), {"0": torch.nn.Linear(3, 2)})
+    with pytest.raises(ValueError, match=r"\['block.relu'\] run more than once"):
+        inner_representations(model, torch.randn(2, 3, 4, 4))
+
+
+def test_the_inner_block_must_span_body_layers():
+    """Inner representations alike inside one body layer are not a block; across three layers they are."""
+    cka = np.full((6, 6), 0.2) + 0.8 * np.eye(6)
+    cka[0:3, 0:3] = 0.95  # three representations of body layer 1
+    assert find_block(cka, 0.9, 3, layers=[1, 1, 1, 2, 3, 4]) is None
+    assert find_block(cka, 0.9, 3) == (0, 2)
+    cka[2:5, 2:5] = 0.95  # representations 2..4 = body layers 1, 2, 3
+    assert find_block(cka, 0.9, 3, layers=[1, 1, 1, 2, 3, 4]) == (2, 4)
+
+
 def test_seeds_table_and_cross_seed_cka(tiny_scenario):
     from cltunnel.experiments.analyses import cross_cka_matrix, load_run
 

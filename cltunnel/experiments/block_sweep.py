@@ -16,10 +16,14 @@ from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.store import seed_dirs
 
 SUMMARY = "block_structure_summary.csv"
+# The table's columns: the block and its statistics at the body layers' granularity (the layers the tunnel is
+# cut at), then the inner block's share, so a row never mixes two blocks.
 SHOWN = {"train acc": "train acc (%)", "test acc": "test acc (%)", "block (body layers)": "block (layers)",
-         "block share of depth": "block share", "cka_in_block (inner)": "CKA in block",
-         "cka_in_block_without_first_pc (inner)": "CKA in block, PC removed",
-         "first_pc_share_in_block (inner)": "PC share in block", "first_pc_share_out_of_block (inner)": "PC share outside",
+         "block share of depth": "block share", "cka_in_block (body layers)": "CKA in block",
+         "cka_in_block_without_first_pc (body layers)": "CKA in block, PC removed",
+         "first_pc_share_in_block (body layers)": "PC share in block",
+         "first_pc_share_out_of_block (body layers)": "PC share outside",
+         "block share of inner representations": "inner block share",
          "cross-seed CKA in block": "cross-seed CKA in block", "cross-seed CKA outside block": "cross-seed CKA outside"}
 
 
@@ -56,8 +60,10 @@ def block_sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     shown.index.name = "configuration"
     shown.to_csv(sweep_dir / "block_structure.csv")
     md = (f"### {manifest['name']}: block structure per configuration (Nguyen et al. 2021, Figures 1-2)\n\n"
-          + shown.to_markdown(floatfmt=".3g") + "\n\n- CKA and first-PC shares over every intermediate "
-          "representation (inner granularity) on the task's test rows, mean over seeds; block of the first seed\n")
+          + shown.to_markdown(floatfmt=".3g") + "\n\n- the block by the rule of the runs' analyses.block_threshold "
+          "and block_min_layers over the body layers (first seed's span; statistics mean over seeds); inner block "
+          "share: the same rule over every intermediate representation\n- cross-seed CKA: configurations with two "
+          "seeds or more (the CPU sweeps have one; the CPU scenario has two)\n")
     (sweep_dir / "block_structure.md").write_text(md)
     axes = [a for a in manifest["axes"] if a != "seed"]
     for measure, suffix in (("cka", ""), ("cka_without_pc", "_without_pc")):
@@ -78,7 +84,7 @@ def _grid_positions(manifest: dict[str, Any], configs: list[str], axes: list[str
 
 def plot_grid(sweep_dir: Path, manifest: dict[str, Any], configs: list[str], axes: list[str], measure: str,
               path: Path) -> None:
-    """Each configuration's first-seed inner CKA map in its (row, column) cell, the block outlined."""
+    """Each configuration's first-seed inner CKA map in its (row, column) cell."""
     first, second, where = _grid_positions(manifest, configs, axes)
     plt = pyplot()
     fig, cells = plt.subplots(len(first), len(second), figsize=(2.6 * len(second) + 0.8, 2.5 * len(first)),

@@ -103,18 +103,23 @@ class BlockStats:
 
 
 def find_block(cka: torch.Tensor | np.ndarray, threshold: float = BLOCK_THRESHOLD,
-               min_layers: int = BLOCK_MIN_LAYERS) -> tuple[int, int] | None:
-    """The block (§3): the longest run of layers i..j (0-based, inclusive) whose pairwise CKA are all at
-    least ``threshold``, with at least ``min_layers`` layers; the earliest of equally long runs; None if none.
-    A run that fails stays failed when extended, so each start grows until its first failing layer: at most
-    O(L³) comparisons, in numpy rows. NaN (a constant layer) never belongs to a block."""
+               min_layers: int = BLOCK_MIN_LAYERS, layers: list[int] | None = None) -> tuple[int, int] | None:
+    """The block (§3): the longest run of representations i..j (0-based, inclusive) whose pairwise CKA are
+    all at least ``threshold``, spanning at least ``min_layers`` layers; the earliest of equally long runs;
+    None if none. ``layers`` gives the body layer of each representation (the inner granularity): there
+    the span counts distinct body layers, so conv -> BatchNorm -> add inside one residual block (alike at
+    initialisation already) is not a block. A run that fails stays failed when extended, so each start grows
+    until its first failing layer: at most O(L³) comparisons, in numpy rows. NaN (a constant layer) never
+    belongs to a block."""
     m = np.asarray(cka.detach().cpu() if isinstance(cka, torch.Tensor) else cka)
+    groups = list(range(len(m))) if layers is None else list(layers)
     best: tuple[int, int] | None = None
     for i in range(len(m)):
         j = i
         while j + 1 < len(m) and _joins(m, i, j + 1, threshold):
             j += 1
-        if j - i + 1 >= min_layers and (best is None or j - i > best[1] - best[0]):
+        spans = len(set(groups[i:j + 1]))
+        if spans >= min_layers and (best is None or j - i > best[1] - best[0]):
             best = (i, j)
     return best
 

@@ -6,7 +6,9 @@ boundaries on it.
 
 Left out: the shortcut branch of a residual block (its 1x1 conv and BatchNorm are not on the path from one
 block's output to the next) and modules that only reshape or pass their input on (Flatten, Identity,
-Dropout): their output is the previous representation again.
+Dropout): their output is the previous representation again. Only what modules compute is seen (a functional
+``x + y`` or ``torch.relu`` in a forward is not); a module run twice in one pass is refused, since its one
+hook would hold two representations.
 """
 from __future__ import annotations
 
@@ -46,10 +48,14 @@ def inner_representations(model: LayeredModel, example: torch.Tensor) -> list[In
             if list(module.children()) or "shortcut" in path.split(".") or isinstance(module, PASS_THROUGH):
                 continue
             candidates.append(InnerRepresentation(k, f"{name}.{path}" if path else name, module))
-    order: list[int] = []
-    with hooked(candidates, lambda i, _out: order.append(i) if i not in order else None):
+    calls: list[int] = []
+    with hooked(candidates, lambda i, _out: calls.append(i)):
         model.body(example)
-    return [candidates[i] for i in order]
+    twice = sorted({candidates[i].path for i in calls if calls.count(i) > 1})
+    if twice:  # one hook slot would hold several representations (e.g. torchvision's reused ReLU)
+        raise ValueError(f"inner representations: module(s) {twice} run more than once per forward pass; give "
+                         "each use its own module to read intermediate outputs")
+    return [candidates[i] for i in calls]
 
 
 @contextmanager

@@ -100,12 +100,13 @@ def parameter_names(model: LayeredModel, part: str, k: int) -> set[str]:
 def shape_preserving_layers(model: LayeredModel, example: torch.Tensor) -> set[int]:
     """Body layers (1-based) whose output has their input's shape: the ones a deletion can drop without
     breaking the layers after them (a ResNet's blocks inside a stage; not a downsampling block, not a pool)."""
-    kept, x = set(), example
+    kept, x, was_training = set(), example, model.training
     for k, layer in enumerate(model.eval().body, start=1):
         out = layer(x)
         if out.shape == x.shape:
             kept.add(k)
         x = out
+    model.train(was_training)
     return kept
 
 

@@ -27,7 +27,7 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from cltunnel.config import TUNNEL_RULE_NAMES, ConfigError, parse_tunnel_start
+from cltunnel.config import TUNNEL_RULE_NAMES, AnalysesConfig, ConfigError, parse_tunnel_start
 from cltunnel.measures.probes import ProbeConfig, layer_ranks, train_probes
 from cltunnel.measures.tunnel import check_tunnel_start, describe_rule, tunnel_start
 from cltunnel.models.layered import LayeredModel
@@ -43,7 +43,7 @@ class TunnelStart:
     analyses' defaults), so the analysis of the same run with the same settings finds the same k."""
 
     def __init__(self, spec: int | str = "auto", threshold: float | None = None, probe_epochs: int = 10,
-                 rule: str = "last", rank_samples: int = 2000, minimum: int = 1) -> None:
+                 rule: str = "last", rank_samples: int = AnalysesConfig.rank_samples, minimum: int = 1) -> None:
         self.spec = parse_tunnel_start(spec, "strategy.args.tunnel_start")
         if rule not in TUNNEL_RULE_NAMES:
             raise ConfigError(f"strategy.args.tunnel_rule: unknown '{rule}'; valid: {', '.join(TUNNEL_RULE_NAMES)}")

@@ -83,9 +83,16 @@ def measure_granularities(run: LoadedRun, model: LayeredModel, task: int = 0) ->
         layers.stats.add_grams([gram_matrix(outs[k]) for k in sorted(outs)])
         inner.stats.add_grams(grams)
     o = run.options
-    for g in (layers, inner):
-        g.block = find_block(g.stats.cka(), o.block_threshold, o.block_min_layers)
+    for g in (layers, inner):  # the inner block must span block_min_layers body layers, too
+        g.block = find_block(g.stats.cka(), o.block_threshold, o.block_min_layers, g.layers)
     return {"layers": layers, "inner": inner}
+
+
+def layers_to_delete(block: tuple[int, int], deletable: set[int]) -> list[int]:
+    """The body layers (1-based) of a block (0-based, inclusive) after its first, where their shapes allow:
+    the first layer carries the representation into the block; the rest should add little if the block's
+    representations are alike."""
+    return [k for k in range(block[0] + 2, block[1] + 2) if k in deletable]
 
 
 def deletion(run: LoadedRun, model: LayeredModel, block: tuple[int, int] | None, task: int = 0) -> dict[str, Any]:
@@ -95,8 +102,7 @@ def deletion(run: LoadedRun, model: LayeredModel, block: tuple[int, int] | None,
         return {"deleted layers": "none (no block)"}
     t = run.data.scenario.tasks[task]
     example = next(iter(run.data.batches(t, "test", 2)))[0]
-    deletable = shape_preserving_layers(model, example)
-    drop = [k for k in range(block[0] + 2, block[1] + 2) if k in deletable]
+    drop = layers_to_delete(block, shape_preserving_layers(model, example))
     if not drop:
         return {"deleted layers": "none (no layer of the block keeps its input's shape)"}
     pruned = delete_layers(model, drop, example)
@@ -108,13 +114,21 @@ def deletion(run: LoadedRun, model: LayeredModel, block: tuple[int, int] | None,
 
 
 def per_layer_frame(run: LoadedRun, grains: dict[str, Granularity], profile: pd.DataFrame) -> pd.DataFrame:
-    """Per body layer: probe accuracy, numerical rank and its cap, first-PC share, inside the block or not."""
+    """The block beside the tunnel in one table, per body layer: probe accuracy, numerical rank and its cap,
+    first-PC share, inside the block or not, and the marks: where the block starts and each rule's k."""
     g = grains["layers"]
     share = np.asarray(g.stats.first_pc_share())
     inside = [g.block is not None and g.block[0] <= i <= g.block[1] for i in range(len(g.names))]
     frame = profile[["name", "probe_acc", "rank", "rank_cap"]].copy()
     frame["first_pc_share"] = share
     frame["in_block"] = inside
+    acc, ranks = profile_series(frame)
+    marks: dict[int, list[str]] = {k: [] for k in frame.index}
+    if g.block:
+        marks[g.block[0] + 1].append("block starts")
+    for rule, k in rule_starts(acc, ranks).items():
+        marks[k].append(f"k ({rule})")
+    frame["marks"] = ["; ".join(m) for m in marks.values()]
     return frame
 
 
@@ -125,9 +139,9 @@ def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity],
     t = run.data.scenario.tasks[0]
     row: dict[str, Any] = {"train acc": 100 * predict_accuracy(model, run.data, t, split="eval_train"),
                            "test acc": 100 * predict_accuracy(model, run.data, t)}
-    g, n = grains["layers"], len(model.body)
+    g = grains["layers"]
     row["block (body layers)"] = f"{g.block[0] + 1}-{g.block[1] + 1}" if g.block else "none"
-    row["block share of depth"] = (g.block[1] - g.block[0] + 1) / n if g.block else 0.0
+    row["block share of depth"] = (g.block[1] - g.block[0] + 1) / run.depth if g.block else 0.0  # n, as k's share
     row.update({f"{key} (body layers)": value for key, value in
                 block_summary(g.stats.cka(), g.stats.cka_without_first_pc(), g.stats.first_pc_share(), g.block).items()})
     i = grains["inner"]
@@ -158,6 +172,8 @@ def block_structure_analysis(run: LoadedRun) -> pd.DataFrame:
     for name, g in grains.items():
         for measure in MEASURES:
             g.matrix(measure).to_csv(out / f"block_{name}_{measure}.csv")
+        pd.DataFrame({"layer": g.layers, "first_pc_share": np.asarray(g.stats.first_pc_share())},
+                     index=pd.Index(g.names, name="representation")).to_csv(out / f"block_{name}_first_pc_share.csv")
         plot_maps(g, out / f"block_structure_{name}.png", f"{run.run_dir.name}: {name}")
     one = pd.DataFrame([row])
     one.to_csv(out / "block_structure_summary.csv", index=False)
@@ -188,10 +204,13 @@ def _boundaries(layers: list[int]) -> list[float]:
 
 
 def plot_maps(g: Granularity, path: Path, title: str) -> None:
-    """The paper's Figure 3 layout: CKA, cos² of first-PC scores, CKA with the first PC removed; the block
-    outlined, body-layer boundaries marked on the inner maps."""
+    """The paper's Figure 3 panels: CKA, cos² of first-PC scores, CKA with the first PC removed, and the
+    first-PC variance share per representation; the block outlined (shaded on the share), body-layer
+    boundaries marked on the inner maps."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    _plot_share(axes[3], g)
+    axes = axes[:3]
     lines = _boundaries(g.layers) if len(set(g.layers)) < len(g.layers) else []
     for ax, (measure, label) in zip(axes, MEASURES.items()):
         im = ax.imshow(g.matrix(measure).to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
@@ -206,6 +225,19 @@ def plot_maps(g: Granularity, path: Path, title: str) -> None:
     fig.suptitle(title + (f" — block {g.names[g.block[0]]} .. {g.names[g.block[1]]}" if g.block else " — no block"),
                  fontsize=9)
     write_figure(fig, path)
+
+
+def _plot_share(ax, g: Granularity) -> None:
+    share = np.asarray(g.stats.first_pc_share())
+    ax.plot(range(len(share)), share, marker="." if len(share) > 30 else "o", color="C2")
+    if g.block:
+        ax.axvspan(g.block[0] - 0.5, g.block[1] + 0.5, color="cyan", alpha=0.15, label="block")
+        ax.legend(fontsize=7)
+    for pos in _boundaries(g.layers) if len(set(g.layers)) < len(g.layers) else []:
+        ax.axvline(pos, color="grey", lw=0.3, alpha=0.5)
+    ax.set(title="first-PC variance share", xlabel="representation" if len(set(g.layers)) < len(g.layers)
+           else "layer", ylim=(0, 1))
+    ax.grid(alpha=0.3)
 
 
 def plot_block_vs_tunnel(frame: pd.DataFrame, row: dict[str, Any], depth: int, path: Path) -> None:
