@@ -19,10 +19,10 @@ SUMMARY = "block_structure_summary.csv"
 # The table's columns: the block and its statistics at the body layers' granularity (the layers the tunnel is
 # cut at), then the inner block's share, so a row never mixes two blocks.
 SHOWN = {"train acc": "train acc (%)", "test acc": "test acc (%)", "block (body layers)": "block (layers)",
-         "block share of depth": "block share", "cka_in_block (body layers)": "CKA in block",
-         "cka_in_block_without_first_pc (body layers)": "CKA in block, PC removed",
-         "first_pc_share_in_block (body layers)": "PC share in block",
-         "first_pc_share_out_of_block (body layers)": "PC share outside",
+         "block share of depth": "block share", "CKA in block (body layers)": "CKA in block",
+         "CKA in block, first PC removed (body layers)": "CKA in block, PC removed",
+         "first-PC share in block (body layers)": "PC share in block",
+         "first-PC share outside block (body layers)": "PC share outside",
          "block share of inner representations": "inner block share",
          "cross-seed CKA in block": "cross-seed CKA in block", "cross-seed CKA outside block": "cross-seed CKA outside"}
 
@@ -32,14 +32,15 @@ def has_blocks(sweep_dir: Path, manifest: dict[str, Any]) -> bool:
 
 
 def config_row(config_dir: Path) -> dict[str, Any] | None:
-    """Mean over the configuration's seeds of the numeric summary, the first seed's block, and the cross-seed
-    CKA from the configuration's seed table (when it has two seeds or more)."""
+    """Mean over the configuration's seeds of the numeric summary (NaN-skipping: a block's statistics over the
+    seeds that have one), every seed's block, and the cross-seed CKA from the configuration's seed table (when it
+    has two seeds or more)."""
     runs = [r for r in seed_dirs(config_dir) if (r / SUMMARY).exists()]
     if not runs:
         return None
     rows = pd.concat([pd.read_csv(r / SUMMARY) for r in runs], ignore_index=True)
     row: dict[str, Any] = rows.select_dtypes("number").mean().to_dict()
-    row["block (body layers)"] = rows["block (body layers)"].iloc[0]
+    row["block (body layers)"] = " / ".join(map(str, rows["block (body layers)"]))  # every seed's
     row["seeds"] = len(runs)
     table = config_dir / f"{config_dir.name}_block_structure.csv"
     if table.exists():
@@ -61,9 +62,10 @@ def block_sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     shown.to_csv(sweep_dir / "block_structure.csv")
     md = (f"### {manifest['name']}: block structure per configuration (Nguyen et al. 2021, Figures 1-2)\n\n"
           + shown.to_markdown(floatfmt=".3g") + "\n\n- the block by the rule of the runs' analyses.block_threshold "
-          "and block_min_layers over the body layers (first seed's span; statistics mean over seeds); inner block "
-          "share: the same rule over every intermediate representation\n- cross-seed CKA: configurations with two "
-          "seeds or more (the CPU sweeps have one; the CPU scenario has two)\n")
+          "and block_min_layers over the body layers, each seed's span (seed 0 / seed 1 ...); block share: mean over "
+          "seeds; CKA and first-PC share in the block: mean over the seeds that have one; inner block share: the "
+          "same rule over every intermediate representation\n- cross-seed CKA (diagonal of the map between the "
+          "first two seeds' layers, in and out of the first seed's block): configurations with two seeds or more\n")
     (sweep_dir / "block_structure.md").write_text(md)
     axes = [a for a in manifest["axes"] if a != "seed"]
     for measure, suffix in (("cka", ""), ("cka_without_pc", "_without_pc")):

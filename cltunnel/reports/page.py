@@ -43,7 +43,8 @@ FIGURES = [
     ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
     ("block_structure_inner.png", "Block structure (Nguyen et al. 2021, Fig. 3 layout) over every intermediate "
                                   "representation of the model after task 1: linear CKA, cos² of first-PC scores, "
-                                  "CKA with each layer's first PC removed; the block (CKA rule) outlined."),
+                                  "CKA with each layer's first PC removed (the block, by the CKA rule, outlined), and the "
+                                  "first-PC variance share per representation."),
     ("block_structure_layers.png", "The same three maps over the body layers (the layers the tunnel is cut at)."),
     ("block_vs_tunnel.png", "The block beside the tunnel on the same model: probe accuracy, numerical rank (share of "
                             "its largest) and first-PC variance share per layer; the block shaded, each rule's k."),

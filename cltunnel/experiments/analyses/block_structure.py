@@ -47,6 +47,9 @@ from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.training.accuracy import predict_accuracy
 
 CKA_BATCH = 500  # rows per CKA minibatch (the one rule, cltunnel.measures.similarity.cka_batches)
+SUMMARY_NAMES = {"cka_in_block": "CKA in block", "cka_in_block_without_first_pc": "CKA in block, first PC removed",
+                 "first_pc_share_in_block": "first-PC share in block",
+                 "first_pc_share_out_of_block": "first-PC share outside block"}  # block_summary's keys in words
 MEASURES = {"cka": "linear CKA", "pc_cos2": "cos² of first-PC scores", "cka_without_pc": "CKA, first PC removed"}
 
 
@@ -142,12 +145,12 @@ def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity],
     g = grains["layers"]
     row["block (body layers)"] = f"{g.block[0] + 1}-{g.block[1] + 1}" if g.block else "none"
     row["block share of depth"] = (g.block[1] - g.block[0] + 1) / run.depth if g.block else 0.0  # n, as k's share
-    row.update({f"{key} (body layers)": value for key, value in
+    row.update({f"{SUMMARY_NAMES[key]} (body layers)": value for key, value in
                 block_summary(g.stats.cka(), g.stats.cka_without_first_pc(), g.stats.first_pc_share(), g.block).items()})
     i = grains["inner"]
     row["block (inner)"] = f"{i.names[i.block[0]]} .. {i.names[i.block[1]]}" if i.block else "none"
     row["block share of inner representations"] = (i.block[1] - i.block[0] + 1) / len(i.names) if i.block else 0.0
-    row.update({f"{key} (inner)": value for key, value in
+    row.update({f"{SUMMARY_NAMES[key]} (inner)": value for key, value in
                 block_summary(i.stats.cka(), i.stats.cka_without_first_pc(), i.stats.first_pc_share(), i.block).items()})
     if g.block:
         row["probe acc at block start"] = frame["probe_acc"].iloc[g.block[0]]
