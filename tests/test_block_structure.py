@@ -49,10 +49,10 @@ def test_inner_representations_in_forward_order_read_when_they_exist():
     x = torch.randn(8, 3, 32, 32)
     reps = inner_representations(model, x[:2])
     per_block = ["conv1", "bn1", "relu1", "conv2", "bn2", "add", "relu2"]
-    assert [r.label for r in reps] == (["stem.0", "stem.1", "stem.2"]
+    assert [r.path for r in reps] == (["stem.0", "stem.1", "stem.2"]
                                        + [f"{b}.{m}" for b in ("block1_1", "block2_1", "block3_1") for m in per_block]
                                        + ["pool.0"])
-    assert not any("shortcut" in r.label for r in reps)
+    assert not any("shortcut" in r.path for r in reps)
     assert [r.layer for r in reps][:4] == [1, 1, 1, 2]
     grams: dict[int, torch.Tensor] = {}
     with torch.no_grad(), hooked(reps, lambda i, out: grams.__setitem__(i, gram_matrix(out))):

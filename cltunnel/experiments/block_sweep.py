@@ -75,13 +75,14 @@ def block_sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
 
 def _grid_positions(manifest: dict[str, Any], configs: list[str], axes: list[str]
                     ) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
-    """Rows: values of the first axis; columns: of the second (a single column with one axis), in sweep order."""
-    label = lambda c, a: str(manifest["configs"][c]["labels"][a])  # noqa: E731  (axis -> its label in the run name)
-    first = list(dict.fromkeys(label(c, axes[0]) for c in configs)) if axes else [""]
-    second = list(dict.fromkeys(label(c, axes[1]) for c in configs)) if len(axes) > 1 else [""]
-    where = {c: (first.index(label(c, axes[0])) if axes else 0, second.index(label(c, axes[1])) if len(axes) > 1 else 0)
-             for c in configs}
-    return first, second, where
+    """Rows: values of the first axis; columns: of the second (a single row or column where there is none),
+    in sweep order."""
+    def label(config: str, position: int) -> str:
+        return str(manifest["configs"][config]["labels"][axes[position]]) if position < len(axes) else ""
+
+    rows = list(dict.fromkeys(label(c, 0) for c in configs))
+    columns = list(dict.fromkeys(label(c, 1) for c in configs))
+    return rows, columns, {c: (rows.index(label(c, 0)), columns.index(label(c, 1))) for c in configs}
 
 
 def plot_grid(sweep_dir: Path, manifest: dict[str, Any], configs: list[str], axes: list[str], measure: str,

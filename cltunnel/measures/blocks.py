@@ -71,13 +71,14 @@ class BlockStats:
         n = grams[0].shape[0]
         if n < CKA_MIN_ROWS:
             raise ValueError(f"a first-PC minibatch needs at least {CKA_MIN_ROWS} rows, got {n}")
-        pcs = [first_pc(centre_gram(g)) for g in grams]
+        centred = [centre_gram(g) for g in grams]
+        pcs = [first_pc(k) for k in centred]
         lambda1 = torch.tensor([pc[0] for pc in pcs], dtype=torch.float64)
         trace = torch.tensor([pc[1] for pc in pcs], dtype=torch.float64)
         u = torch.stack([pc[2] for pc in pcs])
         cos2 = (n * (u @ u.T) ** 2).cpu()
         self._cka.add_grams(grams)
-        self._cka_no_pc.add_grams([remove_first_pc(centre_gram(g), pc[2]) for g, pc in zip(grams, pcs)])
+        self._cka_no_pc.add_grams([remove_first_pc(k, pc[2]) for k, pc in zip(centred, pcs)])
         self.lambda1 = lambda1 if self.lambda1 is None else self.lambda1 + lambda1
         self.trace = trace if self.trace is None else self.trace + trace
         self.cos2 = cos2 if self.cos2 is None else self.cos2 + cos2

@@ -94,8 +94,6 @@ def gram_matrix(f: torch.Tensor) -> torch.Tensor:
     return f @ f.T
 
 
-_gram = gram_matrix
-
 
 class PairedCKA:
     """Linear CKA between matching representations (layer k of two models), streamed over minibatches:
@@ -105,7 +103,7 @@ class PairedCKA:
         self.sums: dict[object, list[torch.Tensor]] = {}
 
     def add(self, key: object, x: torch.Tensor, y: torch.Tensor) -> None:
-        hsic = _hsic_matrix([_gram(x), _gram(y)]).cpu()
+        hsic = _hsic_matrix([gram_matrix(x), gram_matrix(y)]).cpu()
         terms = [hsic[0, 1], hsic[0, 0], hsic[1, 1]]
         old = self.sums.get(key)
         self.sums[key] = terms if old is None else [a + b for a, b in zip(old, terms)]
@@ -131,7 +129,7 @@ class CKAMatrix:
         self.hsic: torch.Tensor | None = None
 
     def add(self, features: list[torch.Tensor]) -> None:
-        self.add_grams([_gram(f) for f in features])
+        self.add_grams([gram_matrix(f) for f in features])
 
     def add_grams(self, grams: list[torch.Tensor]) -> None:
         if self.hsic is not None and self.hsic.shape[0] != len(grams):

@@ -32,10 +32,6 @@ class InnerRepresentation:
     path: str
     module: nn.Module
 
-    @property
-    def label(self) -> str:
-        return self.path
-
 
 @torch.no_grad()
 def inner_representations(model: LayeredModel, example: torch.Tensor) -> list[InnerRepresentation]:

@@ -78,7 +78,7 @@ def measure_granularities(run: LoadedRun, model: LayeredModel, task: int = 0) ->
     reps = inner_representations(model, first[:2])
     layers = Granularity([f"{k} {n}" for k, n in enumerate(model.layer_names, 1)],
                          list(range(1, len(model.body) + 1)), BlockStats())
-    inner = Granularity([r.label for r in reps], [r.layer for r in reps], BlockStats())
+    inner = Granularity([r.path for r in reps], [r.layer for r in reps], BlockStats())
     for x in [first, *batches]:
         grams: list[torch.Tensor | None] = [None] * len(reps)
         with hooked(reps, lambda i, out: grams.__setitem__(i, gram_matrix(out))):
@@ -116,7 +116,7 @@ def deletion(run: LoadedRun, model: LayeredModel, block: tuple[int, int] | None,
             "test acc, block deleted, head retrained": 100 * probe_accuracy(pruned, run.data, t, probes, [last])[last]}
 
 
-def per_layer_frame(run: LoadedRun, grains: dict[str, Granularity], profile: pd.DataFrame) -> pd.DataFrame:
+def per_layer_frame(grains: dict[str, Granularity], profile: pd.DataFrame, starts: dict[str, int]) -> pd.DataFrame:
     """The block beside the tunnel in one table, per body layer: probe accuracy, numerical rank and its cap,
     first-PC share, inside the block or not, and the marks: where the block starts and each rule's k."""
     g = grains["layers"]
@@ -125,40 +125,42 @@ def per_layer_frame(run: LoadedRun, grains: dict[str, Granularity], profile: pd.
     frame = profile[["name", "probe_acc", "rank", "rank_cap"]].copy()
     frame["first_pc_share"] = share
     frame["in_block"] = inside
-    acc, ranks = profile_series(frame)
     marks: dict[int, list[str]] = {k: [] for k in frame.index}
     if g.block:
         marks[g.block[0] + 1].append("block starts")
-    for rule, k in rule_starts(acc, ranks).items():
+    for rule, k in starts.items():
         marks[k].append(f"k ({rule})")
     frame["marks"] = ["; ".join(m) for m in marks.values()]
     return frame
 
 
-def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity], frame: pd.DataFrame
-            ) -> dict[str, Any]:
+def block_columns(g: Granularity, span: str, of: str, share_of: str, total: int) -> dict[str, Any]:
+    """One granularity's block in the summary: its span, its share of ``total`` (column "block share of
+    ``share_of``") and :func:`block_summary`, each column named with ``of`` (body layers, inner)."""
+    columns: dict[str, Any] = {f"block ({of})": span if g.block else "none",
+                               f"block share of {share_of}": (g.block[1] - g.block[0] + 1) / total if g.block else 0.0}
+    found = block_summary(g.stats.cka(), g.stats.cka_without_first_pc(), g.stats.first_pc_share(), g.block)
+    return columns | {f"{SUMMARY_NAMES[key]} ({of})": value for key, value in found.items()}
+
+
+def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity], frame: pd.DataFrame,
+            starts: dict[str, int]) -> dict[str, Any]:
     """One row: accuracies, the block (both granularities) as layers and share of depth, its CKA with and
     without the first PC, first-PC shares in and out of it, probes across it, deletion, each rule's k."""
     t = run.data.scenario.tasks[0]
     row: dict[str, Any] = {"train acc": 100 * predict_accuracy(model, run.data, t, split="eval_train"),
                            "test acc": 100 * predict_accuracy(model, run.data, t)}
-    g = grains["layers"]
-    row["block (body layers)"] = f"{g.block[0] + 1}-{g.block[1] + 1}" if g.block else "none"
-    row["block share of depth"] = (g.block[1] - g.block[0] + 1) / run.depth if g.block else 0.0  # n, as k's share
-    row.update({f"{SUMMARY_NAMES[key]} (body layers)": value for key, value in
-                block_summary(g.stats.cka(), g.stats.cka_without_first_pc(), g.stats.first_pc_share(), g.block).items()})
-    i = grains["inner"]
-    row["block (inner)"] = f"{i.names[i.block[0]]} .. {i.names[i.block[1]]}" if i.block else "none"
-    row["block share of inner representations"] = (i.block[1] - i.block[0] + 1) / len(i.names) if i.block else 0.0
-    row.update({f"{SUMMARY_NAMES[key]} (inner)": value for key, value in
-                block_summary(i.stats.cka(), i.stats.cka_without_first_pc(), i.stats.first_pc_share(), i.block).items()})
+    g, i = grains["layers"], grains["inner"]
+    row.update(block_columns(g, f"{g.block[0] + 1}-{g.block[1] + 1}" if g.block else "", "body layers", "depth",
+                             run.depth))  # a share of n, as k's share
+    row.update(block_columns(i, f"{i.names[i.block[0]]} .. {i.names[i.block[1]]}" if i.block else "", "inner",
+                             "inner representations", len(i.names)))
     if g.block:
         row["probe acc at block start"] = frame["probe_acc"].iloc[g.block[0]]
         row["probe acc at block end"] = frame["probe_acc"].iloc[g.block[1]]
     row["probe acc at last layer"] = frame["probe_acc"].iloc[-1]
     row.update(deletion(run, model, g.block))
-    acc, ranks = profile_series(frame)
-    row.update({f"tunnel start, rule {rule}": k for rule, k in rule_starts(acc, ranks).items()})
+    row.update({f"tunnel start, rule {rule}": k for rule, k in starts.items()})
     row["block first layer"] = g.block[0] + 1 if g.block else None
     row["depth n"] = run.depth
     return row
@@ -168,8 +170,10 @@ def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity],
 def block_structure_analysis(run: LoadedRun) -> pd.DataFrame:
     model = run.model(0)
     grains = measure_granularities(run, model)
-    frame = per_layer_frame(run, grains, tunnel_profile(run))
-    row = summary(run, model, grains, frame)
+    profile = tunnel_profile(run)
+    starts = rule_starts(*profile_series(profile))
+    frame = per_layer_frame(grains, profile, starts)
+    row = summary(run, model, grains, frame, starts)
     out = run.run_dir
     frame.to_csv(out / "block_structure.csv")
     for name, g in grains.items():
