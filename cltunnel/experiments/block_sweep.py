@@ -12,7 +12,9 @@ from typing import Any
 
 import pandas as pd
 
+from cltunnel.experiments.analyses.block_structure import shown_value
 from cltunnel.reports.figures import pyplot, write_figure
+from cltunnel.reports.tables import markdown_table
 from cltunnel.store import seed_dirs
 
 SUMMARY = "block_structure_summary.csv"
@@ -61,7 +63,7 @@ def block_sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     shown.index.name = "configuration"
     shown.to_csv(sweep_dir / "block_structure.csv")
     md = (f"### {manifest['name']}: block structure per configuration (Nguyen et al. 2021, Figures 1-2)\n\n"
-          + shown.to_markdown(floatfmt=".3g") + "\n\n- the block by the rule of the runs' analyses.block_threshold "
+          + markdown_table(shown.map(shown_value)) + "\n\n- the block by the rule of the runs' analyses.block_threshold "
           "and block_min_layers over the body layers, each seed's span (seed 0 / seed 1 ...); block share: mean over "
           "seeds; CKA and first-PC share in the block: mean over the seeds that have one; inner block share: the "
           "same rule over every intermediate representation\n- cross-seed CKA (diagonal of the map between the "

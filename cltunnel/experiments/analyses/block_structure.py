@@ -188,7 +188,7 @@ def block_structure_analysis(run: LoadedRun) -> pd.DataFrame:
              f"are all >= {run.options.block_threshold} (task-1 test rows, {len(run.data.scenario.tasks[0].test_idx)})",
              "first principal components taken per CKA minibatch (>= 500 rows where there are 500), shares as "
              "ratios of sums over minibatches"]
-    shown = pd.Series({k: _shown(v) for k, v in row.items()}, name="value").to_frame()
+    shown = pd.Series({k: shown_value(v) for k, v in row.items()}, name="value").to_frame()
     md = "### Block structure (Nguyen et al. 2021) beside the tunnel\n\n" + shown.to_markdown() + "\n\n" + \
         "\n".join(f"- {n}" for n in notes) + "\n"
     (out / "block_structure_summary.md").write_text(md)
@@ -196,7 +196,7 @@ def block_structure_analysis(run: LoadedRun) -> pd.DataFrame:
     return frame
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
     """Numbers to three significant digits (accuracies to one decimal), NaN and None as a dash."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
