@@ -108,7 +108,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from cltunnel.models.zoo import MODELS
+    from cltunnel.models.zoo import FAMILIES, MODELS
     from cltunnel.training.strategies import STRATEGIES
 
     if args.scenarios:
@@ -117,6 +117,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         where, names = shipped_scenarios()
     print(f"scenarios ({where}; run one by name: cltunnel run quickstart):", ", ".join(names) or "(none found)")
     print("models:", ", ".join(sorted(MODELS)))
+    for family in FAMILIES.values():
+        print(family.describe())
     print("strategies:", ", ".join(STRATEGIES), "(or strategy: {class: 'package.module:ClassName'})")
     return 0
 

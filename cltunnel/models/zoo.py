@@ -11,6 +11,7 @@ through :func:`wrap_model` by naming its layers.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from cltunnel.config import ConfigError, RunConfig
 from cltunnel.data.scenarios import SplitScenario
+from cltunnel.models import timm_models
 from cltunnel.models.layered import LayeredModel
+from cltunnel.registry import Registry
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -156,7 +159,15 @@ def mlp_layers(depth: int, width: float, in_shape: tuple[int, int, int], hidden:
 BodyBuilder = Callable[..., "tuple[OrderedDict[str, nn.Module], int]"]
 
 
-MODELS: dict[str, BodyBuilder] = {}
+MODELS: Registry[BodyBuilder] = Registry("model", ConfigError)
+
+
+def register_model(name: str, builder: BodyBuilder | None = None) -> Any:
+    """Add an architecture: ``register_model("my_net", f)`` or ``@register_model("my_net")`` on
+    ``f(width, in_shape, **args) -> (OrderedDict of named body layers, feature width)``. Layer k is the k-th
+    entry; ``model: {name: my_net, args: {...}}`` then trains it, checkpoints rebuild it (the registering
+    module must be imported first, e.g. by the strategy or analysis module the scenario names)."""
+    return MODELS.register(name, builder)
 
 
 for _d in VGG_STAGES:
@@ -175,12 +186,26 @@ MODELS["cifar_resnet"] = lambda width, in_shape, depth=20, skip=True: resnet_lay
 MODELS["mlp"] = lambda width, in_shape, depth=12, hidden=1024: mlp_layers(depth, width, in_shape, hidden)
 
 
+# Prefixed families, "<prefix>:<name>" (e.g. "timm:resnet18"): prefix -> the module that builds and checks them
+# (``build_body(name, width, in_shape, **args)``, ``check(name, width, args, in_shape)``, ``describe()``).
+FAMILIES: dict[str, Any] = {timm_models.PREFIX: timm_models}
+
+
+def builder(name: str) -> BodyBuilder:
+    """The body builder of a registered name or of a prefixed family's name ("timm:resnet18")."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in FAMILIES:
+        return functools.partial(FAMILIES[prefix].build_body, rest)
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; valid: {', '.join(sorted(MODELS))}, "
+                         f"{', '.join(p + ':<name>' for p in FAMILIES)}")
+    return MODELS[name]
+
+
 def build_model(name: str, head_sizes: list[int], in_shape: tuple[int, int, int], width: float = 1.0,
                 **kwargs) -> LayeredModel:
     """Build a registered architecture with one head per entry of ``head_sizes`` (task id = position)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; valid: {', '.join(sorted(MODELS))}")
-    layers, feat_dim = MODELS[name](width=width, in_shape=in_shape, **kwargs)
+    layers, feat_dim = builder(name)(width=width, in_shape=in_shape, **kwargs)
     heads = {str(t): nn.Linear(feat_dim, n) for t, n in enumerate(head_sizes)}
     return LayeredModel(layers, heads, arch=name)
 
@@ -200,10 +225,13 @@ def check_model(name: str, width: float, args: dict[str, Any], head_sizes: list[
                 in_shape: tuple[int, int, int]) -> int:
     """Build the architecture on the meta device (no memory, no data) to prove the name and arguments work;
     returns its number of body layers, so a tunnel start can be checked against it before any work."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in FAMILIES:  # the family builds on meta and words its own errors
+        return FAMILIES[prefix].check(rest, width, args, in_shape)
     if name not in MODELS:
-        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        close = difflib.get_close_matches(name, list(MODELS) + [f"{p}:{rest}" for p in FAMILIES if sep], n=1)
         raise ConfigError(f"model.name: unknown model '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                          + f"; valid: {', '.join(sorted(MODELS))}")
+                          + f"; valid: {', '.join(sorted(MODELS))}, {', '.join(p + ':<name>' for p in FAMILIES)}")
     try:
         with torch.device("meta"):
             model = build_model(name, head_sizes, in_shape, width, **args)
