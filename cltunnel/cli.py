@@ -1,7 +1,8 @@
-"""``cltunnel run | check | list | analyze | sweep | campaign | table | report | convert``: argument parsing and one-line errors.
+"""``cltunnel run | check | list | analyze | sweep | campaign | table | report | reproduce | convert``: argument parsing and one-line errors.
 
 Expected failures (:class:`~cltunnel.errors.CltunnelError`) print one line and exit 2; anything else is a
-bug and keeps its traceback.
+bug and keeps its traceback. A run whose scenario states ``expect:`` bands prints one line per band and exits 3
+(:data:`~cltunnel.expectations.EXIT_VIOLATED`) when one is violated; ``reproduce`` exits 1 on a drift.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from cltunnel.expectations import EXIT_VIOLATED, evaluate
     from cltunnel.experiments import protocol_for
     from cltunnel.runs import report_path, run_scenario
 
@@ -81,7 +83,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"results: {out}")
     if cfg.logging.report:
         print(f"report: {report_path(cfg)}")
-    return 0
+    outcomes = evaluate(cfg)  # expect: one line per band, as in expectations.txt
+    for outcome in outcomes:
+        print(f"expect: {outcome.line()}")
+    return EXIT_VIOLATED if any(not o.held for o in outcomes) else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -215,6 +220,23 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from cltunnel.reproduce import EXIT_DRIFT, MANIFEST, list_references, load_manifest, reproduce
+
+    manifest = Path(args.manifest) if args.manifest else MANIFEST if MANIFEST.exists() else \
+        Path(__file__).resolve().parents[1] / MANIFEST
+    try:
+        if args.list:
+            print(list_references(load_manifest(manifest)))
+            return 0
+        results = reproduce(args.names, manifest, quick=args.quick, keep=Path(args.keep) if args.keep else None,
+                            record_results=args.record)
+    except CltunnelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return EXIT_DRIFT if any(r.error or r.drifts for r in results) else 0
+
+
 def _scenario_parser(sub: Any, name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
     """A command that takes a scenario and the overrides ``run`` and ``check`` share."""
     cmd = sub.add_parser(name, help=help_text)
@@ -267,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="campaign_out", help="where the packed results go (<= 8 files of <= 16 MiB)")
     cmp.add_argument("--dry-run", action="store_true", help="list what would run, with estimated minutes")
     cmp.set_defaults(func=_cmd_campaign)
+    rpr = sub.add_parser("reproduce", help="re-run committed references (tables/REFERENCES.yaml) and compare their "
+                         "pinned numbers; exit 1 on a drift")
+    rpr.add_argument("names", nargs="*", help="references to re-run (default with --quick: every quick form)")
+    rpr.add_argument("--list", action="store_true", help="every reference: device, cost, made at, last reproduced")
+    rpr.add_argument("--quick", action="store_true", help="the reduced forms CI can afford (a few minutes on 2 cores)")
+    rpr.add_argument("--manifest", help="default: tables/REFERENCES.yaml here, else the checkout's")
+    rpr.add_argument("--keep", help="make the temporary run directories under this directory (kept)")
+    rpr.add_argument("--record", action="store_true", help="write each match's date and commit into the manifest")
+    rpr.set_defaults(func=_cmd_reproduce)
     cnv = sub.add_parser("convert", help="rewrite checkpoints of cltunnel < 0.2 (pickled strategy state) as plain data")
     cnv.add_argument("checkpoints", nargs="+", help="task<t>.pt files you made yourself")
     cnv.add_argument("--trust", action="store_true", help="I made these files: unpickling them is safe")

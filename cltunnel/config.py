@@ -236,6 +236,7 @@ class RunConfig:
     narrow_resnet: NarrowResnetConfig | None = None  # set: narrow ResNets on toy maps (experiments.narrow_resnet)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    expect: dict[str, Any] = field(default_factory=dict)  # bands [low, high] the run checks (cltunnel.expectations)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -249,7 +250,7 @@ class RunConfig:
         training.
         """
         d = self.to_dict()
-        for key in ("seeds", "device", "output_dir", "analyses", "name", "logging", "evaluation"):
+        for key in ("seeds", "device", "output_dir", "analyses", "name", "logging", "evaluation", "expect"):
             d.pop(key)
         d["training"].pop("resume_every")  # how often state is saved does not change the numbers
         if d["training"]["capture"] == "auto":  # runs from before the setting keep their fingerprint

@@ -15,6 +15,7 @@ from cltunnel.config import ConfigError, RunConfig, parse_tunnel_start
 from cltunnel.data.device import resolve_device
 from cltunnel.data.images import DATASETS, ImageData, load_data
 from cltunnel.data.scenarios import resolve_class_order, task_sizes
+from cltunnel.expectations import check_expect, evaluate, write_outcomes
 from cltunnel.experiments import Protocol, protocol_for, protocol_for_saved
 from cltunnel.measures.tunnel import check_tunnel_start
 from cltunnel.models.zoo import check_model
@@ -33,6 +34,7 @@ def preflight(cfg: RunConfig, create: bool = False) -> Protocol:
     protocol = protocol_for(cfg)
     if protocol.needs_data:
         _check_data_section(cfg, protocol)
+    check_expect(cfg)
     resolve_device(cfg.device)
     check_writable(cfg.output_dir, create=create)
     return protocol
@@ -87,6 +89,7 @@ def run_scenario(cfg: RunConfig, progress: bool = True) -> Path:
         run_seed(cfg, seed, data, progress)
     scenario_dir = scenario_dir_of(cfg)
     protocol.aggregate(scenario_dir)
+    write_outcomes(scenario_dir, evaluate(cfg))  # the bands of expect: (the page shows them)
     if cfg.logging.report:
         build_report(scenario_dir)
     return scenario_dir

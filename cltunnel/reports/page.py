@@ -17,6 +17,7 @@ from pathlib import Path
 import markdown
 import pandas as pd
 
+from cltunnel.expectations import EXPECTATIONS_FILE
 from cltunnel.reports.provenance import load_provenance
 from cltunnel.reports.tables import format_mean_std, markdown_table
 from cltunnel.store import CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs
@@ -149,6 +150,7 @@ def report_markdown(directory: Path) -> str:
         parts += [f"- [{p.name}]({p.name}/{REPORT_HTML})" for p in subpages] + [""]
     if results:
         parts += ["## Results in one line", ""] + results + [""]
+    parts += _expectations_section(directory, kind)
     parts += _figures_section(directory) + _tables_section(directory)
     parts += _config_section(directory, kind, subpages) + _provenance_section(directory, kind, subpages)
     return "\n".join(parts) + "\n"
@@ -163,6 +165,19 @@ def page_title(directory: Path, kind: str) -> str:
         seeds = [p.name.removeprefix("seed") for p in seed_dirs(directory, CONFIG_FILE)]
         return f"{directory.name}: {len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(seeds)}), mean ± std"
     return f"{directory.name}: sweep report"
+
+
+def _expectations_section(directory: Path, kind: str) -> list[str]:
+    """The scenario's ``expect:`` bands, one line each, held or violated (a seed's page shows its scenario's)."""
+    path = next((d / EXPECTATIONS_FILE for d in ([directory, directory.parent] if kind == "run" else [directory])
+                 if (d / EXPECTATIONS_FILE).exists()), None)
+    if path is None:
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    violated = sum(line.startswith("VIOLATED") for line in lines)
+    where = "" if path.parent == directory else " (of the scenario, over its seeds)"
+    head = f"{violated} of {len(lines)} violated" if violated else f"all {len(lines)} held"
+    return [f"## Expected bands{where}: {head}", ""] + [f"- {line}" for line in lines] + [""]
 
 
 def _figures_section(directory: Path) -> list[str]:

@@ -1,0 +1,81 @@
+"""``cltunnel reproduce``: a reference re-made from its command matches; a changed number is a drift named with
+its old and new value (exit 1); the committed manifest names a reference folder for every entry."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cltunnel.cli import main as cli_main
+from cltunnel.reproduce import Result, compare_files, load_manifest, read_cell, record
+
+REPO = Path(__file__).resolve().parents[1]
+# a narrow-ResNet scenario of seconds: no data read, deterministic on a CPU
+TINY = ("cltunnel run narrow_resnet --no-progress --seed 0 --set narrow_resnet.tasks=[x2] "
+        "--set narrow_resnet.regimes=[mlp,resnet] --set narrow_resnet.depths=[2] --set narrow_resnet.epochs=3 "
+        "--set narrow_resnet.points=200 --set narrow_resnet.grid=41 --set seeds=[0]")
+
+
+def test_committed_manifest_names_existing_references_and_pins_their_values():
+    refs = load_manifest(REPO / "tables" / "REFERENCES.yaml")
+    assert {"narrow_resnet", "quickstart", "gpu_split5"} <= set(refs)
+    for name, entry in refs.items():
+        folder = REPO / entry["path"]
+        assert folder.is_dir(), name
+        for file in (entry.get("compare") or {}).get("files", []):
+            assert (folder / file).exists(), f"{name}: {file}"
+        for address, pin in (entry.get("pins") or {}).items():  # every pin is the committed file's number
+            assert read_cell(folder, address) == pytest.approx(pin["value"], abs=pin["tolerance"]), f"{name}: {address}"
+
+
+@pytest.mark.slow
+def test_reproduce_matches_a_remade_reference_and_names_a_drift(tmp_path, capsys):
+    # make the reference once with the same command, as a committed folder would hold it
+    made = tmp_path / "made"
+    made.mkdir()
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    manifest = tables / "REFERENCES.yaml"
+    entry = {"path": "tables/tiny", "command": TINY, "output": "runs/narrow_resnet", "made_at": "test",
+             "device": "cpu", "cost": "10 s", "compare": {"files": ["narrow_resnet_x2.csv", "seed0/narrow_resnet.csv"],
+                                                         "tolerance": 1e-6}}
+    manifest.write_text(yaml.safe_dump({"references": {"tiny": {**entry, "path": "tables/none", "pins": {}}}}))
+    assert cli_main(["reproduce", "tiny", "--manifest", str(manifest), "--keep", str(made)]) == 1  # no reference yet
+    run = next(made.glob("cltunnel-reproduce-tiny-*")) / "runs" / "narrow_resnet"
+    shutil.copytree(run, tables / "tiny")
+    value = read_cell(tables / "tiny", "narrow_resnet_x2.csv[mlp, L=2][MSE ×1000 on U[-1, 1]]")
+    assert value == value  # a number, not NaN
+    entry["pins"] = {"narrow_resnet_x2.csv[mlp, L=2][MSE ×1000 on U[-1, 1]]": {"value": value, "tolerance": 1e-6}}
+    manifest.write_text(yaml.safe_dump({"references": {"tiny": entry}}))
+    # one committed number that the code no longer gives: the drift is named, with its old and new value, and
+    # it is the only one (every other number of the re-run matches)
+    csv = tables / "tiny" / "seed0" / "narrow_resnet.csv"
+    rows = csv.read_text().splitlines()
+    cells = rows[1].split(",")
+    new = float(cells[6])
+    cells[6] = repr(new + 0.5)
+    csv.write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
+    capsys.readouterr()
+    assert cli_main(["reproduce", "tiny", "--manifest", str(manifest)]) == 1
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("DRIFT"))
+    assert re.search(r"DRIFT tiny: 1 of \d\d numbers", line) and f"seed0/narrow_resnet.csv[#0][error]: {new + 0.5:.6g} -> {new:.6g}" in line
+    result = Result("tiny", 34, [])  # --record writes a match's date and commit
+    record(manifest, [result, Result("tiny2", 1, [], error="x")], quick=True, root=REPO)
+    assert yaml.safe_load(manifest.read_text())["references"]["tiny"]["last_reproduced"]["quick"] is True
+    assert cli_main(["reproduce", "--list", "--manifest", str(manifest)]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert cli_main(["reproduce", "nosuch", "--manifest", str(manifest)]) == 2
+
+
+def test_compare_files_checks_every_cell(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text(",mean,std\n,value,value\nACC,55.0,0.0\nBWT,,0.0\n")
+    b.write_text(",mean,std\n,value,value\nACC,55.0000001,0.0\nBWT,,0.0\n")
+    assert compare_files(a, b, 1e-6, "t.csv") == (4, [])
+    b.write_text(",mean,std\n,value,value\nACC,54.0,0.0\nBWT,1.0,0.0\n")
+    checked, drifts = compare_files(a, b, 1e-6, "t.csv")
+    assert checked == 4 and [d.name for d in drifts] == ["t.csv[ACC][value]", "t.csv[BWT][value]"]
+    assert read_cell(tmp_path, "a.csv[ACC][value]") == 55.0 and read_cell(tmp_path, "a.csv[ACC][std value]") == 0.0
