@@ -14,3 +14,27 @@ import warnings
 warnings.filterwarnings("ignore", message="no QP solver found")
 
 __version__ = "0.2.0"
+
+# The public API (README, "Extending cltunnel"), imported on first use so that ``import cltunnel.config`` stays
+# light: what the built-in analyses use themselves.
+PUBLIC = {
+    "analysis": "cltunnel.experiments.analyses.registry",  # @analysis(name, caption=...): a user's analysis
+    "Analysis": "cltunnel.experiments.analyses.registry",
+    "LoadedRun": "cltunnel.experiments.analyses.loading",  # what an analysis receives: run.dir, models, tasks, ...
+    "load_run": "cltunnel.experiments.analyses.loading",
+    "run_analyses": "cltunnel.experiments.analyses.driver",
+    "model_from_checkpoint": "cltunnel.training.checkpoints",
+    "build_model": "cltunnel.models.zoo",
+    "register_model": "cltunnel.models.zoo",
+    "LayeredModel": "cltunnel.models.layered",
+    "Registry": "cltunnel.registry",
+}
+__all__ = ["__version__", *PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(PUBLIC[name]), name)
+    raise AttributeError(f"module 'cltunnel' has no attribute '{name}'")

@@ -90,6 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    import cltunnel.experiments  # noqa: F401  (the analyses declare their files' captions on import)
     from cltunnel.reports.page import build_report
 
     try:
@@ -125,6 +126,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for family in FAMILIES.values():
         print(family.describe())
     print("strategies:", ", ".join(STRATEGIES), "(or strategy: {class: 'package.module:ClassName'})")
+    from cltunnel.experiments.analyses import built_in_names
+
+    print("analyses:", ", ".join(built_in_names()), "(or analyses: {run: ['module:function']})")
     return 0
 
 
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_cmd_list)
     ana = sub.add_parser("analyze", help="tunnel / swap / substitution / cka analyses of finished runs")
     ana.add_argument("run_dir", help="a run directory (seed<k>) or a scenario directory (all seeds)")
-    ana.add_argument("--analyses", help="comma-separated names of ANALYSIS_NAMES, e.g. tunnel,swap,block_structure (default: the YAML's, else all)")
+    ana.add_argument("--analyses", help="comma-separated analyses, built-in (tunnel,swap,block_structure, ...: `cltunnel list`) or "
+                     "a user's module:function (default: the YAML's, else every built-in)")
     ana.add_argument("--tunnel-start", type=int, help="extractor = layers 1..k (default: from probes)")
     ana.add_argument("--device", default="auto")
     ana.add_argument("--no-progress", action="store_true")

@@ -102,13 +102,10 @@ class EvaluationConfig:
 TUNNEL_RULE_NAMES = ("last", "peak", "rank")  # defined in cltunnel.measures.tunnel
 PROBE_PROTOCOLS = ("thesis", "official")  # see cltunnel.measures.probes.protocol_config
 
-# Each registered with @register_analysis by a module of cltunnel.experiments.analyses (checked on import).
-ANALYSIS_NAMES = ("tunnel", "swap", "substitution", "cka", "cka_layers", "development", "ood", "block_structure")
-
 
 @dataclass
 class AnalysesConfig:
-    run: list[str] = field(default_factory=list)  # after training: any of ANALYSIS_NAMES
+    run: list[str] = field(default_factory=list)  # after training: registered names or "module:function" (preflight)
     tunnel_start: str = "auto"  # extractor = layers 1..k: "auto" (probes of the model after task 1) or k
     tunnel_rule: str = "last"  # how "auto" picks k: last | peak | rank (cltunnel.measures.tunnel, README)
     tunnel_threshold: float | None = None  # the rule's share (default: last 0.95, peak 0.95, rank 0.10)
@@ -420,9 +417,6 @@ def validate(cfg: RunConfig) -> None:
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key}: must be at least 1, got {getattr(cfg.training, key)}")
     _validate_ranges(cfg)
-    unknown = [n for n in cfg.analyses.run if n not in ANALYSIS_NAMES]
-    if unknown:
-        raise ConfigError(f"analyses.run: unknown {unknown}; valid: {', '.join(ANALYSIS_NAMES)}")
     parse_tunnel_start(cfg.analyses.tunnel_start, "analyses.tunnel_start")
     for key, value, valid in (("tunnel_rule", cfg.analyses.tunnel_rule, TUNNEL_RULE_NAMES),
                               ("probe_protocol", cfg.analyses.probe_protocol, PROBE_PROTOCOLS)):

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cltunnel.config import PROTOCOL_SECTIONS, TUNNEL_RULE_NAMES, ConfigError, RunConfig
-from cltunnel.store import atomic_write_text, seed_dir
+from cltunnel.store import SWAP_TABLE, TUNNEL_START, atomic_write_text, seed_dir
 
 EXPECTATIONS_FILE = "expectations.txt"  # in the scenario directory: one line per band, held or violated
 EXIT_VIOLATED = 3  # `cltunnel run`'s exit status when a band is violated (2: the run could not be made)
@@ -270,7 +270,7 @@ def _read_term(run_dir: Path, term: str) -> float:
         rows = [r for r in frame.index if str(r).split(" [")[0] == f"task {m.group(1)}"]
         return _cell(frame, rows[0], "forgetting") if rows else math.nan
     if m := _SWAP.match(name):
-        path = run_dir / "swap_table.csv"
+        path = run_dir / SWAP_TABLE
         column = m.group(2).strip()
         column += " (exact rows)" if suffix and not column.endswith(" (exact rows)") else ""
         return _cell(pd.read_csv(path, index_col=0) if path.exists() else None, m.group(1).strip(), column)
@@ -281,7 +281,7 @@ def _read_term(run_dir: Path, term: str) -> float:
 
 def tunnel_starts(run_dir: Path) -> dict[str, float]:
     """Each rule's k from ``tunnel_start.txt`` (and ``used``: the k the analyses used)."""
-    path = Path(run_dir) / "tunnel_start.txt"
+    path = Path(run_dir) / TUNNEL_START
     if not path.exists():
         return {}
     starts: dict[str, float] = {}

@@ -17,6 +17,7 @@ from cltunnel.data.images import DATASETS, ImageData, load_data
 from cltunnel.data.scenarios import resolve_class_order, task_sizes
 from cltunnel.expectations import check_expect, evaluate, write_outcomes
 from cltunnel.experiments import Protocol, protocol_for, protocol_for_saved
+from cltunnel.experiments.analyses import check_analyses
 from cltunnel.measures.tunnel import check_tunnel_start
 from cltunnel.models.zoo import check_model
 from cltunnel.reports.page import REPORT_HTML, build_report
@@ -52,6 +53,7 @@ def _check_data_section(cfg: RunConfig, protocol: Protocol) -> None:
         n_layers = check_model(cfg.model.name, cfg.model.width, cfg.model.args, heads, in_shape)
         check_strategy_args(cfg.strategy)
         check_evaluation(cfg.evaluation)
+        check_analyses(cfg.analyses.run)  # built-in names and users' "module:function", imported here
         _check_tunnel_starts(cfg, n_layers)
 
 

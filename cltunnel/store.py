@@ -32,6 +32,22 @@ CHECKPOINT_PATTERN = "task{}.pt"
 EPOCH_DIR = "epochs"
 MANIFEST = "sweep.yaml"  # in a sweep's output directory: its configurations and axis labels
 LOCK_FILE = "run.lock"  # in a seed directory while a process writes it: "<pid> <host>"
+CAPTIONS_FILE = "captions.json"  # file name or pattern -> caption, of the outputs the analyses that ran declared
+ANALYSIS_NOTICES = "analysis_notices.txt"  # one line per user analysis that failed (the page shows them)
+
+# The analyses' files that other modules read back (seed tables, sweeps, Table 5.2.1): named here only.
+TUNNEL_PROFILE = "tunnel_profile.csv"
+TUNNEL_START = "tunnel_start.txt"
+SWAP_TABLE = "swap_table.csv"
+SWAP_META = "swap_meta.txt"
+SUBSTITUTION = "substitution.csv"
+CKA_M1_M2 = "cka_m1_m2.csv"
+OOD_PROBES = "ood_probes.csv"
+OOD_RHO = "ood_rho.txt"
+OOD_STRENGTH = "ood_strength.csv"
+BLOCK_STRUCTURE = "block_structure.csv"
+BLOCK_SUMMARY = "block_structure_summary.csv"
+DEVELOPMENT = "development.csv"
 
 
 class RunLocked(CltunnelError):

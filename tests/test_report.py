@@ -11,7 +11,7 @@ import pytest
 
 from cltunnel.cli import main as cli_main
 from cltunnel.config import parse_config
-from cltunnel.reports.page import FIGURES, caption
+from cltunnel.reports.page import caption, entries
 from cltunnel.runs import report_path, run_scenario
 from test_training import mnist_tiny
 
@@ -53,7 +53,7 @@ def test_the_page_is_self_contained_and_every_figure_decodes(scenario_dir, where
         assert pixels.ndim == 3 and pixels.shape[0] > 100
     assert not re.search(r'(src|href)="(https?:|/)', page)  # nothing fetched from elsewhere
     for png in directory.glob("*.png"):
-        assert caption(png.name, FIGURES), f"{png.name} has no caption"
+        assert caption(png.name, entries(directory, "figure")), f"{png.name} has no caption"
     md = (directory / "report.md").read_text()
     assert "## Provenance" in md and "## Resolved config" in md and "## Tables" in md
 

@@ -191,7 +191,7 @@ def test_analyses_on_a_real_run_agree_with_its_training_metrics(cifar10, tmp_pat
     # re-running one analysis from the CLI path with a given tunnel start
     out = run_analyses(run_dir, ["swap"], "cpu", parse_config({**raw, "analyses": {"tunnel_start": "2",
                                                                                  "probe": {"epochs": 1}}}).analyses)
-    assert out["swap"].attrs["tunnel_start"] == 2
+    assert out["swap"]["swap_table.csv"].attrs["tunnel_start"] == 2
     md = aggregate_seeds(run_dir.parent)
     assert any("Table 5.4.1" in m for m in md) and (run_dir.parent / "tiny_substitution.png").exists()
     assert (run_dir / "cka_layers_model2.png").exists() and (run_dir / "cka_layers_model1.csv").exists()
@@ -299,7 +299,7 @@ def test_bf16_training_keeps_the_surgery_identities(mnist, tmp_path):
         run_dir = run_seed(parse_config(raw), 0, mnist, progress=False)
         acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
         assert min(acc[0, 0], acc[1, 0], acc[1, 1]) > 50  # it learned: the identities are not between chance numbers
-        swap = run_analyses(run_dir, ["swap"], "cpu", parse_config(raw).analyses, progress=False, data=mnist)["swap"]
+        swap = run_analyses(run_dir, ["swap"], "cpu", parse_config(raw).analyses, progress=False, data=mnist)["swap"]["swap_table.csv"]
         assert swap.loc["E1 + T1", "first task"] == acc[0, 0]
         assert swap.loc["E2 + T2", "first task"] == acc[1, 0]
         assert swap.loc["E2 + T2", "second task"] == acc[1, 1]
@@ -322,7 +322,7 @@ def test_swap_endpoints_equal_the_accuracy_matrix_for_every_strategy(mnist, tmp_
                      analyses={"run": ["swap"], "probe": {"epochs": 1}, "tunnel_start": "2"})
     run_dir = run_seed(parse_config(raw), 0, mnist, progress=False)
     acc = 100 * np.asarray(load_metrics(run_dir)["acc"])
-    swap = run_analyses(run_dir, ["swap"], "cpu", parse_config(raw).analyses, progress=False, data=mnist)["swap"]
+    swap = run_analyses(run_dir, ["swap"], "cpu", parse_config(raw).analyses, progress=False, data=mnist)["swap"]["swap_table.csv"]
     assert swap.loc["E1 + T1", "first task"] == acc[0, 0]
     assert swap.loc["E2 + T2", "first task"] == acc[1, 0]
     assert swap.loc["E2 + T2", "second task"] == acc[1, 1]

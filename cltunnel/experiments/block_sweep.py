@@ -15,9 +15,9 @@ import pandas as pd
 from cltunnel.experiments.analyses.block_structure import shown_value
 from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import markdown_table
-from cltunnel.store import seed_dirs
+from cltunnel.store import BLOCK_SUMMARY, seed_dirs
 
-SUMMARY = "block_structure_summary.csv"
+SUMMARY = BLOCK_SUMMARY
 # The table's columns: the block and its statistics at the body layers' granularity (the layers the tunnel is
 # cut at), then the inner block's share, so a row never mixes two blocks.
 SHOWN = {"train acc": "train acc (%)", "test acc": "test acc (%)", "block (body layers)": "block (layers)",

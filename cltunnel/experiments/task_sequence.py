@@ -18,7 +18,7 @@ from cltunnel.experiments.shallow import DEPTH_AXIS, depth_report
 from cltunnel.experiments.temperature import TEMPERATURE_AXIS, temperature_report
 from cltunnel.reports.figures import pyplot
 from cltunnel.reports.tables import aggregate, forgetting_frame, render, write_table
-from cltunnel.store import METRICS_FILE, load_manifest, load_metrics, seed_dir, seed_dirs
+from cltunnel.store import CKA_M1_M2, METRICS_FILE, load_manifest, load_metrics, seed_dir, seed_dirs
 from cltunnel.training.loop import train_task_sequence
 
 
@@ -99,7 +99,7 @@ def _summary_row(acc: list[list[float]]) -> pd.DataFrame:
 def _combined_cka(sweep_dir: Path, configs: list[str]) -> str:
     per_config = {}
     for config in configs:
-        path = sweep_dir / config / f"{config}_cka_m1_m2.csv"
+        path = sweep_dir / config / f"{config}_{CKA_M1_M2}"
         if path.exists():
             frame = pd.read_csv(path, header=[0, 1], index_col=0)
             column = frame["mean"].iloc[:, 0]
@@ -109,7 +109,7 @@ def _combined_cka(sweep_dir: Path, configs: list[str]) -> str:
         return ""
     table = pd.DataFrame(per_config).sort_index()  # by layer number: models of other depths share the rows
     table.index.name = "layer"
-    table.to_csv(sweep_dir / "cka_m1_m2.csv")
+    table.to_csv(sweep_dir / CKA_M1_M2)
     _plot_cka(table, sweep_dir / "cka_m1_m2.png")
     md = "\n### CKA between the model after task 1 and after task 2, per layer (task-1 test data, mean over seeds)\n\n"
     md += table.round(3).to_markdown() + "\n"

@@ -15,7 +15,7 @@ import pandas as pd
 
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
-from cltunnel.store import load_manifest, load_metrics, load_run_config, seed_dirs
+from cltunnel.store import OOD_RHO, TUNNEL_START, load_manifest, load_metrics, load_run_config, seed_dirs
 
 TEMPERATURE_AXIS = "training.temperature"
 
@@ -43,8 +43,8 @@ def temperature_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int
         for run in seed_dirs(sweep_dir / config):
             records.append({"architecture": " ".join(str(v) for v in labels.values()) or _model_label(run),
                             "T": float(load_run_config(run)["training"]["temperature"]),
-                            "kappa": _value(run / "tunnel_start.txt", "kappa"),
-                            "rho": _value(run / "ood_rho.txt", "rho"),
+                            "kappa": _value(run / TUNNEL_START, "kappa"),
+                            "rho": _value(run / OOD_RHO, "rho"),
                             "acc": 100 * float(np.mean(load_metrics(run)["acc"][-1]))})
     runs = pd.DataFrame(records)
     if runs.empty:

@@ -1,4 +1,5 @@
-"""matplotlib on the file-only backend, and the finishing every figure shares (grid, legend, PNG).
+"""matplotlib on the file-only backend, and the finishing every figure shares (grid, legend, PNG): every
+figure cltunnel writes goes through :func:`write_figure` (120 dpi).
 """
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
-    """Grid and legend on every axis, then write the PNG and free the figure."""
+def finish_axes(fig, axes, legend_size: int = 8):
+    """Grid and legend on every axis; returns the figure (for an analysis to return, or to write)."""
     for ax in np.atleast_1d(axes).flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=legend_size)
-    write_figure(fig, path)
+    return fig
+
+
+def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
+    """Grid and legend on every axis, then write the PNG and free the figure."""
+    write_figure(finish_axes(fig, axes, legend_size), path)
 
 
 def write_figure(fig, path: Path) -> None:

@@ -18,56 +18,37 @@ import markdown
 import pandas as pd
 
 from cltunnel.expectations import EXPECTATIONS_FILE
+from cltunnel.reports.captions import captions_for, entries_of
 from cltunnel.reports.provenance import load_provenance
 from cltunnel.reports.tables import format_mean_std, markdown_table
-from cltunnel.store import CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs
+from cltunnel.store import ANALYSIS_NOTICES, CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
-# What each file shows, by name pattern (first match wins). Figures first on the page, in this order.
+# What each file shows, by name pattern (first match wins), for the files a protocol or a sweep writes; the
+# analyses declare their own outputs' captions (cltunnel.reports.captions), shown after these and before the
+# catch-all. Figures first on the page, in this order.
 FIGURES = [
     ("history.png", "Training curves: loss and training accuracy per epoch over the task sequence, and each task's "
                     "test accuracy where measured (task boundaries dashed)."),
     ("accuracy.png", "Accuracy on each task after each training task (rows of the accuracy matrix; mean ± std "
                      "band over seeds): forgetting is the drop of a line."),
-    ("tunnel_profile.png", "Linear-probe accuracy and numerical rank per layer of the model after task 1 (thesis "
-                           "Figs. 5.2.x); shaded: the tunnel from the start the rule picked."),
-    ("*substitution.png", "Substitution curves M1[1:x] + M2[x+1:n] (thesis Fig. 5.5.1): from which layer on M2's "
-                          "layers serve task 1 as well as M1's."),
-    ("*swap_vs_k.png", "Table 5.4.1's non-FT rows as functions of the tunnel start k (each rule's k marked)."),
-    ("variance_profile.png", "Intra- and inter-class variance of each layer's representations (thesis §5.2): "
-                             "the tunnel compresses the within-class spread."),
     ("erosion_curve.png", "Feature erosion (thesis ch. 4): clean and squared test accuracy over the phases' epochs."),
     ("erosion_profile.png", "Probe accuracy per layer before and after erosion (thesis ch. 4)."),
     ("erosion_cka.png", "CKA per layer between the models before and after erosion (thesis ch. 4)."),
     ("erosion_ratio.png", "Erosion against the share of squared training images (thesis ch. 4)."),
     ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
-    ("block_structure_inner.png", "Block structure (Nguyen et al. 2021, Fig. 3 layout) over every intermediate "
-                                  "representation of the model after task 1: linear CKA, cos² of first-PC scores, "
-                                  "CKA with each layer's first PC removed (the block, by the CKA rule, outlined), and the "
-                                  "first-PC variance share per representation."),
-    ("block_structure_layers.png", "The same three maps over the body layers (the layers the tunnel is cut at)."),
-    ("block_vs_tunnel.png", "The block beside the tunnel on the same model: probe accuracy, numerical rank (share of "
-                            "its largest) and first-PC variance share per layer; the block shaded, each rule's k."),
-    ("*cross_seed_cka.png", "Linear CKA between the layers of two seeds' models (Nguyen et al. 2021, Fig. 4): "
-                            "the diagonal says where two trainings learn the same representation."),
     ("block_structure_grid.png", "Every configuration's CKA map over its intermediate representations, laid out as "
                                  "Nguyen et al. 2021's Figures 1-2 (first seed)."),
     ("block_structure_grid_without_pc.png", "The same maps with each representation's first PC removed."),
-    ("*cka_layers_model*.png", "Layer-by-layer linear CKA matrix of one model (thesis §5.6)."),
-    ("*cka*.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
+    ("cka_m1_m2.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
     ("table_6_3_1.png", "Softmax temperature T against κ and ρ per architecture (thesis Table 6.3.1, ch. 6)."),
     ("*protocols.png", "Probe accuracy of D/AE/VAE representations under each protocol (thesis ch. 5 baselines)."),
     ("*recon_unseen.png", "Reconstructions of unseen classes by the generative models."),
     ("samples.png", "Samples of the learned synthetic data."),
-    ("development.png", "The tunnel's development over training (epoch checkpoints)."),
-    ("ood_probes.png", "Out-of-distribution probes per layer beside in-distribution ones (thesis ch. 6, rho)."),
     ("*.png", ""),
 ]
 TABLES = [
-    ("*table_5_4_1.md", "Extractor/tunnel swap in the layout of thesis Table 5.4.1, thesis column beside it."),
-    ("*table_5_4_1_by_rule.md", "Table 5.4.1's non-FT rows at each tunnel-start rule's k, the thesis beside them."),
-    ("*swap_vs_k.md", "The swap rows at every tunnel start k."),
     ("accuracy_matrix.md", "Accuracy matrix: row = after training task i, column = test accuracy on task j."),
     ("accuracy_matrix_exact_rows.md", "The same on the exact-pixel test rows only (CIFAR-10 rows 0-999 here; the "
                                       "rest were decoded from JPEG)."),
@@ -78,21 +59,6 @@ TABLES = [
     ("cl_metrics_exact_rows.md", "The same metrics on the exact-pixel test rows only."),
     ("summary.md", "Every configuration of the sweep: average accuracy and forgetting."),
     ("table_6_3_1.md", "κ and ρ by architecture and softmax temperature (thesis Table 6.3.1; the reading checked)."),
-    ("swap_table.csv", "Extractor/tunnel swap of this run in the layout of thesis Table 5.4.1: accuracy (%) of "
-                       "extractor Ei with tunnel Tj on each task; E2+T1 (FT) and E2 (FT) retrain a head (first task "
-                       "only)."),
-    ("tunnel_profile.csv", "Per layer of the model after task 1: linear-probe accuracy (%), numerical rank and the "
-                           "cap the sample count puts on it, intra- and inter-class variance."),
-    ("*substitution.csv", "The substitution curves as numbers: accuracy (%) on each task of M1[1:x]+M2[x+1:n] and "
-                          "M2[1:x]+M1[x+1:n], by the number x of layers taken from the first model."),
-    ("*cka_m1_m2.csv", "Linear CKA of each layer between the models after task 1 and task 2, on each task's data."),
-    ("block_structure_summary.md", "Block structure of this run (Nguyen et al. 2021): accuracies, the block by the "
-                                   "stated rule at both granularities, CKA in it with and without the first PC, "
-                                   "first-PC shares, probes across it, the block's layers deleted, each rule's k."),
-    ("block_structure.csv", "Per body layer: probe accuracy, numerical rank and its cap, first-PC variance share, "
-                            "whether the layer is in the block."),
-    ("*_block_structure.md", "The block-structure summary over seeds, with the cross-seed CKA in and out of the "
-                             "block."),
     ("block_structure.md", "Every configuration of the sweep: accuracies, the block, its CKA with and without the "
                            "first PC, first-PC shares and cross-seed CKA."),
     ("*.md", ""),
@@ -102,13 +68,23 @@ TABLES = [
 # a layer x layer matrix is not a table to read).
 BEHIND_FIGURES = {"history.csv": "history.png", "block_layers_*.csv": "block_structure_layers.png",
                   "block_inner_*.csv": "block_structure_inner.png", "*cross_seed_cka.csv": "the cross-seed CKA figure"}
-NOTES = ("tunnel_start.txt", "swap_meta.txt", "ood_rho.txt")  # one-line results shown verbatim
 SKIPPED = (REPORT_MD, "README.md", "CAMPAIGN.md")
 
 
 def behind_figure(name: str) -> str | None:
     """The figure that shows a CSV in full, if one does (:data:`BEHIND_FIGURES`)."""
     return next((figure for pattern, figure in BEHIND_FIGURES.items() if fnmatch.fnmatch(name, pattern)), None)
+
+
+def entries(directory: Path, kind: str) -> list[tuple[str, str]]:
+    """(pattern, caption) of one kind (figure, table, note) for a directory, in page order: the protocols' and
+    sweeps' catalogue, then what the analyses declared (:mod:`cltunnel.reports.captions`), then the catch-all."""
+    declared = entries_of(kind, captions_for(directory))
+    if kind == "note":
+        return declared + [(ANALYSIS_NOTICES, "")]
+    catalogue = FIGURES if kind == "figure" else TABLES
+    generic = [e for e in catalogue if e[0].startswith("*.")]
+    return [e for e in catalogue if e not in generic] + declared + generic
 
 
 def caption(name: str, table: list[tuple[str, str]]) -> str:
@@ -181,10 +157,11 @@ def _expectations_section(directory: Path, kind: str) -> list[str]:
 
 
 def _figures_section(directory: Path) -> list[str]:
-    figures = _order(list(directory.glob("*.png")), FIGURES)
+    catalogue = entries(directory, "figure")
+    figures = _order(list(directory.glob("*.png")), catalogue)
     parts = ["## Figures", ""] if figures else []
     for i, fig in enumerate(figures, 1):
-        parts += [f"![{fig.stem}]({fig.name})", "", f"**Figure {i}.** {caption(fig.name, FIGURES)} "
+        parts += [f"![{fig.stem}]({fig.name})", "", f"**Figure {i}.** {caption(fig.name, catalogue)} "
                   f"<small>({fig.name})</small>", ""]
     return parts
 
@@ -193,13 +170,14 @@ def _tables_section(directory: Path) -> list[str]:
     """Every table once: a written markdown table, else its CSV formatted (two decimals, named columns)."""
     md = [p for p in directory.glob("*.md") if p.name not in SKIPPED]
     csv = [p for p in directory.glob("*.csv") if not p.with_suffix(".md").exists() and not behind_figure(p.name)]
-    tables = _order(md + csv, TABLES)
+    catalogue = entries(directory, "table")
+    tables = _order(md + csv, catalogue)
     if not tables:
         return []
     parts = ["## Tables", ""]
     for i, table in enumerate(tables, 1):
         title, body = _md_table(table) if table.suffix == ".md" else (_label(table), _csv_markdown(table))
-        text = caption(table.name, TABLES)
+        text = caption(table.name, catalogue)
         parts += [f"### Table {i}. {title}", ""] + ([text, ""] if text else []) + [body, ""]
     behind = [f"`{p.name}` (behind {behind_figure(p.name)})" for p in sorted(directory.glob("*.csv"))
               if behind_figure(p.name)]
@@ -231,9 +209,8 @@ def _notes(directory: Path) -> tuple[list[str], list[str]]:
     """The one-line result files as a list (a bullet per file, a sub-bullet per line) and their notices,
     each once, for the top of the page."""
     results, notices = [], []
-    for path in (directory / name for name in NOTES):
-        if not path.exists():
-            continue
+    notes = [p for pattern, _ in entries(directory, "note") for p in sorted(directory.glob(pattern))]
+    for path in dict.fromkeys(notes):
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         notices += [line[len("notice: "):] for line in lines if line.startswith("notice: ")]
         lines = [line for line in lines if not line.startswith("notice: ")]

@@ -33,7 +33,7 @@ import torch
 
 from cltunnel.experiments.analyses.cka import cross_cka_matrix
 from cltunnel.experiments.analyses.loading import LoadedRun, cka_inputs, load_run
-from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.experiments.analyses.registry import analysis
 from cltunnel.experiments.analyses.tunnel import profile_series, tunnel_profile
 from cltunnel.measures.blocks import BlockStats, block_summary, find_block
 from cltunnel.measures.probes import fit_probes, probe_accuracy
@@ -44,6 +44,7 @@ from cltunnel.models.layered import LayeredModel
 from cltunnel.models.surgery import delete_layers, shape_preserving_layers
 from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import aggregate, write_table
+from cltunnel.store import BLOCK_STRUCTURE, BLOCK_SUMMARY
 from cltunnel.training.accuracy import predict_accuracy
 
 CKA_BATCH = 500  # rows per CKA minibatch (the one rule, cltunnel.measures.similarity.cka_batches)
@@ -166,34 +167,55 @@ def summary(run: LoadedRun, model: LayeredModel, grains: dict[str, Granularity],
     return row
 
 
-@register_analysis("block_structure")
-def block_structure_analysis(run: LoadedRun) -> pd.DataFrame:
+OUTPUTS = {
+    "block_structure_inner.png": "Block structure (Nguyen et al. 2021, Fig. 3 layout) over every intermediate "
+                                 "representation of the model after task 1: linear CKA, cos² of first-PC scores, CKA "
+                                 "with each layer's first PC removed (the block, by the CKA rule, outlined), and the "
+                                 "first-PC variance share per representation.",
+    "block_structure_layers.png": "The same three maps over the body layers (the layers the tunnel is cut at).",
+    "block_vs_tunnel.png": "The block beside the tunnel on the same model: probe accuracy, numerical rank (share of "
+                           "its largest) and first-PC variance share per layer; the block shaded, each rule's k.",
+    "*cross_seed_cka.png": "Linear CKA between the layers of two seeds' models (Nguyen et al. 2021, Fig. 4): the "
+                           "diagonal says where two trainings learn the same representation.",
+    "block_structure_summary.md": "Block structure of this run (Nguyen et al. 2021): accuracies, the block by the "
+                                  "stated rule at both granularities, CKA in it with and without the first PC, "
+                                  "first-PC shares, probes across it, the block's layers deleted, each rule's k.",
+    BLOCK_STRUCTURE: "Per body layer: probe accuracy, numerical rank and its cap, first-PC variance share, whether the "
+                     "layer is in the block.",
+    "*_block_structure.md": "The block-structure summary over seeds, with the cross-seed CKA in and out of the block.",
+}
+
+
+def block_seeds(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
+    return block_seeds_table(scenario_dir, out_dir, runs, provenance)
+
+
+@analysis("block_structure", order=80, seeds=block_seeds, outputs=OUTPUTS)
+def block_structure_analysis(run: LoadedRun) -> dict[str, Any]:
     model = run.model(0)
     grains = measure_granularities(run, model)
     profile = tunnel_profile(run)
     starts = rule_starts(*profile_series(profile))
     frame = per_layer_frame(grains, profile, starts)
     row = summary(run, model, grains, frame, starts)
-    out = run.run_dir
-    frame.to_csv(out / "block_structure.csv")
+    files: dict[str, Any] = {BLOCK_STRUCTURE: frame}
     for name, g in grains.items():
         for measure in MEASURES:
-            g.matrix(measure).to_csv(out / f"block_{name}_{measure}.csv")
-        pd.DataFrame({"layer": g.layers, "first_pc_share": np.asarray(g.stats.first_pc_share())},
-                     index=pd.Index(g.names, name="representation")).to_csv(out / f"block_{name}_first_pc_share.csv")
-        plot_maps(g, out / f"block_structure_{name}.png", f"{run.run_dir.name}: {name}")
-    one = pd.DataFrame([row])
-    one.to_csv(out / "block_structure_summary.csv", index=False)
+            files[f"block_{name}_{measure}.csv"] = g.matrix(measure)
+        files[f"block_{name}_first_pc_share.csv"] = pd.DataFrame(
+            {"layer": g.layers, "first_pc_share": np.asarray(g.stats.first_pc_share())},
+            index=pd.Index(g.names, name="representation"))
+        files[f"block_structure_{name}.png"] = maps_figure(g, f"{run.dir.name}: {name}")
+    files[BLOCK_SUMMARY] = pd.DataFrame([row])
     notes = [f"block rule: the longest run of at least {run.options.block_min_layers} layers whose pairwise CKA "
              f"are all >= {run.options.block_threshold} (task-1 test rows, {len(run.data.scenario.tasks[0].test_idx)})",
              "first principal components taken per CKA minibatch (>= 500 rows where there are 500), shares as "
              "ratios of sums over minibatches"]
     shown = pd.Series({k: shown_value(v) for k, v in row.items()}, name="value").to_frame()
-    md = "### Block structure (Nguyen et al. 2021) beside the tunnel\n\n" + shown.to_markdown() + "\n\n" + \
-        "\n".join(f"- {n}" for n in notes) + "\n"
-    (out / "block_structure_summary.md").write_text(md)
-    plot_block_vs_tunnel(frame, row, run.depth, out / "block_vs_tunnel.png")
-    return frame
+    files["block_structure_summary.md"] = ("### Block structure (Nguyen et al. 2021) beside the tunnel\n\n"
+                                           + shown.to_markdown() + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    files["block_vs_tunnel.png"] = block_vs_tunnel_figure(frame, row, run.depth)
+    return files
 
 
 def shown_value(value: Any) -> str:
@@ -210,7 +232,7 @@ def _boundaries(layers: list[int]) -> list[float]:
     return [i - 0.5 for i in range(1, len(layers)) if layers[i] != layers[i - 1]]
 
 
-def plot_maps(g: Granularity, path: Path, title: str) -> None:
+def maps_figure(g: Granularity, title: str):
     """The paper's Figure 3 panels: CKA, cos² of first-PC scores, CKA with the first PC removed, and the
     first-PC variance share per representation; the block outlined (shaded on the share), body-layer
     boundaries marked on the inner maps."""
@@ -231,7 +253,7 @@ def plot_maps(g: Granularity, path: Path, title: str) -> None:
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title + (f" — block {g.names[g.block[0]]} .. {g.names[g.block[1]]}" if g.block else " — no block"),
                  fontsize=9)
-    write_figure(fig, path)
+    return fig
 
 
 def _plot_share(ax, g: Granularity) -> None:
@@ -247,7 +269,7 @@ def _plot_share(ax, g: Granularity) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_block_vs_tunnel(frame: pd.DataFrame, row: dict[str, Any], depth: int, path: Path) -> None:
+def block_vs_tunnel_figure(frame: pd.DataFrame, row: dict[str, Any], depth: int):
     """Probe accuracy, numerical rank (share of its largest) and first-PC share per body layer; the block
     shaded, each tunnel rule's k a vertical line."""
     plt = pyplot()
@@ -264,7 +286,7 @@ def plot_block_vs_tunnel(frame: pd.DataFrame, row: dict[str, Any], depth: int, p
     ax.set(xlabel="layer", xticks=x, ylim=(0, 1.05), title="block structure beside the tunnel (model after task 1)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    write_figure(fig, path)
+    return fig
 
 
 NUMERIC_SUMMARY = ("train acc", "test acc", "block share of depth", "probe acc at last layer",
@@ -274,10 +296,10 @@ NUMERIC_SUMMARY = ("train acc", "test acc", "block share of depth", "probe acc a
 def block_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
     """Mean ± std over the seeds' block summaries and, with two seeds or more, the CKA between the layers of
     the first two seeds' models (``<scenario>_cross_seed_cka.*``); None where no seed has a block summary."""
-    done = [r for r in runs if (r / "block_structure_summary.csv").exists()]
+    done = [r for r in runs if (r / BLOCK_SUMMARY).exists()]
     if not done:
         return None
-    rows = pd.concat([pd.read_csv(r / "block_structure_summary.csv") for r in done], ignore_index=True)
+    rows = pd.concat([pd.read_csv(r / BLOCK_SUMMARY) for r in done], ignore_index=True)
     numeric = rows.select_dtypes("number")
     mean, std = aggregate([numeric.iloc[[i]].reset_index(drop=True) for i in range(len(numeric))])
     if len(done) > 1:
@@ -306,7 +328,7 @@ def cross_seed_cka(a_dir: Path, b_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
     task-1 test rows, and which layers are in seed a's block."""
     a, b = load_run(a_dir, progress=False), load_run(b_dir, progress=False)
     matrix = cross_cka_matrix(a, a.model(0), b.model(0))
-    inside = pd.read_csv(a_dir / "block_structure.csv", index_col=0)["in_block"].to_numpy(dtype=bool)
+    inside = pd.read_csv(a_dir / BLOCK_STRUCTURE, index_col=0)["in_block"].to_numpy(dtype=bool)
     return matrix, inside
 
 

@@ -5,28 +5,25 @@ the erosion protocol). Minibatch unbiased HSIC over :func:`~cltunnel.experiments
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
 from cltunnel.experiments.analyses.loading import LoadedRun, cka_inputs
-from cltunnel.experiments.analyses.registry import register_analysis
-from cltunnel.measures.similarity import CKAMatrix, PairedCKA
+from cltunnel.experiments.analyses.registry import analysis
+from cltunnel.measures.similarity import CKAMatrix
 from cltunnel.models.layered import LayeredModel
-from cltunnel.reports.figures import pyplot
+from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import aggregate, write_table
+from cltunnel.store import CKA_M1_M2
 
 
 @torch.no_grad()
 def layer_cka_between(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int, batch_size: int = 500
                       ) -> dict[int, float]:
     """CKA between the same layer of two models on a task's test rows (minibatch unbiased HSIC, streamed)."""
-    acc = PairedCKA()
-    for x in cka_inputs(run, task, batch_size):
-        oa, ob = a.layer_outputs(x), b.layer_outputs(x)
-        for k in range(1, run.n_layers + 1):
-            acc.add(k, oa[k], ob[k])
-    return acc.values()  # type: ignore[return-value]
+    return run.cka(a, b, task, batch_size)
 
 
 @torch.no_grad()
@@ -56,6 +53,10 @@ def cross_cka_matrix(run: LoadedRun, a: LayeredModel, b: LayeredModel, task: int
 
 
 def plot_cka_matrix(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    write_figure(cka_matrix_figure(matrix, title), path)
+
+
+def cka_matrix_figure(matrix: pd.DataFrame, title: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
@@ -66,9 +67,7 @@ def plot_cka_matrix(matrix: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="linear CKA")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
@@ -80,27 +79,9 @@ def cka_m1_m2(run: LoadedRun) -> pd.DataFrame:
     return df
 
 
-@register_analysis("cka")
-def cka_analysis(run: LoadedRun) -> pd.DataFrame:
-    df = cka_m1_m2(run)
-    df.to_csv(run.run_dir / "cka_m1_m2.csv")
-    return df
-
-
-@register_analysis("cka_layers")
-def cka_layers_analysis(run: LoadedRun) -> list[pd.DataFrame]:
-    matrices = []
-    for i, model in enumerate(run.models):
-        matrix = layer_cka_matrix(run, model_index=i, task=0)
-        matrix.to_csv(run.run_dir / f"cka_layers_model{i + 1}.csv")
-        plot_cka_matrix(matrix, run.run_dir / f"cka_layers_model{i + 1}.png", f"M{i + 1}, task-1 test data")
-        matrices.append(matrix)
-    return matrices
-
-
 def cka_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
     """Mean ± std over the seeds' ``cka_m1_m2.csv`` (``<scenario>_cka_m1_m2.*``); None where no seed has one."""
-    ckas = [pd.read_csv(r / "cka_m1_m2.csv", index_col=0) for r in runs if (r / "cka_m1_m2.csv").exists()]
+    ckas = [pd.read_csv(r / CKA_M1_M2, index_col=0) for r in runs if (r / CKA_M1_M2).exists()]
     if not ckas:
         return None
     names = ckas[0]["name"]
@@ -109,3 +90,21 @@ def cka_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provena
     std.index = mean.index
     return write_table(mean, std, len(ckas), out_dir / f"{scenario_dir.name}_cka_m1_m2",
                        f"{scenario_dir.name}: CKA between M1 and M2 per layer", list(provenance))
+
+
+@analysis("cka", order=40, seeds=cka_seeds_table, outputs={
+    "*" + CKA_M1_M2: "Linear CKA of each layer between the models after task 1 and task 2, on each task's data."})
+def cka_analysis(run: LoadedRun) -> dict[str, Any]:
+    return {CKA_M1_M2: cka_m1_m2(run)}
+
+
+@analysis("cka_layers", order=50, outputs={
+    "*cka_layers_model*.png": "Layer-by-layer linear CKA matrix of one model (thesis §5.6)."})
+def cka_layers_analysis(run: LoadedRun) -> dict[str, Any]:
+    """The layer x layer CKA matrix of each task's model on task 1's test rows (``cka_layers_model<i>.*``)."""
+    files: dict[str, Any] = {}
+    for i in range(len(run.models)):
+        matrix = layer_cka_matrix(run, model_index=i, task=0)
+        files[f"cka_layers_model{i + 1}.csv"] = matrix
+        files[f"cka_layers_model{i + 1}.png"] = cka_matrix_figure(matrix, f"M{i + 1}, task-1 test data")
+    return files

@@ -3,6 +3,7 @@ relative weight change between saves (analysis ``development``: ``development.cs
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -10,10 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cltunnel.experiments.analyses.loading import LoadedRun
-from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.experiments.analyses.registry import analysis
 from cltunnel.measures.probes import layer_ranks
 from cltunnel.reports.figures import pyplot, write_figure
-from cltunnel.store import epoch_checkpoints
+from cltunnel.store import DEVELOPMENT, epoch_checkpoints
 from cltunnel.training.checkpoints import load_checkpoint, model_from_checkpoint
 
 
@@ -49,6 +50,10 @@ def layer_parameters(layer: torch.nn.Module) -> torch.Tensor:
 
 
 def plot_development(dev: pd.DataFrame, path: Path) -> None:
+    write_figure(development_figure(dev), path)
+
+
+def development_figure(dev: pd.DataFrame):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     cmap = plt.get_cmap("viridis")
@@ -65,12 +70,11 @@ def plot_development(dev: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(sorted(dev["layer"].unique()))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    write_figure(fig, path)
+    return fig
 
 
-@register_analysis("development")
-def development_analysis(run: LoadedRun) -> pd.DataFrame:
+@analysis("development", order=60, outputs={
+    "development.png": "The tunnel's development over training (epoch checkpoints)."})
+def development_analysis(run: LoadedRun) -> dict[str, Any]:
     dev = tunnel_development(run)
-    dev.to_csv(run.run_dir / "development.csv", index=False)
-    plot_development(dev, run.run_dir / "development.png")
-    return dev
+    return {DEVELOPMENT: dev, "development.png": development_figure(dev)}

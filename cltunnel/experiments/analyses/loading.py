@@ -1,6 +1,12 @@
 """A finished run loaded for its analyses (:class:`LoadedRun`: its models, one per task, and its data on the
 analysis device, with the head rule every analysis composes by), and what the analyses read of it alike:
-feature widths, the CKA minibatches, per-layer TensorBoard scalars."""
+feature widths, the CKA minibatches, per-layer TensorBoard scalars.
+
+:class:`LoadedRun` is public API (``cltunnel.LoadedRun``): what a user's analysis receives, and all the
+built-in analyses read of a run: ``run.dir``, ``run.models`` (the model after each task) and ``run.model(i)``
+(with each task's head), ``run.tasks`` and ``run.data`` (the task data on the device), ``run.batches``,
+``run.features``, ``run.accuracy``, the cut at layer k (``run.cut``, ``run.compose``), ``run.probe`` and
+``run.cka``, and the scenario's analysis options (``run.options``) and tunnel rule (``run.rule_start``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +20,12 @@ from cltunnel.data.device import DeviceData, resolve_device
 from cltunnel.data.images import ImageData, load_data
 from cltunnel.data.scenarios import Task, build_scenario
 from cltunnel.measures.probes import ProbeConfig, probe_protocol
-from cltunnel.measures.similarity import cka_batches
+from cltunnel.measures.probes import layer_features, train_probes
+from cltunnel.measures.similarity import PairedCKA, cka_batches
 from cltunnel.measures.tunnel import describe_rule, tunnel_start
 from cltunnel.models.layered import LayeredModel
-from cltunnel.models.surgery import compose, heads_trained_after_their_task, task_heads, with_heads
+from cltunnel.models.surgery import (compose, extractor_layers, heads_trained_after_their_task, task_heads,
+                                     tunnel_layers, with_heads)
 from cltunnel.store import finished_tasks
 from cltunnel.training.accuracy import predict_accuracy
 from cltunnel.training.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint
@@ -43,6 +51,60 @@ class LoadedRun:
     @property
     def n_layers(self) -> int:
         return len(self.models[0].body)
+
+    @property
+    def dir(self) -> Path:
+        """The run directory (where ``task<t>.pt``, ``config.yaml`` and every analysis's files are)."""
+        return self.run_dir
+
+    @property
+    def tasks(self) -> list[Task]:
+        """The scenario's tasks (classes, training and test rows, head), in training order."""
+        return self.data.scenario.tasks
+
+    def task(self, task: int | Task) -> Task:
+        return self.tasks[task] if isinstance(task, int) else task
+
+    def batches(self, task: int | Task = 0, split: str = "test", batch_size: int = 500, rows: torch.Tensor | None = None):
+        """(images, labels, rows) batches of a task's rows on the device, unaugmented and in order
+        (``split``: ``test`` or ``eval_train``), normalised as the network saw them."""
+        return self.data.batches(self.task(task), split, batch_size, rows=rows)
+
+    @torch.no_grad()
+    def features(self, model: LayeredModel, task: int | Task = 0, split: str = "test",
+                 layers: list[int] | None = None, rows: torch.Tensor | None = None
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Flattened representations of body layers (1-based; default all) on a task's rows, and the labels."""
+        layers = layers or list(range(1, len(model.body) + 1))
+        return layer_features(model.eval(), self.data, self.task(task), split, layers, rows)
+
+    def cut(self, k: int, index: int = 0) -> tuple[torch.nn.Sequential, torch.nn.Sequential]:
+        """The cut at layer k of the model after task ``index``: the extractor (body layers 1..k) and the
+        tunnel (k+1..n), each an ``nn.Sequential`` sharing the model's modules."""
+        model = self.models[index]
+        return (torch.nn.Sequential(*extractor_layers(model, k)), torch.nn.Sequential(*tunnel_layers(model, k)))
+
+    def probe(self, model: LayeredModel, task: int | Task = 0, layers: list[int] | None = None) -> dict[int, float]:
+        """Linear-probe test accuracy (in [0, 1]) per body layer of ``model`` on a task, by the scenario's probe
+        protocol (``analyses.probe_protocol``, ``analyses.probe``)."""
+        return train_probes(model, self.data, self.task(task), layers=layers, cfg=self.probe_config(),
+                            progress=self.progress)
+
+    @torch.no_grad()
+    def cka(self, a: LayeredModel, b: LayeredModel, task: int | Task = 0, batch_size: int = 500) -> dict[int, float]:
+        """Linear CKA between the same body layer of two models on a task's test rows (minibatch unbiased HSIC,
+        streamed over :func:`cka_inputs`)."""
+        acc = PairedCKA()
+        index = task if isinstance(task, int) else task.id
+        for x in cka_inputs(self, index, batch_size):
+            oa, ob = a.layer_outputs(x), b.layer_outputs(x)
+            for k in range(1, self.n_layers + 1):
+                acc.add(k, oa[k], ob[k])
+        return acc.values()  # type: ignore[return-value]
+
+    def log_profile(self, tag: str, frame: pd.DataFrame) -> None:
+        """Per-layer columns of ``frame`` into the run's TensorBoard events (step = layer)."""
+        log_profile(self, tag, frame)
 
     def model(self, index: int) -> LayeredModel:
         """The model after task ``index`` with each task's head (head t from the later of M_t and it)."""

@@ -16,14 +16,15 @@ from cltunnel.data.device import DeviceData
 from cltunnel.data.images import load_dataset, rendered_as
 from cltunnel.data.scenarios import SplitScenario, Task
 from cltunnel.experiments.analyses.loading import LoadedRun, log_profile
-from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.experiments.analyses.registry import analysis
 from cltunnel.experiments.analyses.tunnel import plot_per_layer, tunnel_profile
 from cltunnel.measures.probes import train_probes
 from cltunnel.measures.tunnel import (TUNNEL_STRENGTH_CLASSES, describe_strength, id_ood_pearson, ood_retained,
                                       tunnel_strength)
 from cltunnel.reports.tables import STD_NOTE, aggregate, write_table
+from cltunnel.store import OOD_PROBES, OOD_RHO, OOD_STRENGTH
 
-STRENGTH_FILE = "ood_strength.csv"
+STRENGTH_FILE = OOD_STRENGTH
 STRENGTH_MEASURES = {"rho": "rho", "retained": "OOD retained (%)", "pearson": "Pearson ID-OOD"}
 
 
@@ -72,25 +73,28 @@ def ood_strength(frame: pd.DataFrame, rho: float, ood_name: str) -> dict[str, An
             "strength": tunnel_strength(retained)}
 
 
-@register_analysis("ood")
-def ood_analysis(run: LoadedRun) -> pd.DataFrame:
+def ood_seeds(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
+    return ood_seeds_table(scenario_dir, out_dir, runs, provenance)
+
+
+@analysis("ood", order=70, seeds=ood_seeds, outputs={
+    "ood_probes.png": "Out-of-distribution probes per layer beside in-distribution ones (thesis ch. 6, rho).",
+    OOD_RHO: ""})
+def ood_analysis(run: LoadedRun) -> dict[str, Any]:
     frame, rho = ood_profile(run)
-    frame.to_csv(run.run_dir / "ood_probes.csv")
     log_profile(run, "ood_probes", frame[["id_probe_acc", "ood_probe_acc"]])
     start = run.rule_start((frame["id_probe_acc"] / 100).to_dict())
     strength = ood_strength(frame, rho, run.options.ood_data)
-    pd.DataFrame([strength]).to_csv(run.run_dir / STRENGTH_FILE, index=False)
     # rho stays the last line: readers split the file at "rho: " (tests, temperature sweeps read it by key)
-    (run.run_dir / "ood_rho.txt").write_text(
-        f"ood data: {run.options.ood_data}\nood retained (%): {strength['retained']:.2f}\n"
-        f"pearson id-ood: {strength['pearson']:.2f}\ntunnel strength: {describe_strength(strength['retained'])}\n"
-        f"rho: {rho:.4f}\n")
-    plot_per_layer(frame, {"id_probe_acc": "in-distribution (task 1)",
-                           "ood_probe_acc": f"OOD: {run.options.ood_data} (rho {rho:.2f}, "
-                                            f"{strength['retained']:.1f} % retained)"},
-                   start, run.run_dir / "ood_probes.png", ylabel="linear probe accuracy (%)",
-                   title=f"tunnel strength: {strength['strength']} (Harun et al. 2024)")
-    return frame
+    rho_text = (f"ood data: {run.options.ood_data}\nood retained (%): {strength['retained']:.2f}\n"
+                f"pearson id-ood: {strength['pearson']:.2f}\ntunnel strength: "
+                f"{describe_strength(strength['retained'])}\nrho: {rho:.4f}\n")
+    figure = plot_per_layer(frame, {"id_probe_acc": "in-distribution (task 1)",
+                                    "ood_probe_acc": f"OOD: {run.options.ood_data} (rho {rho:.2f}, "
+                                                     f"{strength['retained']:.1f} % retained)"},
+                            start, ylabel="linear probe accuracy (%)",
+                            title=f"tunnel strength: {strength['strength']} (Harun et al. 2024)")
+    return {OOD_PROBES: frame, STRENGTH_FILE: pd.DataFrame([strength]), OOD_RHO: rho_text, "ood_probes.png": figure}
 
 
 def ood_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:

@@ -4,12 +4,14 @@ the rest of the other, in both directions, on every task (analysis ``substitutio
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from cltunnel.experiments.analyses.loading import LoadedRun
-from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.experiments.analyses.registry import analysis
 from cltunnel.reports.figures import pyplot, write_figure
+from cltunnel.store import SUBSTITUTION
 
 
 def substitution_curves(run: LoadedRun) -> pd.DataFrame:
@@ -26,6 +28,10 @@ def substitution_curves(run: LoadedRun) -> pd.DataFrame:
 
 def plot_substitution(curves: pd.DataFrame, path: Path, title: str = "") -> None:
     """One panel per task: accuracy against the number x of bottom layers taken from the first model."""
+    write_figure(substitution_figure(curves, title), path)
+
+
+def substitution_figure(curves: pd.DataFrame, title: str = ""):
     plt = pyplot()
     tasks = sorted(curves["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), sharey=True, squeeze=False)
@@ -39,12 +45,23 @@ def plot_substitution(curves: pd.DataFrame, path: Path, title: str = "") -> None
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    write_figure(fig, path)
+    return fig
 
 
-@register_analysis("substitution")
-def substitution_analysis(run: LoadedRun) -> pd.DataFrame:
+def substitution_seeds(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> None:
+    """Every seed's curves in one file and one figure, mean ± std bands (``<scenario>_substitution.*``)."""
+    curves = [pd.read_csv(r / SUBSTITUTION) for r in runs if (r / SUBSTITUTION).exists()]
+    if curves:
+        allc = pd.concat(curves)
+        allc.to_csv(out_dir / f"{scenario_dir.name}_{SUBSTITUTION}", index=False)
+        plot_substitution(allc, out_dir / f"{scenario_dir.name}_substitution.png", scenario_dir.name)
+
+
+@analysis("substitution", order=30, seeds=substitution_seeds, outputs={
+    "*substitution.png": "Substitution curves M1[1:x] + M2[x+1:n] (thesis Fig. 5.5.1): from which layer on M2's "
+                         "layers serve task 1 as well as M1's.",
+    "*" + SUBSTITUTION: "The substitution curves as numbers: accuracy (%) on each task of M1[1:x]+M2[x+1:n] and "
+                        "M2[1:x]+M1[x+1:n], by the number x of layers taken from the first model."})
+def substitution_analysis(run: LoadedRun) -> dict[str, Any]:
     curves = substitution_curves(run)
-    curves.to_csv(run.run_dir / "substitution.csv", index=False)
-    plot_substitution(curves, run.run_dir / "substitution.png", run.run_dir.parent.name)
-    return curves
+    return {SUBSTITUTION: curves, "substitution.png": substitution_figure(curves, run.dir.parent.name)}

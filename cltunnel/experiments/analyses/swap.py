@@ -5,19 +5,21 @@ the substitution curves, and at each tunnel-start rule's k."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cltunnel.experiments.analyses.loading import LoadedRun
-from cltunnel.experiments.analyses.registry import register_analysis
-from cltunnel.experiments.analyses.swap_meta import SwapMeta, rule_texts, seed_notices, swap_metas, write_swap_meta
-from cltunnel.experiments.analyses.tunnel import profile_series, resolve_tunnel_start, write_tunnel_profile
+from cltunnel.experiments.analyses.registry import analysis
+from cltunnel.experiments.analyses.swap_meta import SwapMeta, rule_texts, seed_notices, swap_meta_text, swap_metas
+from cltunnel.experiments.analyses.tunnel import (PROFILE_OUTPUTS, profile_series, resolve_tunnel_start,
+                                                  write_tunnel_profile)
 from cltunnel.measures.probes import train_probes
 from cltunnel.measures.tunnel import describe_rule, rule_starts
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import aggregate, write_table
-from cltunnel.store import load_run_config
+from cltunnel.store import SUBSTITUTION, SWAP_META, SWAP_TABLE, TUNNEL_PROFILE, load_run_config
 
 
 # Thesis Table 5.4.1 (VGG-19, split CIFAR-10 5/5), first and second task accuracy (%).
@@ -49,19 +51,42 @@ def swap_table(run: LoadedRun, k: int) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
-@register_analysis("swap")
-def swap_analysis(run: LoadedRun) -> pd.DataFrame:
+SEED_OUTPUTS = {
+    "*table_5_4_1.md": "Extractor/tunnel swap in the layout of thesis Table 5.4.1, thesis column beside it.",
+    "*table_5_4_1_by_rule.md": "Table 5.4.1's non-FT rows at each tunnel-start rule's k, the thesis beside them.",
+    "*swap_vs_k.md": "The swap rows at every tunnel start k.",
+    "*swap_vs_k.png": "Table 5.4.1's non-FT rows as functions of the tunnel start k (each rule's k marked).",
+}
+
+
+def swap_seeds(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> list[str]:
+    """Over seeds: Table 5.4.1 (mean ± std) and, where the seeds have substitution curves, its rows against k
+    and at each rule's k."""
+    written = [swap_seeds_table(scenario_dir, out_dir, runs, provenance)]
+    curves = [pd.read_csv(r / SUBSTITUTION) for r in runs if (r / SUBSTITUTION).exists()]
+    if curves:
+        written += [swap_vs_k_table(scenario_dir, out_dir, runs, curves), swap_by_rule(scenario_dir, out_dir)]
+    return [w for w in written if w]
+
+
+@analysis("swap", order=20, seeds=swap_seeds, outputs={**PROFILE_OUTPUTS, SWAP_META: "", SWAP_TABLE: (
+    "Extractor/tunnel swap of this run in the layout of thesis Table 5.4.1: accuracy (%) of extractor Ei with "
+    "tunnel Tj on each task; E2+T1 (FT) and E2 (FT) retrain a head (first task only)."), **SEED_OUTPUTS})
+def swap_analysis(run: LoadedRun) -> dict[str, Any]:
+    """Table 5.4.1 of this run at the tunnel start (``analyses.tunnel_start``, or the rule's k on the tunnel
+    profile, whose files come along), with how k was chosen and the notices (``swap_meta.txt``)."""
     k, profile = resolve_tunnel_start(run)
-    notices = write_tunnel_profile(run, profile)[2] if profile is not None else []
+    files: dict[str, Any] = {}
+    notices = []
+    if profile is not None:
+        _, _, notices, files = write_tunnel_profile(run, profile)
     for notice in run.head_notices():
         print(f"notice: {notice}", flush=True)
         notices.append(notice)
     df = swap_table(run, k)
     df.attrs["tunnel_start"] = k
-    df.to_csv(run.run_dir / "swap_table.csv")
     how = run.rule_text() if profile is not None else "fixed: analyses.tunnel_start"
-    write_swap_meta(run, SwapMeta(k, how, notices))
-    return df
+    return {**files, SWAP_TABLE: df, SWAP_META: swap_meta_text(run, SwapMeta(k, how, notices))}
 
 
 SWAP_ROWS = {"E1 + T1": ("M1[1:x]+M2[x+1:n]", "n"), "E1 + T2": ("M1[1:x]+M2[x+1:n]", "k"),
@@ -110,7 +135,7 @@ def plot_swap_vs_k(mean: pd.DataFrame, std: pd.DataFrame, starts: list[int], pat
 def swap_seeds_table(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance: list[str]) -> str | None:
     """Mean ± std over the seeds' ``swap_table.csv``, beside the thesis's values where the set-up is the
     thesis's (``<scenario>_table_5_4_1.*``); None where no seed has a swap table."""
-    swaps = [pd.read_csv(r / "swap_table.csv", index_col=0) for r in runs if (r / "swap_table.csv").exists()]
+    swaps = [pd.read_csv(r / SWAP_TABLE, index_col=0) for r in runs if (r / SWAP_TABLE).exists()]
     if not swaps:
         return None
     mean, std = aggregate(swaps)
@@ -138,13 +163,13 @@ def swap_by_rule(scenario_dir: str | Path, out_dir: str | Path | None = None) ->
     scenario_dir = Path(scenario_dir)
     out_dir = Path(out_dir) if out_dir else scenario_dir
     runs = [r for r in sorted(scenario_dir.glob("seed*"))
-            if (r / "substitution.csv").exists() and (r / "tunnel_profile.csv").exists()]
+            if (r / SUBSTITUTION).exists() and (r / TUNNEL_PROFILE).exists()]
     if not runs:
         return ""
     frames, ks = [], {}
     for r in runs:
-        table = swap_vs_k(pd.read_csv(r / "substitution.csv"))
-        starts = rule_starts(*profile_series(pd.read_csv(r / "tunnel_profile.csv", index_col=0)))
+        table = swap_vs_k(pd.read_csv(r / SUBSTITUTION))
+        starts = rule_starts(*profile_series(pd.read_csv(r / TUNNEL_PROFILE, index_col=0)))
         frame = pd.DataFrame(index=list(SWAP_ROWS))
         for rule, k in starts.items():
             ks.setdefault(rule, []).append(k)
@@ -169,7 +194,7 @@ def swap_vs_k_table(scenario_dir: Path, out_dir: Path, runs: list[Path], curves:
     mean, std = aggregate([swap_vs_k(c) for c in curves])
     metas = swap_metas(runs)
     starts = [meta.k for _, meta in metas]
-    profiles = [pd.read_csv(r / "tunnel_profile.csv", index_col=0) for r in runs if (r / "tunnel_profile.csv").exists()]
+    profiles = [pd.read_csv(r / TUNNEL_PROFILE, index_col=0) for r in runs if (r / TUNNEL_PROFILE).exists()]
     by_rule: dict[str, list[int]] = {}
     for profile in profiles:
         for rule, k in rule_starts(*profile_series(profile)).items():

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from cltunnel.experiments.analyses.loading import LoadedRun
 from cltunnel.measures.tunnel import describe_rule
-
-SWAP_META = "swap_meta.txt"
+from cltunnel.store import SWAP_META
 
 
 @dataclass
@@ -18,9 +17,13 @@ class SwapMeta:
     notices: list[str]
 
 
+def swap_meta_text(run: LoadedRun, meta: SwapMeta) -> str:
+    """The file's text: its one writer is the swap analysis, which returns it."""
+    return f"tunnel_start {meta.k} of {run.depth} layers ({meta.rule})\n" + "".join(f"notice: {n}\n" for n in meta.notices)
+
+
 def write_swap_meta(run: LoadedRun, meta: SwapMeta) -> None:
-    (run.run_dir / SWAP_META).write_text(f"tunnel_start {meta.k} of {run.depth} layers ({meta.rule})\n"
-                                         + "".join(f"notice: {n}\n" for n in meta.notices))
+    (run.run_dir / SWAP_META).write_text(swap_meta_text(run, meta))
 
 
 def read_swap_meta(run_dir: Path) -> SwapMeta | None:

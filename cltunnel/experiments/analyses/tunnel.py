@@ -10,11 +10,19 @@ import pandas as pd
 
 from cltunnel.config import parse_tunnel_start
 from cltunnel.experiments.analyses.loading import LoadedRun, layer_widths, log_profile
-from cltunnel.experiments.analyses.registry import register_analysis
+from cltunnel.experiments.analyses.registry import analysis
 from cltunnel.measures.probes import layer_ranks, rank_cap, train_probes
 from cltunnel.measures.tunnel import (check_tunnel_start, describe_rule, format_layer, kappa, profile_notices,
                                       rule_starts, tunnel_start)
-from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.figures import finish_axes, pyplot
+from cltunnel.store import TUNNEL_PROFILE, TUNNEL_START, load_metrics, load_run_config
+
+PROFILE_OUTPUTS = {
+    "tunnel_profile.png": "Linear-probe accuracy and numerical rank per layer of the model after task 1 (thesis "
+                          "Figs. 5.2.x); shaded: the tunnel from the start the rule picked.",
+    TUNNEL_PROFILE: "Per layer of the model after task 1: linear-probe accuracy (%), numerical rank and the cap the "
+                    "sample count puts on it, intra- and inter-class variance.",
+}
 
 
 def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.DataFrame:
@@ -55,19 +63,20 @@ def profile_series(profile: pd.DataFrame) -> tuple[dict[int, float], dict[int, f
     return (profile["probe_acc"] / 100).to_dict(), profile["rank"].to_dict()
 
 
-def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame) -> tuple[int, dict[str, int], list[str]]:
-    """The profile's CSV, figure and TensorBoard scalars; returns the k the scenario's rule picks, every rule's
-    k and the notices on the profile (also printed)."""
+def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame
+                         ) -> tuple[int, dict[str, int], list[str], dict[str, Any]]:
+    """The profile's TensorBoard scalars; returns the k the scenario's rule picks, every rule's k, the notices
+    on the profile (also printed) and its files (CSV and figure, for the analysis to return)."""
     acc, ranks = profile_series(profile)
     starts, chosen = rule_starts(acc, ranks), run.rule_start(acc, ranks)
     notices = profile_notices(acc, starts, run.depth) + rank_cap_notices(profile)
     for notice in notices if not run.notices_shown else []:
         print(f"notice ({run.run_dir}): {notice}", flush=True)
     run.notices_shown = True
-    profile.to_csv(run.run_dir / "tunnel_profile.csv")
     log_profile(run, "tunnel_profile", profile[["probe_acc", "rank"]])
-    _plot_tunnel(profile, chosen, starts, run.rule_text(), run.depth, run.run_dir / "tunnel_profile.png")
-    return chosen, starts, notices
+    files = {TUNNEL_PROFILE: profile,
+             "tunnel_profile.png": _plot_tunnel(profile, chosen, starts, run.rule_text(), run.depth)}
+    return chosen, starts, notices, files
 
 
 def rank_cap_notices(profile: pd.DataFrame) -> list[str]:
@@ -82,8 +91,7 @@ def rank_cap_notices(profile: pd.DataFrame) -> list[str]:
             "there the rank measures the sample; raise analyses.rank_samples"]
 
 
-def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule: str, depth: int, path: Path
-                 ) -> None:
+def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule: str, depth: int):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     x = profile.index.to_numpy()
@@ -101,13 +109,11 @@ def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule
     handles = ax.get_legend_handles_labels()
     handles2 = ax2.get_legend_handles_labels()
     ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="center right", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_per_layer(frame: pd.DataFrame, lines: dict[str, str], start: int, path: Path, **axis: Any) -> None:
-    """Columns of a per-layer frame against the layer, the tunnel (from ``start``) shaded."""
+def plot_per_layer(frame: pd.DataFrame, lines: dict[str, str], start: int, **axis: Any):
+    """Columns of a per-layer frame against the layer, the tunnel (from ``start``) shaded: the figure."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = frame.index.to_numpy()
@@ -115,20 +121,59 @@ def plot_per_layer(frame: pd.DataFrame, lines: dict[str, str], start: int, path:
         ax.plot(x, frame[column], marker=marker, label=label)
     ax.axvspan(start - 0.5, x.max() + 0.5, color="grey", alpha=0.15, label="tunnel")
     ax.set(xlabel="layer", xticks=x, **axis)
-    save_figure(fig, [ax], path)
+    return finish_axes(fig, [ax])
 
 
-@register_analysis("tunnel")
-def tunnel_analysis(run: LoadedRun) -> pd.DataFrame:
+@analysis("tunnel", order=10, outputs={**PROFILE_OUTPUTS, TUNNEL_START: "", "variance_profile.png": (
+    "Intra- and inter-class variance of each layer's representations (thesis §5.2): the tunnel compresses the "
+    "within-class spread.")})
+def tunnel_analysis(run: LoadedRun) -> dict[str, Any]:
+    """The tunnel profile of the model after task 1, each rule's k on it (``tunnel_start.txt``) and the
+    per-layer class variances."""
     profile = tunnel_profile(run)
-    chosen, starts, notices = write_tunnel_profile(run, profile)
+    chosen, starts, notices, files = write_tunnel_profile(run, profile)
     acc, _ = profile_series(profile)
     lines = [f"{run.rule_text()} (used): {format_layer(chosen, run.depth)}"]
     lines += [f"{describe_rule(rule)}: {format_layer(k, run.depth)}" for rule, k in starts.items()]
     lines += [f"rule 'last' at 0.98: {format_layer(tunnel_start(acc, 0.98, 'last'), run.depth)}",
               f"kappa (eta 0.99): {kappa(acc, run.depth):.3f}", *[f"notice: {n}" for n in notices]]
-    (run.run_dir / "tunnel_start.txt").write_text("\n".join(lines) + "\n")
+    files[TUNNEL_START] = "\n".join(lines) + "\n"
     # intra- and inter-class variance per layer (the thesis's Figure 5.3 style)
-    plot_per_layer(profile, {"intra_class_var": "intra-class variance", "inter_class_var": "inter-class variance"},
-                   chosen, run.run_dir / "variance_profile.png", ylabel="variance", yscale="log")
-    return profile
+    files["variance_profile.png"] = plot_per_layer(
+        profile, {"intra_class_var": "intra-class variance", "inter_class_var": "inter-class variance"}, chosen,
+        ylabel="variance", yscale="log")
+    return files
+
+
+TABLE_5_2_1_RULES = {">0.95": ("last", 0.95), ">0.98": ("last", 0.98), "peak 0.95": ("peak", 0.95),
+                     "rank 0.1": ("rank", 0.10)}
+
+
+def tunnel_table(root: str | Path) -> str:
+    """Table 5.2.1 across every run under ``root`` that has a tunnel profile: architecture, depth, dataset, the
+    number of classes the profiled model was trained on (task 1's: fewer classes, longer tunnel) and the tunnel
+    start by the thesis's rule at 95 % and 98 % and by the peak and rank rules, as the median over that
+    set-up's seeds."""
+    rows = []
+    for path in sorted(Path(root).rglob(TUNNEL_PROFILE)):
+        cfg = load_run_config(path.parent)
+        classes = load_metrics(path.parent)["classes"][0]
+        acc, ranks = profile_series(pd.read_csv(path, index_col=0))
+        rows.append({"architecture": f"{cfg['model']['name']} (width {cfg['model']['width']:g})",
+                     "depth": len(acc) + 1, "dataset": cfg["data"]["name"], "classes": len(classes),
+                     **{c: tunnel_start(acc, share, rule, ranks) for c, (rule, share) in TABLE_5_2_1_RULES.items()}})
+    if not rows:
+        raise FileNotFoundError(f"{root}: no {TUNNEL_PROFILE} below it; run the 'tunnel' analysis first")
+    runs = pd.DataFrame(rows)
+    keys = ["architecture", "depth", "dataset", "classes"]
+    table = runs.groupby(keys, sort=False).agg(**{c: (c, "median") for c in TABLE_5_2_1_RULES},
+                                               runs=(">0.95", "size")).reset_index()
+    for c in TABLE_5_2_1_RULES:
+        table[c] = [format_layer(int(round(k)), n) for k, n in zip(table[c], table["depth"])]
+    root = Path(root)
+    table.to_csv(root / "table_5_2_1.csv", index=False)
+    md = ("### Tunnel start across runs (thesis Table 5.2.1; median over runs)\n\n" + table.to_markdown(index=False)
+          + "\n\n" + "\n".join(f"- {c}: {describe_rule(rule, share)}" for c, (rule, share) in TABLE_5_2_1_RULES.items())
+          + "\n- k (share of depth); the thesis's table uses the 'last' rule\n")
+    (root / "table_5_2_1.md").write_text(md)
+    return md
