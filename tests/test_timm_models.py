@@ -165,3 +165,18 @@ def test_a_tiny_timm_vit_run_gives_a_tunnel_profile(cifar10, tmp_path):
     assert list(profile.index) == [1, 2, 3, 4, 5]  # embed, 3 blocks, pool
     acc = next(c for c in profile.columns if "acc" in c)
     assert profile[acc].between(0, 100).all() and profile[acc].max() > 20  # above chance (5 classes)
+
+
+def test_cltunnel_list_names_the_timm_families(capsys):
+    from cltunnel.cli import main as cli_main
+
+    assert cli_main(["list"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("timm models"))
+    assert all(family in line for family in ("ResNet", "VisionTransformer", "ConvNeXt", "EfficientNet",
+                                               "MobileNetV3"))
+
+
+def test_inner_representations_of_a_timm_resnet_include_its_downsample_branch():
+    m = trained_like("timm:resnet18", {"cifar_stem": True, "channels": [8, 16, 32, 64], "stem_width": 8}, 6)
+    paths = [r.path for r in inner_representations(m, X[:2])]
+    assert "layer1_0.conv1" in paths and "layer2_0.downsample.0" in paths and paths[-1].startswith("pool")

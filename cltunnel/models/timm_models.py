@@ -54,6 +54,16 @@ EXAMPLES = "resnet18, resnet50, vit_tiny_patch16_224, deit_tiny_patch16_224, con
 OUR_ARGS = ("cifar_stem",)  # read here, not passed to timm
 
 
+def _timm():
+    """The timm package, or one ConfigError line saying how to get it (a device image may lack it)."""
+    try:
+        import timm
+    except ImportError as err:
+        raise ConfigError(f"model.name: timm models need the timm package ({err}); pip install timm (on the device: "
+                          "its wheel in the staged wheels, campaign/README.md)") from None
+    return timm
+
+
 def describe() -> str:
     """One line for ``cltunnel list``."""
     return (f"timm models as 'timm:<name>' (args go to timm.create_model), families split: "
@@ -187,7 +197,7 @@ def _cifar_stem(model: nn.Module) -> None:
 def create(name: str, in_shape: tuple[int, int, int], **args: Any) -> nn.Module:
     """``timm.create_model(name, **args)`` with pretrained off unless asked, ``in_chans`` from the data and
     no classifier; ``cifar_stem`` applied (ResNets only)."""
-    import timm
+    timm = _timm()
 
     ours = {k: args.pop(k) for k in OUR_ARGS if k in args}
     args.setdefault("pretrained", False)
@@ -214,7 +224,7 @@ def build_body(name: str, width: float, in_shape: tuple[int, int, int], **args: 
 
 def _valid_args(name: str) -> list[str]:
     """Argument names ``timm.create_model(name, ...)`` can take: the model class's constructor's and timm's own."""
-    import timm
+    timm = _timm()
 
     with torch.device("meta"):
         cls = type(timm.create_model(name, pretrained=False, num_classes=0))
@@ -227,7 +237,7 @@ def check(name: str, width: float, args: dict[str, Any], in_shape: tuple[int, in
     """Build ``timm:<name>`` on the meta device and run a meta batch through its body (no memory, no data,
     no download): a bad name, argument or input size costs one ConfigError line naming the closest valid
     one. Returns the number of body layers."""
-    import timm
+    timm = _timm()
 
     full = f"{PREFIX}:{name}"
     if name not in timm.list_models():
