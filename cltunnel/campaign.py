@@ -116,8 +116,8 @@ def training_images(cfg: RunConfig) -> int:
     """Images a run pushes through training: every class's training images once per epoch (a task sequence
     sees each class in one task), or once per epoch of every phase (erosion, plus its scratch model)."""
     name = cfg.data.name
-    per_class = cfg.data.train_per_class or (6000 if "mnist" in name else 50_000 // DATASETS[name][1])
-    n_train = per_class * DATASETS[name][1]
+    per_class = cfg.data.train_per_class or (6000 if "mnist" in name else 50_000 // DATASETS[name].classes)
+    n_train = per_class * DATASETS[name].classes
     if cfg.erosion is not None:
         e = cfg.erosion
         return n_train * (e.pretrain_epochs + e.erosion_epochs + 2 * e.relearn_epochs)
@@ -137,7 +137,7 @@ def measure_throughput(cfg: RunConfig, steps: int = 20, warmup: int = 5) -> Thro
     """This model's training step at the scenario's batch size, on its device, the way the run will train
     (the captured step where ``training.capture`` turns it on there, else the eager one)."""
     device = resolve_device(cfg.device)
-    shape, n_classes = DATASETS[cfg.data.name][2], DATASETS[cfg.data.name][1]
+    shape, n_classes = DATASETS[cfg.data.name].shape, DATASETS[cfg.data.name].classes
     torch.manual_seed(0)
     model = build_model(cfg.model.name, [n_classes], shape, cfg.model.width, **cfg.model.args).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)

@@ -62,6 +62,10 @@ class Registry(Mapping[str, T], Generic[T]):
     def list(self) -> list[str]:
         return list(self._entries)
 
+    def sort(self, key) -> None:
+        """Put the entries in the order of ``key(entry)`` (stable), the order ``list`` and error messages show."""
+        self._entries = dict(sorted(self._entries.items(), key=lambda item: key(item[1])))
+
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)
 

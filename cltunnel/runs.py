@@ -43,9 +43,8 @@ def preflight(cfg: RunConfig, create: bool = False) -> Protocol:
 
 def _check_data_section(cfg: RunConfig, protocol: Protocol) -> None:
     """The dataset, its split and class order, and (for protocols that train ``model:``) the model against it."""
-    if cfg.data.name not in DATASETS:
-        raise ConfigError(f"data.name: unknown dataset '{cfg.data.name}'; valid: {', '.join(DATASETS)}")
-    _, n_classes, in_shape = DATASETS[cfg.data.name]
+    dataset = DATASETS.get(cfg.data.name, "data.name")  # unknown: one line with the closest name
+    n_classes, in_shape = dataset.classes, dataset.shape
     sizes = task_sizes(cfg, n_classes)
     resolve_class_order(cfg, n_classes)
     if protocol.trains_model_section:

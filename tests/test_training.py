@@ -160,7 +160,7 @@ def test_cli_run_list_and_table(tmp_path, capsys, monkeypatch):
     assert cli_main(["analyze", str(run_dir), "--analyses", "cka,cka_layers", "--device", "cpu", "--no-progress"]) == 0
     assert "CKA between M1 and M2" in capsys.readouterr().out and (run_dir / "cka_layers_model1.png").exists()
     assert cli_main(["analyze", str(run_dir), "--analyses", "swapp", "--device", "cpu"]) == 2
-    assert "unknown ['swapp']" in capsys.readouterr().err
+    assert "unknown analysis 'swapp' (did you mean 'swap'?)" in capsys.readouterr().err
     monkeypatch.chdir(REPO)
     assert cli_main(["list"]) == 0 and "vgg19" in capsys.readouterr().out
     scenario.write_text(yaml.safe_dump({**raw, "trainig": {}}))

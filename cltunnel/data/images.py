@@ -18,6 +18,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import torchvision.datasets as tvd
 from cltunnel.config import RunConfig
 from cltunnel.config import ConfigError
 from cltunnel.errors import CltunnelError
+from cltunnel.registry import Registry
 
 
 DATA_ENV = "CLTUNNEL_DATA"
@@ -34,14 +36,27 @@ DATA_ENV = "CLTUNNEL_DATA"
 CACHE_ENV = "CLTUNNEL_CACHE"
 
 
-# name -> (torchvision class name, number of classes, image shape C×H×W)
-DATASETS: dict[str, tuple[str, int, tuple[int, int, int]]] = {
-    "cifar10": ("CIFAR10", 10, (3, 32, 32)),
-    "cifar100": ("CIFAR100", 100, (3, 32, 32)),
-    "mnist": ("MNIST", 10, (1, 28, 28)),
-    "fashion_mnist": ("FashionMNIST", 10, (1, 28, 28)),
-    "svhn": ("SVHN", 10, (3, 32, 32)),  # the thesis's OOD set for chapter 6; torchvision only (split=, .labels)
-}
+class Dataset(NamedTuple):
+    """What cltunnel knows of a dataset before loading it."""
+
+    torchvision: str | None  # torchvision's class name (None: npz files only)
+    classes: int
+    shape: tuple[int, int, int]  # image shape C×H×W
+
+
+DATASETS: Registry[Dataset] = Registry("dataset", ConfigError, {
+    "cifar10": Dataset("CIFAR10", 10, (3, 32, 32)),
+    "cifar100": Dataset("CIFAR100", 100, (3, 32, 32)),
+    "mnist": Dataset("MNIST", 10, (1, 28, 28)),
+    "fashion_mnist": Dataset("FashionMNIST", 10, (1, 28, 28)),
+    "svhn": Dataset("SVHN", 10, (3, 32, 32)),  # the thesis's OOD set for chapter 6; torchvision only (split=, .labels)
+})
+
+
+def register_dataset(name: str, classes: int, shape: tuple[int, int, int], torchvision: str | None = None) -> Dataset:
+    """A dataset of one's own: ``<name>.npz`` (or ``<name>-train.npz`` + ``<name>-test.npz``) in the data
+    directory, in the format of the README's Data section; ``data: {name: <name>}`` then loads it."""
+    return DATASETS.register(name, Dataset(torchvision, classes, tuple(shape)))
 
 
 class DataNotFoundError(CltunnelError, FileNotFoundError):
@@ -195,7 +210,7 @@ def load_npz(name: str, root: Path) -> ImageData:
             f"(looked for {', '.join(looked)} holding x_{missing[0]}/y_{missing[0]})."
         )
     classes = test.get("classes", train.get("classes"))
-    n_classes = DATASETS[name][1] if name in DATASETS else int(train["y_train"].max()) + 1
+    n_classes = DATASETS[name].classes if name in DATASETS else int(train["y_train"].max()) + 1
     lossless = test.get("test_lossless_mask")
     return ImageData(
         name=name,
@@ -226,7 +241,7 @@ def from_torchvision(name: str, train_set, test_set) -> ImageData:
 
 
 def load_torchvision(name: str, cache_dir: Path, download: bool) -> ImageData:
-    cls = getattr(tvd, DATASETS[name][0])
+    cls = getattr(tvd, DATASETS[name].torchvision or "")
     split = (lambda train: {"split": "train" if train else "test"}) if name == "svhn" else (lambda train: {"train": train})
     try:
         train = cls(str(cache_dir), download=download, **split(True))
@@ -262,8 +277,7 @@ def load_dataset(name: str, root: str | Path | None = None, source: str = "auto"
 
     ``auto`` prefers the npz directory (exact, offline) and falls back to torchvision's cache.
     """
-    if name not in DATASETS:
-        raise ConfigError(f"data.name: unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+    DATASETS.get(name, "data.name")  # unknown: one line with the closest name
     root_path = Path(root).expanduser() if root else default_data_dir()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     errors: list[str] = []

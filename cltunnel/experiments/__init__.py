@@ -1,7 +1,7 @@
 """Experiments: one module per protocol (task sequence, feature erosion, representations, synthetic data,
 shallow networks), each registering itself in :mod:`~cltunnel.experiments.registry`, plus the analyses of
 finished task-sequence runs (:mod:`~cltunnel.experiments.analyses`: one module per analysis, each registering
-itself with ``@register_analysis``).
+itself with ``@analysis``).
 
 Importing this package imports every module in it, so a new protocol module registers itself by existing.
 """

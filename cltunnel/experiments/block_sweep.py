@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from cltunnel.experiments.analyses.block_structure import shown_value
+from cltunnel.experiments.registry import SWEEP_REPORTS, SweepReport
 from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import markdown_table
 from cltunnel.store import BLOCK_SUMMARY, seed_dirs
@@ -113,3 +114,6 @@ def plot_grid(sweep_dir: Path, manifest: dict[str, Any], configs: list[str], axe
     plt.close(fig)
 
 
+
+
+SWEEP_REPORTS.register("block_structure", SweepReport(has_blocks, block_sweep_report, order=30))

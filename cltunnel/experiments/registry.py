@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cltunnel.config import PROTOCOL_SECTIONS, ConfigError, RunConfig
+from cltunnel.registry import Registry
 
 TASK_SEQUENCE = "task_sequence"
 
@@ -40,15 +41,33 @@ class Protocol:
         return "\n".join(self.aggregate(sweep_dir / config) for config in manifest["configs"])
 
 
-PROTOCOLS: dict[str, Protocol] = {}
+PROTOCOLS: Registry[Protocol] = Registry("protocol", ConfigError)
 
 
 def register_protocol(protocol: Protocol) -> Protocol:
     if protocol.section is not None and protocol.section not in PROTOCOL_SECTIONS:
         raise ValueError(f"protocol {protocol.name}: section '{protocol.section}' is not a RunConfig section "
                          f"({', '.join(PROTOCOL_SECTIONS)}); add its typed section to cltunnel.config")
-    PROTOCOLS[protocol.name] = protocol
-    return protocol
+    return PROTOCOLS.register(protocol.name, protocol)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """A report across a task-sequence sweep's configurations that applies to some sweeps only (a depth axis,
+    a temperature axis, runs with block structure): registered by its module, run in ``order``."""
+
+    applies: Callable[[Path, dict[str, Any]], bool]  # (sweep dir, manifest) -> whether this sweep has it
+    report: Callable[[Path, dict[str, Any]], str]  # (sweep dir, manifest) -> markdown (it writes its files)
+    order: int = 100
+
+
+SWEEP_REPORTS: Registry[SweepReport] = Registry("sweep report")
+
+
+def sweep_reports(sweep_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The markdown of every registered sweep report that applies to this sweep, in their order."""
+    reports = sorted(SWEEP_REPORTS.values(), key=lambda r: r.order)
+    return [r.report(sweep_dir, manifest) for r in reports if r.applies(sweep_dir, manifest)]
 
 
 def _select(sections: set[str]) -> Protocol:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cltunnel.experiments.analyses import read_swap_meta
+from cltunnel.experiments.registry import SWEEP_REPORTS, SweepReport
 from cltunnel.models.zoo import VGG_STAGES
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
@@ -89,3 +90,7 @@ def plot_depth(mean: pd.DataFrame, std: pd.DataFrame, extractor: int | None, pat
         ax.axvline(extractor, color="grey", ls="--", lw=1, label=f"extractor of the full model ({extractor})")
     ax.set(xlabel="conv layers", ylabel="%", title="shallower networks: accuracy and forgetting")
     save_figure(fig, ax, path)
+
+
+SWEEP_REPORTS.register("depth", SweepReport(lambda sweep_dir, manifest: DEPTH_AXIS in manifest["axes"],
+                                            lambda sweep_dir, manifest: depth_report(sweep_dir), order=10))

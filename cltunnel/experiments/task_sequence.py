@@ -12,10 +12,8 @@ import pandas as pd
 from cltunnel.config import RunConfig
 from cltunnel.data.images import ImageData
 from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
-from cltunnel.experiments.block_sweep import block_sweep_report, has_blocks
-from cltunnel.experiments.registry import TASK_SEQUENCE, Protocol, register_protocol
-from cltunnel.experiments.shallow import DEPTH_AXIS, depth_report
-from cltunnel.experiments.temperature import TEMPERATURE_AXIS, temperature_report
+from cltunnel.experiments import block_sweep, shallow, temperature  # noqa: F401  (they register sweep reports)
+from cltunnel.experiments.registry import TASK_SEQUENCE, Protocol, register_protocol, sweep_reports
 from cltunnel.reports.figures import pyplot
 from cltunnel.reports.tables import aggregate, forgetting_frame, render, write_table
 from cltunnel.store import CKA_M1_M2, METRICS_FILE, load_manifest, load_metrics, seed_dir, seed_dirs
@@ -44,8 +42,9 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     """Per configuration: its mean ± std tables and analyses; across them: the summary table, the per-layer
-    CKA (M1 vs M2) of every configuration side by side, the depth report of a shallow-network sweep, the
-    temperature report of a temperature sweep and the block-structure grids where runs have them."""
+    CKA (M1 vs M2) of every configuration side by side, and the registered sweep reports that apply (the depth
+    report of a shallow-network sweep, the temperature report of a temperature sweep, the block-structure
+    grids where runs have them)."""
     for config in manifest["configs"]:
         if seed_dirs(sweep_dir / config):
             render(sweep_dir / config)
@@ -58,12 +57,8 @@ def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
              "avg forgetting: mean over all tasks but the last of (accuracy right after the task - after the last)"]
     md = write_table(mean, std, n, sweep_dir / "summary", f"{manifest['name']}: accuracy and forgetting (%)", notes)
     md += _combined_cka(sweep_dir, list(manifest["configs"]))
-    if DEPTH_AXIS in manifest["axes"]:
-        md += "\n" + depth_report(sweep_dir)
-    if TEMPERATURE_AXIS in manifest["axes"]:
-        md += "\n" + temperature_report(sweep_dir)
-    if has_blocks(sweep_dir, manifest):
-        md += "\n" + block_sweep_report(sweep_dir, manifest)
+    for report in sweep_reports(sweep_dir, manifest):  # depth, temperature, block structure: where they apply
+        md += "\n" + report
     return md
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cltunnel.experiments.registry import SWEEP_REPORTS, SweepReport
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
 from cltunnel.store import OOD_RHO, TUNNEL_START, load_manifest, load_metrics, load_run_config, seed_dirs
@@ -105,3 +106,7 @@ def plot_temperature(mean: pd.DataFrame, std: pd.DataFrame, path: Path) -> None:
         ax.set(xscale="log", xlabel="softmax temperature T", ylabel=symbol,
                title={"κ": "κ: where probing saturates (/depth)", "ρ": "ρ: OOD probe drop, best to last layer"}[symbol])
     save_figure(fig, axes, path)
+
+
+SWEEP_REPORTS.register("temperature", SweepReport(lambda sweep_dir, manifest: TEMPERATURE_AXIS in manifest["axes"],
+                                                  lambda sweep_dir, manifest: temperature_report(sweep_dir), order=20))

@@ -19,6 +19,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from cltunnel.config import ConfigError, EvaluationConfig, StrategyConfig, TrainingConfig
+from cltunnel.registry import Registry, did_you_mean
 from cltunnel.training.avalanche_metrics import build_evaluator
 from cltunnel.training.fast_data import RunContext, with_fast_data
 
@@ -26,7 +27,7 @@ from cltunnel.training.fast_data import RunContext, with_fast_data
 # name -> ("module:Class", default arguments). Defaults are starting points, not tuned values. EWC's lambda is
 # small because SGD at the paper's lr 0.1 diverges above about 5 on CIFAR-10 VGGs (max Fisher entry ~2; see
 # training.loop.check_finite), where Avalanche examples use 100+ with smaller learning rates.
-STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
+STRATEGIES: Registry[tuple[str, dict[str, Any]]] = Registry("strategy", ConfigError, {
     "naive": ("avalanche.training:Naive", {}),
     "ewc": ("avalanche.training:EWC", {"ewc_lambda": 5.0}),
     "si": ("avalanche.training:SynapticIntelligence", {"si_lambda": 1.0}),
@@ -40,7 +41,7 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "ewc_extractor": ("cltunnel.training.tunnel_aware:LayerwiseEWC", {"ewc_lambda": 5.0, "penalise": "extractor"}),
     "freeze_tunnel": ("cltunnel.training.tunnel_aware:FreezeTunnel", {}),
     "feature_replay": ("cltunnel.training.tunnel_aware:FeatureReplay", {"mem_size": 500}),
-}
+})
 
 
 def load_class(spec: str) -> type:
@@ -67,7 +68,8 @@ def resolve_strategy(cfg: StrategyConfig) -> tuple[type, dict[str, Any]]:
         spec, defaults = STRATEGIES[cfg.name]
         cls = load_class(spec)
     else:
-        raise ConfigError(f"strategy.name: unknown strategy '{cfg.name}'; valid: {', '.join(STRATEGIES)} "
+        raise ConfigError(f"strategy.name: unknown strategy '{cfg.name}'{did_you_mean(cfg.name, STRATEGIES.list())}; "
+                          f"valid: {', '.join(STRATEGIES)} "
                           "(or give 'class: package.module:ClassName')")
     if not (isinstance(cls, type) and issubclass(cls, SupervisedTemplate)):
         raise ConfigError(f"strategy: {cls!r} is not a subclass of avalanche's SupervisedTemplate")

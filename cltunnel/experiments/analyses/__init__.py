@@ -38,6 +38,7 @@ from cltunnel.store import SWAP_META
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+ANALYSES.sort(key=lambda entry: entry.order)  # the modules import each other: their place, not import order
 
 __all__ = [
     "ANALYSES", "Analysis", "analysis", "built_in_names", "check_analyses", "load_user_analysis", "write_result",
