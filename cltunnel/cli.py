@@ -156,9 +156,10 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
+    from cltunnel.store import analysable_runs
 
     target = Path(args.run_dir)
-    runs = [target] if list(target.glob("task*.pt")) else sorted(p for p in target.glob("seed*") if p.is_dir())
+    runs = analysable_runs(target)
     if not runs:
         print(f"error: {target}: no task checkpoints here or in seed*/ subdirectories", file=sys.stderr)
         return 2

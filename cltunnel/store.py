@@ -32,6 +32,8 @@ CHECKPOINT_PATTERN = "task{}.pt"
 EPOCH_DIR = "epochs"
 MANIFEST = "sweep.yaml"  # in a sweep's output directory: its configurations and axis labels
 LOCK_FILE = "run.lock"  # in a seed directory while a process writes it: "<pid> <host>"
+SWEEP_DONE = "sweep_done.json"  # in a run directory: the sweep finished this run
+SWEEP_ERROR = "sweep_error.txt"  # in a run directory: why the sweep's run of it failed
 CAPTIONS_FILE = "captions.json"  # file name or pattern -> caption, of the outputs the analyses that ran declared
 ANALYSIS_NOTICES = "analysis_notices.txt"  # one line per user analysis that failed (the page shows them)
 
@@ -67,6 +69,17 @@ def seed_dir(cfg: Any, seed: int) -> Path:
 def seed_dirs(scenario_dir: str | Path, finished: str = METRICS_FILE) -> list[Path]:
     """The seed directories holding ``finished`` (a file name or glob: the file a protocol writes last)."""
     return sorted(p for p in Path(scenario_dir).glob("seed*") if p.is_dir() and any(p.glob(finished)))
+
+
+def all_seed_dirs(scenario_dir: str | Path) -> list[Path]:
+    """Every ``seed<k>/`` of a scenario directory, finished or not."""
+    return sorted(p for p in Path(scenario_dir).glob("seed*") if p.is_dir())
+
+
+def analysable_runs(target: str | Path) -> list[Path]:
+    """A run directory with task checkpoints, or the seed directories of a scenario directory."""
+    target = Path(target)
+    return [target] if finished_tasks(target) else all_seed_dirs(target)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -43,12 +43,12 @@ from cltunnel.config import ConfigError, RunConfig, parse_config, read_yaml, set
 from cltunnel.errors import CltunnelError
 from cltunnel.runs import load_data_for, preflight, run_seed, saved_protocol
 from cltunnel.reports.page import build_report
-from cltunnel.store import CONFIG_FILE, MANIFEST, load_manifest, seed_dir, seed_dirs
+from cltunnel.store import CONFIG_FILE, MANIFEST, SWEEP_DONE, SWEEP_ERROR, load_manifest, seed_dir, seed_dirs
 
-DONE_FILE = "sweep_done.json"  # in a run directory: the sweep finished this run
+DONE_FILE = SWEEP_DONE  # in a run directory: the sweep finished this run
 
 
-ERROR_FILE = "sweep_error.txt"
+ERROR_FILE = SWEEP_ERROR
 
 
 AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed",

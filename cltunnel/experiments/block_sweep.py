@@ -110,8 +110,7 @@ def plot_grid(sweep_dir: Path, manifest: dict[str, Any], configs: list[str], axe
                  (" (first PC removed)" if measure != "cka" else ""))
     fig.suptitle(f"{manifest['name']}: rows {axes[0] if axes else ''}, columns {axes[1] if len(axes) > 1 else ''}",
                  fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path, tight=False)
 
 
 

@@ -30,7 +30,7 @@ from cltunnel.data.scenarios import avalanche_benchmark, build_scenario
 from cltunnel.experiments.analyses import LoadedRun, cross_cka_matrix, plot_cka_matrix, tunnel_profile
 from cltunnel.models.layered import LayeredModel
 from cltunnel.models.zoo import make_model, model_spec
-from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.figures import pyplot, save_figure, write_figure
 from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.experiments.registry import Protocol, register_protocol
 from cltunnel.store import load_run_config, partial_checkpoint_path, save_metrics, save_run_config, seed_dir, seed_dirs
@@ -294,9 +294,7 @@ def plot_profiles(frame: pd.DataFrame, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path)
 
 
 def aggregate_erosion(scenario_dir: Path) -> str:

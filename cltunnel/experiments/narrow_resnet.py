@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from cltunnel.config import NARROW_RESNET_TASKS, NarrowResnetConfig, RunConfig
 from cltunnel.experiments.registry import Protocol, register_protocol
-from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.figures import pyplot, save_figure, write_figure
 from cltunnel.reports.tables import write_table
 from cltunnel.store import atomic_save, atomic_write_text, save_run_config, seed_dir, seed_dirs
 from cltunnel.training.checkpoints import safe_load
@@ -485,9 +485,7 @@ def plot_regions(task: str, models: dict[str, dict[str, Any]], path: Path, seed_
         _draw_regions(ax, _loaded(entry), entry, task)
     fig.suptitle(f"{task}: decision regions ({seed_name}; box [-{entries[0]['spec']['box']:g}, "
                  f"{entries[0]['spec']['box']:g}]², data in [-1, 1]²)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path, dpi=110)
 
 
 def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str) -> None:

@@ -37,7 +37,7 @@ from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
 from cltunnel.measures.probes import ProbeConfig, fit_probes, layer_features, probe_accuracy
 from cltunnel.measures.similarity import cka_batches, minibatch_cka
 from cltunnel.models.layered import LayeredModel
-from cltunnel.reports.figures import pyplot
+from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import write_table
 from cltunnel.experiments.registry import Protocol, register_protocol
 from cltunnel.store import load_run_config, save_run_config, seed_dir, seed_dirs
@@ -272,9 +272,7 @@ def plot_protocols(scenario_dir: Path, runs: list[Path], kinds: list[str]) -> No
             ax.set(xlabel="after task", ylabel=label, title=f"{kind}")
             ax.grid(alpha=0.3)
         axes[0, col].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(scenario_dir / f"{scenario_dir.name}_protocols.png", dpi=120)
-    plt.close(fig)
+    write_figure(fig, scenario_dir / f"{scenario_dir.name}_protocols.png")
 
 
 def plot_recon(scenario_dir: Path, p3: dict[str, list[dict[str, Any]]]) -> None:
@@ -290,9 +288,7 @@ def plot_recon(scenario_dir: Path, p3: dict[str, list[dict[str, Any]]]) -> None:
         ax.set(xlabel="epoch on task 0", ylabel="test reconstruction loss", title=kind)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(scenario_dir / f"{scenario_dir.name}_recon_unseen.png", dpi=120)
-    plt.close(fig)
+    write_figure(fig, scenario_dir / f"{scenario_dir.name}_recon_unseen.png")
 
 
 def summary(scenario_dir: Path, cfg: RunConfig) -> str:

@@ -39,7 +39,7 @@ from cltunnel.data.images import ImageData
 from cltunnel.data.scenarios import build_scenario
 from cltunnel.experiments.representations import GaussianLatent
 from cltunnel.models.layered import LayeredModel
-from cltunnel.reports.figures import pyplot, save_figure
+from cltunnel.reports.figures import pyplot, save_figure, write_figure
 from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.experiments.registry import Protocol, register_protocol
 from cltunnel.store import atomic_save, load_run_config, save_run_config, seed_dir, seed_dirs
@@ -435,9 +435,7 @@ def plot_samples(run_dir: Path, generator: ConditionalGenerator, cvae: Condition
         x = x[:, 0].view(real.n_classes, 10, *x.shape[-2:]).permute(0, 2, 1, 3).reshape(real.n_classes * x.shape[-2], -1)
         ax.imshow(x.cpu().numpy(), cmap="gray")
         ax.set(title=title, xticks=[], yticks=[])
-    fig.tight_layout()
-    fig.savefig(run_dir / "samples.png", dpi=100)
-    plt.close(fig)
+    write_figure(fig, run_dir / "samples.png", dpi=100)
 
 
 def summary(scenario_dir: Path, cfg: RunConfig) -> str:

@@ -14,7 +14,7 @@ from cltunnel.data.images import ImageData
 from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
 from cltunnel.experiments import block_sweep, shallow, temperature  # noqa: F401  (they register sweep reports)
 from cltunnel.experiments.registry import TASK_SEQUENCE, Protocol, register_protocol, sweep_reports
-from cltunnel.reports.figures import pyplot
+from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import aggregate, forgetting_frame, render, write_table
 from cltunnel.store import CKA_M1_M2, METRICS_FILE, load_manifest, load_metrics, seed_dir, seed_dirs
 from cltunnel.training.loop import train_task_sequence
@@ -120,6 +120,4 @@ def _plot_cka(table: pd.DataFrame, path: Path) -> None:
     ax.set(xlabel="layer", ylabel="CKA(M1, M2)", ylim=(0, 1.05), title="where each configuration let the network move")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path)

@@ -32,10 +32,12 @@ def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
     write_figure(finish_axes(fig, axes, legend_size), path)
 
 
-def write_figure(fig, path: Path) -> None:
-    """Lay out, write the PNG (120 dpi, as every figure of a run) and free the figure."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def write_figure(fig, path: Path, dpi: int = 120, tight: bool = True) -> None:
+    """Lay out (``tight``), write the PNG (120 dpi, as every figure of a run; the toy-data protocols' sample
+    grids keep their own) and free the figure. Every PNG cltunnel writes goes through here."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cltunnel.reports.figures import pyplot
+from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.store import CONFIG_FILE, METRICS_FILE, load_metrics, load_run_config, seed_dirs
 
 # Shown in place of FWT in task-incremental runs: before task j, head j has had no gradient, so a[j-1][j] and
@@ -208,6 +208,4 @@ def plot_accuracy_curves(all_metrics: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(all_metrics[0].get("scenario", ""))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path)

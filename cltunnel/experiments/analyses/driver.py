@@ -11,7 +11,7 @@ from cltunnel.data.images import ImageData
 from cltunnel.experiments.analyses.loading import load_run
 from cltunnel.experiments.analyses.registry import ANALYSES, Analysis, built_in_names, resolve, write_result
 from cltunnel.reports.captions import write_captions
-from cltunnel.store import ANALYSIS_NOTICES
+from cltunnel.store import ANALYSIS_NOTICES, all_seed_dirs
 
 
 def run_analyses(run_dir: str | Path, names: list[str] | None = None, device: str = "auto",
@@ -72,7 +72,7 @@ def aggregate_seeds(scenario_dir: str | Path, out_dir: str | Path | None = None,
     markdown written. The captions of those files go with them (the scenario page)."""
     scenario_dir = Path(scenario_dir)
     out_dir = Path(out_dir) if out_dir else scenario_dir
-    runs = sorted(p for p in scenario_dir.glob("seed*") if p.is_dir())
+    runs = all_seed_dirs(scenario_dir)
     written: list[str] = []
     for entry in sorted(ANALYSES.values(), key=lambda a: a.order):
         if entry.seeds is None:

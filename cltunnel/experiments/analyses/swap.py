@@ -19,7 +19,7 @@ from cltunnel.measures.probes import train_probes
 from cltunnel.measures.tunnel import describe_rule, rule_starts
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import aggregate, write_table
-from cltunnel.store import SUBSTITUTION, SWAP_META, SWAP_TABLE, TUNNEL_PROFILE, load_run_config
+from cltunnel.store import SUBSTITUTION, SWAP_META, SWAP_TABLE, TUNNEL_PROFILE, all_seed_dirs, load_run_config
 
 
 # Thesis Table 5.4.1 (VGG-19, split CIFAR-10 5/5), first and second task accuracy (%).
@@ -162,7 +162,7 @@ def swap_by_rule(scenario_dir: str | Path, out_dir: str | Path | None = None) ->
     ``<scenario>_table_5_4_1_by_rule.*`` in ``out_dir`` (default: the scenario directory)."""
     scenario_dir = Path(scenario_dir)
     out_dir = Path(out_dir) if out_dir else scenario_dir
-    runs = [r for r in sorted(scenario_dir.glob("seed*"))
+    runs = [r for r in all_seed_dirs(scenario_dir)
             if (r / SUBSTITUTION).exists() and (r / TUNNEL_PROFILE).exists()]
     if not runs:
         return ""
