@@ -95,7 +95,7 @@ def time_cltunnel(cfg, scenario, device, ddata: DeviceData, capture: bool = Fals
     mean, std = scenario.data.channel_stats()
     bm = avalanche_benchmark(scenario, mean, std)
     strategy = build_strategy(cfg.strategy, model, cfg.training, TemperatureCrossEntropy(1.0), device, [],
-                              RunContext(ddata, 0, amp_enabled(cfg.training, device), capture))
+                              RunContext(ddata, 0, amp_enabled(cfg.training, device), "on" if capture else "off"))
     if capture:
         start = time.perf_counter()
         strategy.train(bm.train_stream[0], eval_streams=[], reset_optimizer_state=True)

@@ -374,6 +374,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     path = Path(path)
     raw = read_yaml(path, "scenario")
     for dotted, value in (overrides or {}).items():
+        if dotted.startswith("strategy."):
+            _override_strategy(raw, dotted)
         set_dotted(raw, dotted, value)
     try:
         return parse_config(raw, default_name=path.stem)
@@ -381,11 +383,25 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"{path}: {err}") from None
 
 
+def _override_strategy(raw: dict[str, Any], dotted: str) -> None:
+    """``--set strategy.class=...`` (or ``.name``) whatever form ``strategy:`` had: a bare name becomes a
+    mapping, and the override replaces the other way of naming the strategy (a class wins over a name)."""
+    strategy = raw.get("strategy")
+    if isinstance(strategy, str):
+        raw["strategy"] = strategy = {"name": strategy}
+    if isinstance(strategy, dict):
+        other = {"strategy.class": "name", "strategy.name": "class"}.get(dotted)
+        if other:
+            strategy.pop(other, None)
+
+
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = raw
-    for key in keys[:-1]:
+    for i, key in enumerate(keys[:-1]):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(keys[:i + 1])}' is {node!r}, not a section with keys")
     node[keys[-1]] = value
 
 

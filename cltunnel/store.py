@@ -30,6 +30,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the resolved scenario of one seed's run, with its seed
 CHECKPOINT_PATTERN = "task{}.pt"
 EPOCH_DIR = "epochs"
+CAPTURE_NOTES = "capture.txt"  # what training decided about the captured step, as "notice: ..." lines
 MANIFEST = "sweep.yaml"  # in a sweep's output directory: its configurations and axis labels
 LOCK_FILE = "run.lock"  # in a seed directory while a process writes it: "<pid> <host>"
 SWEEP_DONE = "sweep_done.json"  # in a run directory: the sweep finished this run
@@ -217,3 +218,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def append_notice(path: Path, line: str) -> None:
+    """One "notice: ..." line added to a run's notes file (the report page shows each notice once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"notice: {line}\n")

@@ -61,3 +61,84 @@ def mean_logit_metric():
 
 
 __all__ = ["LoudBackward", "NegatedForward", "ForwardCalls", "MeanLogitMetric", "mean_logit_metric", "torch"]
+
+
+# ---- issue 30: ordinary user code that a detection rule misses (each changes the numbers if skipped) ----
+class _ZeroLoss:
+    """A callable object (a plain function could not go into a checkpoint that loads without running code)."""
+
+    def __call__(self, strategy, **kwargs):
+        strategy.loss = strategy.loss * 0
+
+
+class _DuckZeroLoss:
+    """Not a SupervisedPlugin at all: Avalanche calls any attribute named like a hook, and this one's
+    ``before_backward`` is an instance attribute (set in __init__), so reading its class finds nothing."""
+
+    def __init__(self):
+        self.before_backward = _ZeroLoss()
+
+    def __getattr__(self, name):  # every other callback: do nothing
+        if name.startswith(("before_", "after_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+class DuckTypedPlugin(Naive):
+    """Naive with a duck-typed plugin that zeroes the loss: it must stay at chance on every path."""
+
+    def __init__(self, **kwargs):
+        kwargs["plugins"] = list(kwargs.get("plugins") or []) + [_DuckZeroLoss()]
+        super().__init__(**kwargs)
+
+
+class _ZeroLossPlugin(SupervisedPlugin):
+    def before_backward(self, strategy, **kwargs):
+        strategy.loss = strategy.loss * 0
+
+
+class _AddAtTask2(SupervisedPlugin):
+    """Adds a loss-zeroing plugin when the second task starts (hooked outside the step itself)."""
+
+    def before_training_exp(self, strategy, **kwargs):
+        if strategy.experience.current_experience == 1 and not any(isinstance(p, _ZeroLossPlugin)
+                                                                   for p in strategy.plugins):
+            strategy.plugins.append(_ZeroLossPlugin())
+
+
+class PluginAtTask2(Naive):
+    """Task 2 must stay unlearned (its loss is zeroed from its first step)."""
+
+    def __init__(self, **kwargs):
+        kwargs["plugins"] = list(kwargs.get("plugins") or []) + [_AddAtTask2()]
+        super().__init__(**kwargs)
+
+
+class _PrependTask0Rows(SupervisedPlugin):
+    """Keeps 32 rows of task 0 and, in task 1, puts them in front of every batch with their own task label
+    (a rehearsal written the obvious way, in ``before_training_iteration``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = None
+
+    def before_training_iteration(self, strategy, **kwargs):
+        x, y, t = strategy.mbatch
+        if strategy.experience.current_experience == 0 and self.rows is None:
+            self.rows = [x[:32].clone(), y[:32].clone(), t[:32].clone()]
+        elif strategy.experience.current_experience > 0 and self.rows is not None:
+            strategy.mbatch = [torch.cat([self.rows[0], x]), torch.cat([self.rows[1], y]),
+                               torch.cat([self.rows[2], t])]
+
+
+class PrependOldRows(Naive):
+    def __init__(self, **kwargs):
+        kwargs["plugins"] = list(kwargs.get("plugins") or []) + [_PrependTask0Rows()]
+        super().__init__(**kwargs)
+
+
+class FreshAdam(Naive):
+    """A fresh Adam for every task (the self-check must save and restore Adam's moments and step count)."""
+
+    def make_optimizer(self, **kwargs):
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)

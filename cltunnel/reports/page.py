@@ -21,7 +21,8 @@ from cltunnel.expectations import EXPECTATIONS_FILE
 from cltunnel.reports.captions import captions_for, entries_of
 from cltunnel.reports.provenance import load_provenance
 from cltunnel.reports.tables import format_mean_std, markdown_table
-from cltunnel.store import ANALYSIS_NOTICES, CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs
+from cltunnel.store import (ANALYSIS_NOTICES, CAPTURE_NOTES, CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir,
+                            load_run_config, seed_dirs)
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
@@ -81,7 +82,7 @@ def entries(directory: Path, kind: str) -> list[tuple[str, str]]:
     sweeps' catalogue, then what the analyses declared (:mod:`cltunnel.reports.captions`), then the catch-all."""
     declared = entries_of(kind, captions_for(directory))
     if kind == "note":
-        return declared + [(ANALYSIS_NOTICES, "")]
+        return [(CAPTURE_NOTES, "")] + declared + [(ANALYSIS_NOTICES, "")]
     catalogue = FIGURES if kind == "figure" else TABLES
     generic = [e for e in catalogue if e[0].startswith("*.")]
     return [e for e in catalogue if e not in generic] + declared + generic
@@ -215,7 +216,8 @@ def _notes(directory: Path) -> tuple[list[str], list[str]]:
         notices += [line[len("notice: "):] for line in lines if line.startswith("notice: ")]
         lines = [line for line in lines if not line.startswith("notice: ")]
         used = {line.replace(" (used)", "") for line in lines if " (used)" in line}
-        results += [f"- {path.name}:"] + [f"    - {line}" for line in lines if line not in used]
+        if lines:  # a file of notices alone (capture.txt) has no results to list
+            results += [f"- {path.name}:"] + [f"    - {line}" for line in lines if line not in used]
     return results, list(dict.fromkeys(notices))
 
 

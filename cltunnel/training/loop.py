@@ -23,14 +23,15 @@ from cltunnel.data.images import ImageData
 from cltunnel.data.scenarios import build_scenario
 from cltunnel.models.zoo import make_model, model_spec
 from cltunnel.reports.tables import render
-from cltunnel.store import partial_checkpoint_path, save_metrics, save_run_config, seed_dir
+from cltunnel.store import (CAPTURE_NOTES, append_notice, partial_checkpoint_path, save_metrics, save_run_config,
+                            seed_dir)
 from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, load_partial_task, load_strategy_state,
                                            save_epoch_checkpoint, save_partial_task, save_task_checkpoint)
 from cltunnel.training.accuracy import Evaluation, evaluate_all, evaluate_seen
 from cltunnel.training.avalanche_metrics import build_evaluator, close_loggers
 from cltunnel.training.history import HistoryPlugin, end_of_task, open_tensorboard, write_history
 from cltunnel.training.plain_state import decode
-from cltunnel.training.fast_data import (RunContext, TemperatureCrossEntropy, amp_enabled, capture_enabled,
+from cltunnel.training.fast_data import (RunContext, TemperatureCrossEntropy, amp_enabled, capture_mode,
                                          channels_last_enabled)
 from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
 from cltunnel.training.strategies import build_strategy
@@ -97,7 +98,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         plugins.append(EpochCheckpointPlugin(
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
     evaluator = build_evaluator(cfg.evaluation, run_dir)
-    context = RunContext(ddata, seed, amp, capture_enabled(tcfg, device))
+    context = RunContext(ddata, seed, amp, capture_mode(tcfg, device), lambda line: _notice(run_dir, line))
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
                               context, evaluator)
     load_strategy_state(strategy, strategy_state)
@@ -134,6 +135,12 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     close_loggers(evaluator)
     if writer is not None:
         writer.close()
+
+
+def _notice(run_dir: Path, line: str) -> None:
+    """A training notice (the captured step's decisions): printed, and kept for the run's page."""
+    print(line, flush=True)
+    append_notice(run_dir / CAPTURE_NOTES, line)
 
 
 def seed_task(seed: int, task: int) -> None:

@@ -98,10 +98,30 @@ def accepted_args(cls: type) -> set[str] | None:
     return None
 
 
+def qp_solver_available() -> bool:
+    """Whether qpsolvers can reach the quadprog solver, which Avalanche's GEM calls from its second task on."""
+    try:
+        import qpsolvers
+    except ImportError:
+        return False
+    return "quadprog" in qpsolvers.available_solvers
+
+
+def check_strategy_dependencies(cls: type, label: str) -> None:
+    """A strategy whose package is missing is refused before training, naming what to install (GEM solves a
+    quadratic program at every step of its second task; without a solver it trains task 1, then crashes)."""
+    from avalanche.training import GEM
+
+    if issubclass(cls, GEM) and not qp_solver_available():
+        raise ConfigError(f"strategy {label} needs the quadprog QP solver, which is not installed "
+                          "(pip install quadprog)")
+
+
 def check_strategy_args(cfg: StrategyConfig) -> None:
-    """The strategy class imports, is a SupervisedTemplate, and takes every key of ``strategy.args``: checked
-    from the class alone, before any data is loaded."""
+    """The strategy class imports, is a SupervisedTemplate, its dependencies are installed, and it takes
+    every key of ``strategy.args``: checked from the class alone, before any data is loaded."""
     cls, args = resolve_strategy(cfg)
+    check_strategy_dependencies(cls, cfg.name or cfg.cls or cls.__name__)
     accepted = accepted_args(cls)
     taken = sorted(set(args) & BUILT_IN_ARGS)
     if taken:
@@ -122,7 +142,7 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
     cls, args = resolve_strategy(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay,
-                                foreach=True if context is not None and context.capture else None)
+                                foreach=True if context is not None and context.capture != "off" else None)
     if training.lr_milestones:
         sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, training.lr_milestones, training.lr_gamma)
         plugins = plugins + [LRSchedulerPlugin(sched, reset_scheduler=True, reset_lr=True)]

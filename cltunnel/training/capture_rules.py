@@ -1,0 +1,165 @@
+"""Who may train on the captured step: capture by proof, not by detection.
+
+Python lets a strategy change a step in more ways than introspection finds (an instance attribute named
+like a hook, a plugin added at task 2, a batch rewritten with rows of another task, a method patched at run
+time). So ``training.capture: auto`` does not ask "is anything hooked inside the step?"; it asks "is every
+part of this run one the project has shown to give the eager numbers?":
+
+* the strategy's class is one of :data:`PROVEN_STRATEGIES` exactly (a subclass may override anything), run
+  by the tests on both paths (``tests/test_capture.py``, ``tests/test_strategy_paths.py``);
+* every plugin is of a class in :data:`PROVEN_PLUGINS` exactly; Avalanche's ``EvaluationPlugin`` only with
+  metrics in :data:`PROVEN_METRICS` and loggers in :data:`PROVEN_LOGGERS` (a test checks that no listed class
+  has a hook inside the step, so the list cannot name one that does);
+* no instance attribute of the strategy or a plugin shadows a hook or a step method (Avalanche calls any
+  attribute of that name), no module of the model has Python hooks, the criterion is cltunnel's.
+
+Anything else trains on Avalanche's eager step, and the run says once why and how to opt in
+(:func:`unproven`). ``capture: on`` is that opt-in: then only what *is* found inside the step blocks it
+(:func:`capture_blockers`, instance attributes included), re-read whenever the plugin list or a plugin's
+attributes change (:func:`plugin_signature`); rows of another task in the batch make the step fall back
+(``fast_data``); and the self-check compares the compiled step with the strategy's own eager iteration,
+hooks and all.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metric_definitions import PluginMetric
+from avalanche.training.plugins import EvaluationPlugin
+
+from cltunnel.training.overrides import overrides
+
+INNER_HOOKS = ("before_forward", "after_forward", "before_backward", "after_backward", "before_update",
+               "after_update")
+STEP_METHODS = ("training_epoch", "_before_forward", "_after_forward", "_before_backward", "_after_backward",
+                "_before_update", "_after_update", "forward", "criterion", "backward", "optimizer_step",
+                "_make_empty_loss")  # the template's methods that run inside (or are) the captured span
+
+# The classes capture is proven for, by qualified name ("module:Class"; exact class, not subclasses).
+PROVEN_STRATEGIES = frozenset({
+    "avalanche.training.supervised.strategy_wrappers:Naive",  # both paths: test_capture, test_strategy_paths
+})
+PROVEN_PLUGINS = frozenset({
+    # cltunnel's own, all hooked around the iteration (progress, checkpoints, curves, seeds, mid-task resume)
+    "cltunnel.training.plugins:ProgressPlugin",
+    "cltunnel.training.plugins:EpochCheckpointPlugin",
+    "cltunnel.training.history:HistoryPlugin",
+    "cltunnel.training.loop:MemorySeedPlugin",
+    "cltunnel.training.loop:MidTaskResumePlugin",
+    "cltunnel.experiments.erosion:TestCurvePlugin",
+    # Avalanche's that every template carries or cltunnel adds, hooked around the iteration
+    "avalanche.training.plugins.clock:Clock",
+    "avalanche.training.templates.base_sgd:PeriodicEval",
+    "avalanche.training.plugins.lr_scheduling:LRSchedulerPlugin",
+    "avalanche.training.plugins.evaluation:EvaluationPlugin",  # with its metrics and loggers checked below
+})
+PROVEN_METRICS = frozenset({  # what evaluation.metrics builds (training.avalanche_metrics.METRICS)
+    f"avalanche.evaluation.metrics.{module}:{name}" for module, names in {
+        "accuracy": ("EpochAccuracy", "ExperienceAccuracy", "StreamAccuracy"),
+        "loss": ("EpochLoss", "ExperienceLoss", "StreamLoss"),
+        "forgetting_bwt": ("ExperienceForgetting", "StreamForgetting", "ExperienceBWT", "StreamBWT"),
+        "class_accuracy": ("ExperienceClassAccuracy", "StreamClassAccuracy"),
+        "timing": ("EpochTime",),
+        "confusion_matrix": ("StreamConfusionMatrix",),
+    }.items() for name in names})
+PROVEN_LOGGERS = frozenset({  # they write what the metrics emit; inside the step the proven metrics emit nothing
+    "avalanche.logging.text_logging:TextLogger",
+    "avalanche.logging.csv_logger:CSVLogger",
+    "avalanche.logging.tensorboard_logger:TensorboardLogger",
+    "avalanche.logging.interactive_logging:InteractiveLogger",
+})
+PROVEN_CRITERIA = frozenset({"cltunnel.training.fast_data:TemperatureCrossEntropy"})
+OPT_IN = "set training.capture: on to capture it anyway (its self-check then compares each checked step with " \
+         "the strategy's own eager iteration)"
+
+
+def qualified(obj_or_cls: Any) -> str:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def strategy_class(strategy: Any) -> type:
+    """The class the scenario named: cltunnel's generated class puts its mixin in front of it and records it
+    (``fast_data.with_fast_data``)."""
+    return vars(type(strategy)).get("wrapped_strategy", type(strategy))
+
+
+def shadowed(obj: Any, names: tuple[str, ...]) -> list[str]:
+    """Instance attributes of ``obj`` that shadow a method Avalanche calls by name."""
+    own = vars(obj) if hasattr(obj, "__dict__") else {}
+    return [f"{type(obj).__name__}.{name} (instance attribute)" for name in names if name in own]
+
+
+ALL_HOOKS = tuple(n for n in dir(SupervisedPlugin) if n.startswith(("before_", "after_")))
+
+
+def unproven(strategy: Any) -> list[str]:
+    """Why capture is not proven for this run ([] when it is): each part not on the lists above."""
+    reasons = []
+    cls = strategy_class(strategy)
+    if qualified(cls) not in PROVEN_STRATEGIES:
+        reasons.append(f"strategy {cls.__name__} is not one capture is proven for (proven: Naive)")
+    reasons += shadowed(strategy, STEP_METHODS + ALL_HOOKS)
+    for plugin in strategy.plugins:
+        if qualified(plugin) not in PROVEN_PLUGINS:
+            reasons.append(f"plugin {type(plugin).__name__} is not on the proven list")
+        reasons += shadowed(plugin, ALL_HOOKS)
+        if isinstance(plugin, EvaluationPlugin):
+            reasons += [f"metric {type(m).__name__} is not on the proven list" for m in plugin.metrics
+                        if qualified(m) not in PROVEN_METRICS]
+            reasons += [f"logger {type(lg).__name__} is not on the proven list" for lg in plugin.loggers
+                        if qualified(lg) not in PROVEN_LOGGERS]
+            reasons += [r for m in plugin.metrics for r in shadowed(m, ALL_HOOKS)]
+    criterion = getattr(strategy, "_criterion", None)
+    if criterion is not None and qualified(criterion) not in PROVEN_CRITERIA:
+        reasons.append(f"criterion {type(criterion).__name__} is not cltunnel's")
+    model = getattr(strategy, "model", None)
+    if model is not None and any(_python_hooks(m) for m in model.modules()):
+        reasons.append("a module of the model has Python forward/backward hooks")
+    return reasons
+
+
+def _python_hooks(module: Any) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def capture_blockers(strategy: Any) -> list[str]:
+    """What is found inside the step (used with ``capture: on``): plugin hooks in the span, by class or
+    instance attribute, the evaluator's metrics hooked there, and the template's step methods that the
+    strategy class defines or an instance attribute shadows."""
+    blockers = []
+    for plugin in strategy.plugins:
+        if isinstance(plugin, EvaluationPlugin):
+            blockers += _hooked(plugin.metrics, PluginMetric)
+        else:
+            blockers += _hooked([plugin], SupervisedPlugin)
+    blockers += [b for b in shadowed(strategy, STEP_METHODS + INNER_HOOKS)]
+    return blockers + overrides(type(strategy), STEP_METHODS)
+
+
+def _hooked(objects: list[Any], base: type) -> list[str]:
+    """``Class.hook`` for each inner hook an object defines beyond ``base``'s do-nothing default, on its class
+    or as an instance attribute (Avalanche calls either)."""
+    found = []
+    for obj in objects:
+        for hook in INNER_HOOKS:
+            if hook in getattr(obj, "__dict__", {}):
+                found.append(f"{type(obj).__name__}.{hook} (instance attribute)")
+                continue
+            own = getattr(type(obj), hook, None)
+            if own is not None and own is not getattr(base, hook, None):
+                found.append(f"{type(obj).__name__}.{hook}")
+    return found
+
+
+def plugin_signature(strategy: Any) -> tuple:
+    """What a capture decision was made on and must be made again when it changes: the plugins (identity and
+    order), the attribute names each plugin and the strategy instance hold, and the evaluator's metrics."""
+    parts: list[Any] = [tuple(vars(strategy).keys() & set(STEP_METHODS + ALL_HOOKS))]
+    for plugin in strategy.plugins:
+        parts.append((id(plugin), tuple(getattr(plugin, "__dict__", {}).keys())))
+        if isinstance(plugin, EvaluationPlugin):
+            parts.append(tuple(id(m) for m in plugin.metrics))
+    return tuple(parts)
