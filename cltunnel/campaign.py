@@ -44,7 +44,8 @@ from cltunnel.reports.provenance import provenance
 from cltunnel.runs import preflight, run_seed
 from cltunnel.store import scenario_dir_of, seed_dir
 from cltunnel.training.capture import CapturedStep
-from cltunnel.training.fast_data import TemperatureCrossEntropy, amp_enabled, capture_enabled
+from cltunnel.training.capture_rules import proven_config
+from cltunnel.training.fast_data import TemperatureCrossEntropy, amp_enabled, capture_mode
 from cltunnel.sweeps import check_jobs, expand, job_config, load_sweep
 
 PLAN_KEYS = {"name", "entries"}
@@ -135,7 +136,8 @@ class Throughput:
 
 def measure_throughput(cfg: RunConfig, steps: int = 20, warmup: int = 5) -> Throughput:
     """This model's training step at the scenario's batch size, on its device, the way the run will train
-    (the captured step where ``training.capture`` turns it on there, else the eager one)."""
+    (the captured step where ``training.capture`` turns it on there and the strategy is one it captures, else
+    the eager one)."""
     device = resolve_device(cfg.device)
     shape, n_classes = DATASETS[cfg.data.name].shape, DATASETS[cfg.data.name].classes
     torch.manual_seed(0)
@@ -145,7 +147,9 @@ def measure_throughput(cfg: RunConfig, steps: int = 20, warmup: int = 5) -> Thro
     y = torch.randint(0, n_classes, (cfg.training.batch_size,), device=device)
     step = CapturedStep(model, TemperatureCrossEntropy(1.0), opt, device, amp_enabled(cfg.training, device),
                         log=lambda line: None)
-    train = step if capture_enabled(cfg.training, device) else step.eager
+    mode = capture_mode(cfg.training, device)
+    captured = mode == "on" or (mode == "proven" and proven_config(cfg.strategy, cfg.evaluation.metrics))
+    train = step if captured else step.eager
     times = []
     for _ in range(warmup + steps):
         began = time.perf_counter()

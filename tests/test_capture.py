@@ -214,4 +214,4 @@ def test_the_gpu_acceptance_script_passes_its_cpu_smoke_test(capsys, real_data_d
     spec.loader.exec_module(module)
     assert module.main(["--device", "cpu", "--quick", "--skip-speed"]) == 0, capsys.readouterr().out
     verdicts = capsys.readouterr().out.split("verdicts:")[-1]
-    assert verdicts.count("PASS") == 7 and "FAIL" not in verdicts
+    assert verdicts.count("PASS") == 11 and "FAIL" not in verdicts

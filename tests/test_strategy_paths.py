@@ -77,7 +77,7 @@ def test_a_metric_hooked_inside_the_step_keeps_it(mnist, tmp_path, capsys):
 
 
 def test_a_plugin_hook_inside_the_step_is_named():
-    from cltunnel.training.capture import capture_blockers
+    from cltunnel.training.capture_rules import capture_blockers
     from avalanche.training import Naive
     from user_strategies import ForwardCalls
 

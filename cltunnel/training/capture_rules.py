@@ -163,3 +163,14 @@ def plugin_signature(strategy: Any) -> tuple:
         if isinstance(plugin, EvaluationPlugin):
             parts.append(tuple(id(m) for m in plugin.metrics))
     return tuple(parts)
+
+
+PROVEN_STRATEGY_NAMES = ("naive",)  # the registered names of PROVEN_STRATEGIES (training.strategies)
+
+
+def proven_config(strategy: Any, metrics: list[str]) -> bool:
+    """Whether a run of this strategy config and these evaluation metrics is one ``auto`` captures (for
+    estimates made before any strategy exists, e.g. a campaign's); the run itself decides by :func:`unproven`."""
+    from cltunnel.config import EVAL_METRICS
+
+    return strategy.cls is None and strategy.name in PROVEN_STRATEGY_NAMES and set(metrics) <= set(EVAL_METRICS)

@@ -244,9 +244,6 @@ def capture_mode(cfg: TrainingConfig, device: torch.device) -> str:
     return "proven" if _on_cuda_by_default(cfg.capture, device) else "off"
 
 
-def capture_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
-    return capture_mode(cfg, device) != "off"
-
 
 def channels_last_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
     return _on_cuda_by_default(cfg.channels_last, device)
