@@ -51,6 +51,15 @@ def run(mnist, path, capture_setting, strategy, capsys, **training):
     return load_metrics(run_dir)["acc"], capsys.readouterr().out, run_dir
 
 
+OFF: dict[str, list] = {}  # class name -> its capture-off accuracy matrix (one run serves both tests)
+
+
+def capture_off(mnist, tmp_path, capsys, name):
+    if name not in OFF:
+        OFF[name] = run(mnist, tmp_path / "off", "off", {"class": f"user_strategies:{name}"}, capsys)[0]
+    return OFF[name]
+
+
 def as_auto_on_cuda(monkeypatch):
     """``capture: auto`` as it is on a GPU (proven mode), here on the CPU."""
     monkeypatch.setattr(loop, "capture_mode", lambda cfg, device: "proven")
@@ -67,7 +76,7 @@ USER_CASES = {  # class -> what the capture-off run shows (checked, so the class
 @pytest.mark.parametrize("name", sorted(USER_CASES))
 def test_user_code_keeps_its_numbers_under_auto_it_trains_eagerly_and_says_why(mnist, tmp_path, capsys,
                                                                                   monkeypatch, identity_compile, name):
-    off, _, _ = run(mnist, tmp_path / "off", "off", {"class": f"user_strategies:{name}"}, capsys)
+    off = capture_off(mnist, tmp_path, capsys, name)
     assert USER_CASES[name](off), off
     as_auto_on_cuda(monkeypatch)
     auto, printed, run_dir = run(mnist, tmp_path / "auto", "auto", {"class": f"user_strategies:{name}"}, capsys)
@@ -83,7 +92,7 @@ def test_user_code_keeps_its_numbers_when_capture_is_asked_for(mnist, tmp_path, 
     """``capture: on``: the duck-typed hook and the plugin added at task 2 are found (instance attributes, the
     plugin list read again when it changes), the prepended rows of task 0 make the step fall back, and the
     fresh Adam is captured with a self-check that restores Adam's whole state: the capture-off matrix each time."""
-    off, _, _ = run(mnist, tmp_path / "off", "off", {"class": f"user_strategies:{name}"}, capsys)
+    off = capture_off(mnist, tmp_path, capsys, name)
     on, printed, _ = run(mnist, tmp_path / "on", "on", {"class": f"user_strategies:{name}"}, capsys)
     assert on == off, printed
     expected = {"DuckTypedPlugin": "_DuckZeroLoss.before_backward (instance attribute) runs inside the step",
@@ -173,7 +182,6 @@ def test_a_fault_in_the_compiled_path_alone_is_caught(mnist, tmp_path, capsys, m
         build(self, *args, **kwargs)
         fault(self)
     monkeypatch.setattr(CapturedStep, "__init__", faulty)
-    off, _, _ = run(mnist, tmp_path / "off", "off", "naive", capsys)
     on, printed, _ = run(mnist, tmp_path / "on", "on", "naive", capsys)
     found = FAILED.findall(printed)
     assert len(found) == 1 and "eager training step from here on" in printed, printed
