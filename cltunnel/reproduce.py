@@ -8,7 +8,9 @@ the commit that made it, its cost on the 2-core CPU and the device it needs, and
   ``tolerance``, absolute; text equal);
 - ``pins``: single numbers, ``FILE[ROW][COLUMN]`` (a CSV cell: the row by its label in the first column, or
   ``#i`` by position; in a mean ± std table the column of its mean block) with ``value`` and ``tolerance``;
-- ``quick``: a reduced command CI can afford, with its own pins (measured at ``made_at``).
+- ``quick``: a reduced command CI can afford, with its own pins (measured at ``made_at``);
+- ``threads``: torch's CPU threads the reference was made with (set for the re-run: a CPU run is
+  deterministic for a given thread count, and some, narrow_resnet's, change with it).
 
 ``reproduce NAME...`` runs each command in a fresh temporary directory (paths of the checkout made absolute),
 then prints one line per reference: ``match`` or ``DRIFT`` with the worst number, its old and its new value.
@@ -36,7 +38,7 @@ from cltunnel.config import ConfigError, read_yaml
 MANIFEST = Path("tables") / "REFERENCES.yaml"
 EXIT_DRIFT = 1
 ENTRY_KEYS = {"path", "command", "output", "made_at", "made_by", "cost", "cost_minutes", "device", "status",
-              "changed_since", "compare", "pins", "quick", "last_reproduced", "reading"}
+              "changed_since", "compare", "pins", "quick", "last_reproduced", "reading", "threads"}
 
 
 @dataclass
@@ -147,7 +149,7 @@ def compare_files(old: Path, new: Path, tolerance: float, label: str) -> tuple[i
                 continue
             checked += 1
             na, nb = _number(ca), _number(cb)
-            name = f"{label}[{ra[0] if labelled else f'#{i - skip}'}][{_column_name(a, skip, j)}]"
+            name = f"{label}[{ra[0] if labelled else _row_name(ra, i - skip)}][{_column_name(a, skip, j)}]"
             if na is None or nb is None:
                 if ca != cb:
                     drifts.append(Drift(name, ca, cb, math.inf))
@@ -156,6 +158,11 @@ def compare_files(old: Path, new: Path, tolerance: float, label: str) -> tuple[i
             elif not math.isnan(na) and abs(na - nb) > tolerance:
                 drifts.append(Drift(name, na, nb, abs(na - nb)))
     return checked, drifts
+
+
+def _row_name(row: list[str], index: int) -> str:
+    """A row of a file without row labels: its position (how read_cell addresses it) and its first three cells."""
+    return f"#{index} " + "/".join(row[:3])
 
 
 def _column_name(rows: list[list[str]], skip: int, j: int) -> str:
@@ -217,8 +224,10 @@ def _argv(command: str, root: Path) -> list[str]:
     return out
 
 
-def _environment(root: Path) -> dict[str, str]:
+def _environment(root: Path, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads:  # torch's CPU threads change float sums, and chaotic trainings amplify them (narrow_resnet)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     if "CLTUNNEL_DATA" not in env and (root.parent / "shared" / "data").is_dir():
         env["CLTUNNEL_DATA"] = str(root.parent / "shared" / "data")  # as the README's quick start
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
@@ -241,7 +250,8 @@ def reproduce_one(name: str, entry: dict[str, Any], root: Path, quick: bool, kee
     argv = _argv(spec["command"], root)
     log(f"{name}: {spec['command']}  (in {work})")
     start = time.time()
-    proc = subprocess.run(argv, cwd=work, env=_environment(root), capture_output=True, text=True)
+    threads = spec.get("threads", entry.get("threads"))
+    proc = subprocess.run(argv, cwd=work, env=_environment(root, threads), capture_output=True, text=True)
     seconds = time.time() - start
     (work / "reproduce.log").write_text(proc.stdout + proc.stderr)
     # a run whose own expect: bands fail exits 3 and still wrote everything: compare its numbers

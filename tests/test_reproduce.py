@@ -61,7 +61,7 @@ def test_reproduce_matches_a_remade_reference_and_names_a_drift(tmp_path, capsys
     capsys.readouterr()
     assert cli_main(["reproduce", "tiny", "--manifest", str(manifest)]) == 1
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("DRIFT"))
-    assert re.search(r"DRIFT tiny: 1 of \d\d numbers", line) and f"seed0/narrow_resnet.csv[#0][error]: {new + 0.5:.6g} -> {new:.6g}" in line
+    assert re.search(r"DRIFT tiny: 1 of \d\d numbers", line) and f"seed0/narrow_resnet.csv[#0 x2/mlp/2][error]: {new + 0.5:.6g} -> {new:.6g}" in line
     result = Result("tiny", 34, [])  # --record writes a match's date and commit
     record(manifest, [result, Result("tiny2", 1, [], error="x")], quick=True, root=REPO)
     assert yaml.safe_load(manifest.read_text())["references"]["tiny"]["last_reproduced"]["quick"] is True
