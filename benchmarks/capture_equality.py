@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     a = p.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "cltunnel", "benchmarks"], capture_output=True, text=True,
+                           cwd=root).stdout.strip()
+    commit += " (with uncommitted changes: not a reference)" if dirty else ""
     probe = parse_config(scenario(Path("."), "off", a.epochs, a.train_per_class))
     data = load_data(probe)
     import pandas as pd
@@ -78,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows).set_index("seed")
     spread = [abs(r["ACC on - off (points)"]) for r in rows]
     largest = [r["largest cell difference (points)"] for r in rows]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     text = "\n".join([
         "# Captured vs eager step: end-of-run differences over seeds", "",
         f"Made by `python benchmarks/capture_equality.py --seeds {' '.join(map(str, a.seeds))} --epochs {a.epochs} "
