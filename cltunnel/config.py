@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class TrainingConfig:
     weight_decay: float = 1e-4
     lr_milestones: list[int] = field(default_factory=list)  # epochs (within a task) where lr *= lr_gamma
     lr_gamma: float = 0.1
+    lr_schedule: str = "step"  # step (lr *= lr_gamma at lr_milestones) | cosine (lr to 0 over each task's epochs, per epoch)
     augment: bool = True  # random crop (4 px padding) + horizontal flip, on the device
     temperature: float = 1.0  # logits divided by T in the training loss
     eval_batch_size: int = 1000
@@ -181,9 +183,12 @@ class SyntheticConfig:
     checkpoint_every: int = 50
 
 
-NARROW_RESNET_PRESETS = ("mlp", "ode", "resnet", "augmented")
+NARROW_RESNET_PRESETS = ("mlp", "near_mlp", "ode", "resnet", "augmented")
 NARROW_RESNET_TASKS = {"x2": 1, "disk_ring": 2, "xor": 2}  # task -> input dimension
 NARROW_RESNET_REGIME_KEYS = ("name", "eps", "delta", "width")
+# What narrow_resnet.task_settings may set for one task (the rest is the section's).
+NARROW_RESNET_TASK_KEYS = ("depths", "regimes", "epochs", "batch_size", "lr", "points", "retries", "batchnorm_axis",
+                           "keep_best")
 NARROW_RESNET_ACTIVATIONS = ("tanh", "relu")
 
 
@@ -193,7 +198,7 @@ class NarrowResnetConfig:
     x -> eps*x + delta*act(BN(Wx + b)) after an input layer. Defaults: the authors' settings at CPU-minutes size."""
 
     tasks: list[str] = field(default_factory=lambda: list(NARROW_RESNET_TASKS))
-    regimes: list[Any] = field(default_factory=lambda: list(NARROW_RESNET_PRESETS))  # a preset or {name, eps, delta, width}
+    regimes: list[Any] = field(default_factory=lambda: ["mlp", "ode", "resnet", "augmented"])  # a preset or {name, eps, delta, width}
     depths: list[int] = field(default_factory=lambda: [2, 6, 20])  # residual blocks L
     width: int | None = None  # residual width of every regime but `augmented`; default: the task's input dimension
     augmented_width: int | None = None  # width of the `augmented` preset; default: input dimension + 1
@@ -206,6 +211,15 @@ class NarrowResnetConfig:
     test_share: float = 0.3  # share of the 2-D points held out for test accuracy
     box: float = 3.0  # the box [-box, box]^d (data in [-1, 1]^d) searched for critical points and unbounded regions
     grid: int = 241  # grid points per axis of that box
+    # The authors' protocol (twoehrer/Narrow_ResNet_Constraints; scenarios/narrow_resnet_authors.yaml). The
+    # defaults keep the settings above as they were.
+    input_layer: list[str] | None = None  # tasks with an input layer act(Vx + c); empty: every task (authors: 2-D only)
+    batchnorm_axis: list[bool] | None = None  # set: every regime once per value (overrides `batchnorm`)
+    retries: int = 1  # fresh initialisations tried until `accept` is reached (authors: up to 10)
+    accept: dict[str, float] = field(default_factory=dict)  # task -> score to reach: 2-D test accuracy, x2 1 - MSE
+    keep_best: bool = False  # the authors' rule: after an epoch that does not improve the test score, the best state
+    standardise: bool = False  # 2-D points standardised per axis (the authors' StandardScaler)
+    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> its own NARROW_RESNET_TASK_KEYS
 
 
 # The sections that select a protocol other than the task sequence (cltunnel.experiments.registry).
@@ -252,6 +266,8 @@ class RunConfig:
         d["training"].pop("resume_every")  # how often state is saved does not change the numbers
         if d["training"]["capture"] == "auto":  # runs from before the setting keep their fingerprint
             d["training"].pop("capture")
+        if d["training"]["lr_schedule"] == "step":  # likewise
+            d["training"].pop("lr_schedule")
         for section in PROTOCOL_SECTIONS:  # runs from before these sections keep their fingerprint
             if d[section] is None:
                 d.pop(section)
@@ -534,9 +550,44 @@ def _validate_narrow_resnet(nc: NarrowResnetConfig) -> None:
                                                                                    "must be at least 5")]
     checks += [(k, getattr(nc, k), getattr(nc, k) >= 1, "must be at least 1") for k in ("epochs", "batch_size")]
     checks += [("points", nc.points, nc.points >= 20, "must be at least 20")]
+    checks += [("retries", nc.retries, nc.retries >= 1, "must be at least 1")]
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(f"narrow_resnet.{key}: {rule}, got {value!r}")
+    for key in ("input_layer",):
+        bad = [v for v in (getattr(nc, key) or []) if v not in NARROW_RESNET_TASKS]
+        if bad:
+            raise ConfigError(f"narrow_resnet.{key}: unknown {bad}; valid: {', '.join(NARROW_RESNET_TASKS)}")
+    if nc.batchnorm_axis is not None and (not nc.batchnorm_axis or any(not isinstance(v, bool) for v in nc.batchnorm_axis)
+                                          or len(set(nc.batchnorm_axis)) < len(nc.batchnorm_axis)):
+        raise ConfigError(f"narrow_resnet.batchnorm_axis: distinct true/false values, got {nc.batchnorm_axis!r}")
+    for task, score in nc.accept.items():
+        if task not in NARROW_RESNET_TASKS:
+            raise ConfigError(f"narrow_resnet.accept: unknown task '{task}'; valid: {', '.join(NARROW_RESNET_TASKS)}")
+        if not isinstance(score, (int, float)) or not 0 < score <= 1:
+            raise ConfigError(f"narrow_resnet.accept.{task}: a score in (0, 1] (test accuracy; x2: 1 - MSE), got {score!r}")
+    for task, over in nc.task_settings.items():
+        if task not in NARROW_RESNET_TASKS or not isinstance(over, dict):
+            raise ConfigError(f"narrow_resnet.task_settings: '{task}' is not a task ({', '.join(NARROW_RESNET_TASKS)}) "
+                              "with a mapping of settings")
+        unknown = [k for k in over if k not in NARROW_RESNET_TASK_KEYS]
+        if unknown:
+            raise ConfigError(f"narrow_resnet.task_settings.{task}: unknown {unknown}; valid: {', '.join(NARROW_RESNET_TASK_KEYS)}")
+        if over:
+            try:
+                _validate_narrow_resnet(dataclasses.replace(nc, tasks=[task], task_settings={}, **over))
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("narrow_resnet.", f"narrow_resnet.task_settings.{task}.", 1)) from None
+    for task in nc.tasks:
+        tc = dataclasses.replace(nc, **nc.task_settings.get(task, {}))
+        if nc.input_layer is not None and task not in nc.input_layer:
+            dims = NARROW_RESNET_TASKS[task]
+            wide = [_narrow_resnet_regime(r, "") for r in tc.regimes
+                    if r == "augmented" or (isinstance(r, dict) and int(r.get("width", tc.width or dims)) != dims)
+                    or (isinstance(r, str) and (tc.width or dims) != dims)]
+            if wide:
+                raise ConfigError(f"narrow_resnet.input_layer: {task} has no input layer, so its regimes keep the input's "
+                                  f"width {dims}; {wide} do not")
 
 
 def _narrow_resnet_regime(spec: Any, where: str) -> str:
@@ -553,12 +604,15 @@ def _narrow_resnet_regime(spec: Any, where: str) -> str:
     if unknown or "eps" not in spec or "delta" not in spec:
         raise ConfigError(f"{where}: give eps and delta (optional: name, width); got keys {sorted(map(str, spec))}")
     for key in ("eps", "delta", "width"):
+        if key == "delta" and isinstance(spec[key], str) and re.fullmatch(r"\s*[0-9.]+\s*/\s*L\s*", spec[key]):
+            continue  # "2/L": delta = 2 / depth (the authors' ODE regime)
         if key in spec:
             value = _coerce(spec[key], int if key == "width" else float, f"{where}.{key}")
             if value < (1 if key == "width" else 0):
                 raise ConfigError(f"{where}.{key}: " + ("must be at least 1" if key == "width" else "must not be negative")
                                   + f", got {spec[key]!r}")
-    return str(spec.get("name", f"eps={float(spec['eps']):g} delta={float(spec['delta']):g}"))
+    delta = spec["delta"] if isinstance(spec["delta"], str) else f"{float(spec['delta']):g}"
+    return str(spec.get("name", f"eps={float(spec['eps']):g} delta={delta}"))
 
 
 def _validate_ranges(cfg: RunConfig) -> None:
@@ -575,6 +629,11 @@ def _validate_ranges(cfg: RunConfig) -> None:
         ("training.resume_every", t.resume_every, t.resume_every >= 0, "must not be negative"),
         ("logging.eval_every", cfg.logging.eval_every, cfg.logging.eval_every >= 0, "must not be negative"),
         ("training.lr_milestones", t.lr_milestones, all(m >= 1 for m in t.lr_milestones), "epochs are at least 1"),
+        ("training.lr_schedule", t.lr_schedule, t.lr_schedule in ("step", "cosine"), "is step or cosine"),
+        ("training.lr_schedule", t.lr_schedule, t.lr_schedule != "cosine" or not t.lr_milestones,
+         "cosine takes no lr_milestones (give one or the other)"),
+        ("training.capture", t.capture, t.lr_schedule != "cosine" or t.capture != "on",
+         "on compiles the step once per learning rate, and cosine changes it every epoch (use off or auto)"),
         ("data.train_per_class", d.train_per_class, d.train_per_class is None or d.train_per_class >= 1,
          "must be at least 1 (or empty: every image)"),
         ("data.test_per_class", d.test_per_class, d.test_per_class is None or d.test_per_class >= 1,

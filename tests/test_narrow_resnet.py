@@ -4,8 +4,11 @@ find what a hand-written map has; bad settings are one line before any work; a s
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -178,4 +181,114 @@ def test_a_seed_resumes_after_a_kill_and_a_finished_one_does_nothing(tmp_path, m
     md = nr.aggregate_narrow_resnet(run_dir.parent)
     assert "eps=0.1 delta=1, L=2" in md and "unbounded region" in md
     for name in ("nr_x2.csv", "nr_x2.md", "nr_disk_ring.md", "nr_x2.png", "nr_disk_ring_regions.png"):
+        assert (run_dir.parent / name).exists(), name
+
+
+# ------------------------------------------------------------------ issue 33: the authors' protocol
+def test_the_weight_bound_on_hand_set_blocks_and_batchnorm_rescales_the_weight():
+    """δ‖W_eff‖₂ < ε is the theorem's no-fold bound; with BN the block applies γ/sqrt(running var)·W."""
+    nc = NarrowResnetConfig()
+    model = nr.NarrowResNet(1, 2, nr.resolve_regime("resnet", 2, 1, nc), "tanh", batchnorm=True, input_layer=False)
+    with torch.no_grad():
+        model.blocks[0].fc.weight.fill_(-3.0)
+        model.blocks[1].fc.weight.fill_(0.6)
+        model.blocks[1].bn.running_var.fill_(0.25 - model.blocks[1].bn.eps)  # γ/σ = 2: W_eff = 1.2
+    bound = nr.weight_bound(model.double().eval(), nr.resolve_regime("resnet", 2, 1, nc))
+    assert bound["bound_violations"] == 2 and bound["min_eig"] == pytest.approx(-3.0 / np.sqrt(1 + 1e-5), rel=1e-6)
+    assert bound["bound_ratio"] == pytest.approx(3.0 / np.sqrt(1 + 1e-5), rel=1e-6)
+    safe = nr.weight_bound(model, nr.Regime("strong skip", 4.0, 1.0, 1))
+    assert safe["bound_violations"] == 0
+    assert nr.weight_bound(model, nr.resolve_regime("mlp", 2, 1, nc))["bound_violations"] == 2  # ε = 0: no bound
+    x = nr.box_grid(3.0, 401, 1)
+    assert nr.folds(nr.determinant_sign(list(model.blocks), x))  # the violating block (δw = -3 < -ε) folds
+
+
+def test_delta_over_depth_and_the_presets():
+    nc = NarrowResnetConfig()
+    ode = nr.resolve_regime({"name": "ode", "eps": 1, "delta": "2/L"}, 20, 2, nc)
+    assert ode == nr.Regime("ode", 1.0, 0.1, 2)
+    assert nr.resolve_regime("near_mlp", 6, 2, nc) == nr.Regime("near_mlp", 0.1, 1.0, 2)
+    assert nr.regime_name({"eps": 1, "delta": "2/L"}) == "eps=1 delta=2/L"
+
+
+def test_retries_stop_at_the_first_accepted_try_and_report_a_failure(monkeypatch):
+    nc = NarrowResnetConfig(tasks=["x2"], epochs=2, batch_size=10, points=60, retries=3, input_layer=[], batchnorm=[])
+    data = nr.task_data("x2", 0, nc)
+    spec = nr.model_spec("x2", nr.resolve_regime("mlp", 1, 1, nc), 1, nc, 0, False)
+    _, _, easy = nr.train_accepted(spec, data, dataclasses.replace(nc, accept={"x2": 0.01}), 0, "k")
+    assert easy["tries"] == 1 and easy["accepted"] == 1.0
+    _, _, hard = nr.train_accepted(spec, data, dataclasses.replace(nc, accept={"x2": 0.9999}), 0, "k")
+    assert hard["tries"] == 3 and hard["accepted"] == 0.0 and len(set(hard["scores"])) == 3  # fresh inits
+    assert hard["attempt"] == 1 + int(np.argmax(hard["scores"]))  # none accepted: the best try is kept
+
+
+def test_keep_best_ends_at_the_best_test_epoch(monkeypatch):
+    nc = NarrowResnetConfig(tasks=["disk_ring"], epochs=6, points=200, keep_best=True, standardise=True)
+    data = nr.task_data("disk_ring", 0, nc)
+    assert data["x_train"].std(0).mean() == pytest.approx(1.0, abs=0.1)  # standardised
+    seen = []
+    real = nr.score
+    monkeypatch.setattr(nr, "score", lambda m, t, d: seen.append(real(m, t, d)) or seen[-1])
+    torch.manual_seed(0)
+    model = nr.NarrowResNet(2, 3, nr.resolve_regime("near_mlp", 3, 2, nc), "tanh", batchnorm=True)
+    nr.train(model, data, "disk_ring", nc, 0)
+    assert len(seen) == 6 and real(model, "disk_ring", data) == pytest.approx(max(seen))
+
+
+def test_a_constant_x2_fit_is_reported():
+    nc = NarrowResnetConfig(tasks=["x2"], points=60, grid=41, input_layer=[])
+    regime = nr.resolve_regime("mlp", 1, 1, nc)
+    model = nr.NarrowResNet(1, 1, regime, "tanh", False, input_layer=False)
+    with torch.no_grad():
+        model.output.weight.zero_()
+        model.output.bias.fill_(1 / 3)  # E[x²]: the best constant
+    m = nr.measure(model, "x2", nr.task_data("x2", 0, nc), regime, nc)
+    assert m["constant_fit"] == 1.0 and m["error"] == pytest.approx(nr.X2_VARIANCE, rel=1e-3)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"task_settings": {"x2": {"box": 2}}}, "narrow_resnet.task_settings.x2: unknown ['box']"),
+    ({"task_settings": {"x2": {"depths": [0]}}}, "narrow_resnet.task_settings.x2.depths"),
+    ({"accept": {"x2": 1.5}}, "narrow_resnet.accept.x2: a score in (0, 1]"),
+    ({"input_layer": [], "regimes": ["augmented"]}, "narrow_resnet.input_layer: x2 has no input layer"),
+    ({"regimes": [{"eps": 1, "delta": "2/M"}]}, "narrow_resnet.regimes[0].delta"),
+    ({"batchnorm_axis": [True, True]}, "narrow_resnet.batchnorm_axis"),
+], ids=["task key", "task depth", "accept", "no input layer, wide", "delta over what", "axis twice"])
+def test_bad_protocol_settings_are_one_line(tmp_path, capsys, change, fragment):
+    test_bad_settings_are_one_line_before_any_work(tmp_path, capsys, change, fragment)
+
+
+def test_cosine_schedule_is_validated():
+    from cltunnel.config import ConfigError
+    base = {"name": "c", "data": {"name": "mnist"}, "scenario": {"n_tasks": 1}}
+    cfg = parse_config({**base, "training": {"lr_schedule": "cosine", "epochs": 3}})
+    assert cfg.training.lr_schedule == "cosine"
+    assert cfg.fingerprint() != parse_config({**base, "training": {"epochs": 3}}).fingerprint()
+    for bad, fragment in (({"lr_schedule": "cosin"}, "training.lr_schedule: is step or cosine"),
+                          ({"lr_schedule": "cosine", "lr_milestones": [2]}, "cosine takes no lr_milestones"),
+                          ({"lr_schedule": "cosine", "capture": "on"}, "training.capture")):
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            parse_config({**base, "training": bad})
+
+
+def test_the_authors_protocol_end_to_end(tmp_path):
+    """x² without an input layer, the disk standardised, BatchNorm as an axis, retries reported; the level-set
+    and trajectory figures written."""
+    cfg = parse_config({"name": "au", "data": {"name": "mnist"}, "scenario": {"n_tasks": 1}, "output_dir": str(tmp_path),
+                        "narrow_resnet": {"tasks": ["x2", "disk_ring"], "regimes": ["near_mlp"], "depths": [2],
+                                          "batchnorm_axis": [True, False], "input_layer": ["disk_ring"],
+                                          "standardise": True, "retries": 2, "accept": {"disk_ring": 0.99},
+                                          "keep_best": True, "epochs": 2, "points": 80, "grid": 21,
+                                          "task_settings": {"x2": {"batchnorm_axis": [False], "batch_size": 10}}}})
+    run_dir = nr.run_narrow_resnet(cfg, 0, None, progress=False)
+    rows = pd.read_csv(run_dir / nr.FINISHED)
+    assert list(rows.regime) == ["near_mlp, no BN", "near_mlp, BN", "near_mlp, no BN"]
+    disk = rows[rows.task == "disk_ring"]
+    assert disk.tries.between(1, 2).all() and disk.accepted.isin([0, 1]).all() and disk.batchnorm.tolist() == [True, False]
+    models = nr.load_models(run_dir)
+    assert isinstance(models["x2/near_mlp, no BN/L2"]["spec"] and nr.build(models["x2/near_mlp, no BN/L2"]["spec"]).input,
+                      nn.Identity)
+    md = nr.aggregate_narrow_resnet(run_dir.parent)
+    assert "tries" in md and "blocks with δ‖W‖ ≥ ε" in md and "constant fit" in md
+    for name in ("au_disk_ring_levels.png", "au_disk_ring_trajectories.png", "au_x2.png"):
         assert (run_dir.parent / name).exists(), name

@@ -24,6 +24,9 @@ holds the data's disk reaches the border of the box (the unbounded "tunnel" of t
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import re
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +49,8 @@ from cltunnel.training.checkpoints import safe_load
 FINISHED = "narrow_resnet.csv"  # in a seed directory: one row per (task, regime, depth), written last
 MODELS = "models.pt"  # in a seed directory: every trained model with its spec and measures (the resume record)
 MONOTONE_BOUND = 9 / 160  # least MSE of a monotone map against x² on U[-1, 1]
+X2_VARIANCE = 4 / 45  # Var(x²) on U[-1, 1]: the MSE of the best constant
+CONSTANT_FIT = 0.9 * X2_VARIANCE  # an x² fit above this explains under a tenth of the variance: a constant fit
 DISK, RING = 0.4, (0.5, 1.0)
 
 
@@ -60,15 +65,36 @@ class Regime:
     width: int
 
 
+def delta_at(delta: Any, depth: int) -> float:
+    """delta as given, or "c/L": c / depth (the authors' ODE regime, delta = 2/L)."""
+    if isinstance(delta, str):
+        return float(re.fullmatch(r"\s*([0-9.]+)\s*/\s*L\s*", delta).group(1)) / depth
+    return float(delta)
+
+
 def resolve_regime(spec: Any, depth: int, input_dim: int, nc: NarrowResnetConfig) -> Regime:
     """A preset or an explicit mapping (validated in cltunnel.config) at depth L for a d-dimensional task."""
     narrow = nc.width or input_dim
     if isinstance(spec, dict):
-        name = str(spec.get("name", f"eps={float(spec['eps']):g} delta={float(spec['delta']):g}"))
-        return Regime(name, float(spec["eps"]), float(spec["delta"]), int(spec.get("width", narrow)))
-    eps, delta, width = {"mlp": (0.0, 1.0, narrow), "ode": (1.0, 1.0 / depth, narrow), "resnet": (1.0, 1.0, narrow),
-                         "augmented": (0.0, 1.0, nc.augmented_width or input_dim + 1)}[spec]
+        delta = spec["delta"] if isinstance(spec["delta"], str) else f"{float(spec['delta']):g}"
+        name = str(spec.get("name", f"eps={float(spec['eps']):g} delta={delta}"))
+        return Regime(name, float(spec["eps"]), delta_at(spec["delta"], depth), int(spec.get("width", narrow)))
+    eps, delta, width = {"mlp": (0.0, 1.0, narrow), "near_mlp": (0.1, 1.0, narrow), "ode": (1.0, 1.0 / depth, narrow),
+                         "resnet": (1.0, 1.0, narrow), "augmented": (0.0, 1.0, nc.augmented_width or input_dim + 1)}[spec]
     return Regime(spec, eps, delta, width)
+
+
+def for_task(nc: NarrowResnetConfig, task: str) -> NarrowResnetConfig:
+    """The section with the task's own settings (task_settings) in place."""
+    return dataclasses.replace(nc, **nc.task_settings.get(task, {})) if nc.task_settings.get(task) else nc
+
+
+def has_input_layer(nc: NarrowResnetConfig, task: str) -> bool:
+    return nc.input_layer is None or task in nc.input_layer
+
+
+def batchnorm_values(nc: NarrowResnetConfig, task: str) -> list[bool]:
+    return list(nc.batchnorm_axis) if nc.batchnorm_axis is not None else [task in nc.batchnorm]
 
 
 def regime_name(spec: Any) -> str:
@@ -96,10 +122,12 @@ class NarrowResNet(nn.Module):
     """Input layer act(Vx + c) to the residual width, L blocks, a linear output to one number (a logit for
     the classification tasks, the fitted value for x2)."""
 
-    def __init__(self, input_dim: int, depth: int, regime: Regime, activation: str, batchnorm: bool) -> None:
+    def __init__(self, input_dim: int, depth: int, regime: Regime, activation: str, batchnorm: bool,
+                 input_layer: bool = True) -> None:
         super().__init__()
         act = nn.Tanh() if activation == "tanh" else nn.ReLU()
-        self.input = nn.Sequential(nn.Linear(input_dim, regime.width), act)
+        # without an input layer (the authors' 1-D fits) the blocks act on the input itself
+        self.input = nn.Sequential(nn.Linear(input_dim, regime.width), act) if input_layer else nn.Identity()
         self.blocks = nn.Sequential(*[Block(regime.width, regime.eps, regime.delta, act, batchnorm)
                                       for _ in range(depth)])
         self.output = nn.Linear(regime.width, 1)
@@ -130,11 +158,16 @@ def task_data(task: str, seed: int, nc: NarrowResnetConfig) -> dict[str, torch.T
     else:  # xor: the authors' level set x2² - x1² >= 0
         x = rng.uniform(-1, 1, (nc.points, 2))
         y = (np.abs(x[:, 1]) >= np.abs(x[:, 0])).astype(float)
+    mean, std = np.zeros(2), np.ones(2)
+    if nc.standardise:  # the authors' StandardScaler, fitted on every point before the split
+        mean, std = x.mean(0), x.std(0)
+        x = (x - mean) / std
     order = rng.permutation(nc.points)
     n_test = int(round(nc.test_share * nc.points))
     test, train = order[:n_test], order[n_test:]
     return {"x_train": torch.tensor(x[train]), "y_train": torch.tensor(y[train]),
-            "x_test": torch.tensor(x[test]), "y_test": torch.tensor(y[test])}
+            "x_test": torch.tensor(x[test]), "y_test": torch.tensor(y[test]),
+            "mean": torch.tensor(mean), "std": torch.tensor(std)}
 
 
 def x2_grid(n: int = 2000) -> torch.Tensor:
@@ -149,14 +182,33 @@ def model_seed(seed: int, key: str) -> int:
     return seed * 1_000_003 + zlib.crc32(key.encode()) % 1_000_003
 
 
+def score(model: NarrowResNet, task: str, data: dict[str, torch.Tensor]) -> float:
+    """What the authors' acceptance rule reads, in eval mode: test accuracy (2-D), 1 - MSE (x2; here the
+    population MSE on U[-1, 1] by quadrature, where the authors read the training points)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if task == "x2":
+            xs = x2_grid()[:, None].float()
+            value = 1 - float(((model(xs) - xs[:, 0] ** 2) ** 2).mean())
+        else:
+            value = float(((model(data["x_test"].float()) > 0).float() == data["y_test"].float()).float().mean())
+    model.train(was_training)
+    return value
+
+
 def train(model: NarrowResNet, data: dict[str, torch.Tensor], task: str, nc: NarrowResnetConfig, seed: int
           ) -> list[float]:
-    """Adam, shuffled mini-batches (a last batch of one row is dropped: BatchNorm needs two); loss per epoch."""
+    """Adam, shuffled mini-batches (a last batch of one row is dropped: BatchNorm needs two); loss per epoch.
+    With ``keep_best`` the authors' rule (their train_model): after every epoch the test score is read, and
+    after an epoch that does not improve on the best so far the best state is loaded back (the optimizer's
+    state is kept), so the model ends at its best-test state."""
     x, y = data["x_train"].float(), data["y_train"].float()
     loss_fn = nn.MSELoss() if task == "x2" else nn.BCEWithLogitsLoss()  # sigmoid + BCE, in one stable step
     opt = torch.optim.Adam(model.parameters(), lr=nc.lr, fused=True)  # one kernel per step: a third faster here
     gen = torch.Generator().manual_seed(seed)
     losses = []
+    best, best_state = 0.0, None
     model.train()
     for _ in range(nc.epochs):
         total, batches = 0.0, 0
@@ -169,7 +221,41 @@ def train(model: NarrowResNet, data: dict[str, torch.Tensor], task: str, nc: Nar
             opt.step()
             total, batches = total + loss.item(), batches + 1
         losses.append(total / max(batches, 1))
+        if nc.keep_best:
+            now = score(model, task, data)
+            if now > best:
+                best, best_state = now, copy.deepcopy(model.state_dict())
+            elif best_state is not None:
+                model.load_state_dict(best_state)
     return losses
+
+
+def train_accepted(spec: dict[str, Any], data: dict[str, torch.Tensor], nc: NarrowResnetConfig, seed: int, key: str
+                   ) -> tuple[NarrowResNet, list[float], dict[str, Any]]:
+    """The authors' train_until_threshold: fresh initialisations, up to ``retries``, until the score reaches
+    ``accept[task]``. Attempt 1 is the model's own seed (so one try is what a run without retries trains);
+    of the attempts the first accepted one is kept, or, when none is, the best-scoring one (the authors keep
+    the last). Returns the model, its losses and {tries, attempt kept, accepted, every attempt's score}."""
+    task = spec["task"]
+    threshold = nc.accept.get(task)
+    kept: tuple[float, NarrowResNet, list[float], int] | None = None
+    scores = []
+    for attempt in range(1, nc.retries + 1):
+        init = model_seed(seed, key if attempt == 1 else f"{key}#try{attempt}")
+        torch.manual_seed(init)
+        model = build(spec)
+        losses = train(model, data, task, nc, init)
+        scores.append(score(model, task, data))
+        if kept is None or scores[-1] > kept[0]:
+            kept = (scores[-1], model, losses, attempt)
+        if threshold is not None and scores[-1] >= threshold:
+            kept = (scores[-1], model, losses, attempt)
+            break
+        if threshold is None:
+            break
+    _, model, losses, attempt = kept
+    return model, losses, {"tries": len(scores), "attempt": attempt, "scores": scores,
+                           "accepted": np.nan if threshold is None else float(kept[0] >= threshold)}
 
 
 # -------------------------------------------------------------------------------------------- measures
@@ -290,9 +376,38 @@ def unbounded_region(inside: np.ndarray, seeds_mask: np.ndarray) -> bool | None:
     return bool(held & border) if held else None
 
 
+def effective_weights(model: NarrowResNet) -> list[torch.Tensor]:
+    """Each block's weight as the eval-mode block applies it: diag(γ/sqrt(running var + eps))·W with BatchNorm
+    (BN rescales the rows of W), W without."""
+    out = []
+    for block in model.blocks:
+        w = block.fc.weight.detach().double()
+        if isinstance(block.bn, nn.BatchNorm1d):
+            w = (block.bn.weight.detach().double() / torch.sqrt(block.bn.running_var.double() + block.bn.eps))[:, None] * w
+        out.append(w)
+    return out
+
+
+def weight_bound(model: NarrowResNet, regime: Regime) -> dict[str, float]:
+    """The theorem's bound on the trained blocks: a block h -> eps*h + delta*act(W_eff h + b) with a
+    1-Lipschitz act (tanh, ReLU) is invertible, so cannot fold, when delta*||W_eff||_2 < eps. Returns how
+    many blocks violate it (with eps = 0 every block does: no bound holds), the largest delta*||W_eff||_2/eps
+    and the most negative real eigenvalue of delta*W_eff (a width-1 block folds only where eps + delta*w*act'
+    < 0, i.e. needs delta*w < -eps)."""
+    norms, eigs = [], []
+    for w in effective_weights(model):
+        norms.append(regime.delta * float(torch.linalg.matrix_norm(w, 2)))
+        eigs.append(regime.delta * float(torch.linalg.eigvals(w).real.min()))
+    if not norms:
+        return {"bound_violations": 0.0, "bound_ratio": np.nan, "min_eig": np.nan}
+    return {"bound_violations": float(sum(n >= regime.eps for n in norms)),
+            "bound_ratio": max(norms) / regime.eps if regime.eps > 0 else np.inf, "min_eig": min(eigs)}
+
+
 def measure(model: NarrowResNet, task: str, data: dict[str, torch.Tensor], regime: Regime, nc: NarrowResnetConfig
             ) -> dict[str, float]:
-    """Error, critical points, fold and (disk_ring) unbounded region of a trained model, in float64."""
+    """Error, critical points, fold, the weight bound, (x2) whether the fit is a constant and (disk_ring)
+    the unbounded region of a trained model, in float64."""
     model = model.double().eval()
     dims = NARROW_RESNET_TASKS[task]
     grid = box_grid(nc.box, nc.grid, dims)
@@ -303,7 +418,9 @@ def measure(model: NarrowResNet, task: str, data: dict[str, torch.Tensor], regim
             error = float(((model(xs) - xs[:, 0] ** 2) ** 2).mean())
         else:
             error = 100 * float(((model(data["x_test"]) > 0).double() != data["y_test"]).double().mean())
-    out = {"error": error, "fold": np.nan, "unbounded": np.nan}
+    out = {"error": error, "fold": np.nan, "unbounded": np.nan, **weight_bound(model, regime)}
+    if task == "x2":
+        out["constant_fit"] = float(error >= CONSTANT_FIT)
     if dims == 1:
         out["critical_points"] = critical_points_1d(model, grid)
     else:
@@ -314,7 +431,8 @@ def measure(model: NarrowResNet, task: str, data: dict[str, torch.Tensor], regim
     if task == "disk_ring":
         with torch.no_grad():
             disk = (model(grid) > 0).view(nc.grid, nc.grid).numpy()
-        unbounded = unbounded_region(disk, (grid.norm(dim=1) <= DISK).view(nc.grid, nc.grid).numpy())
+        raw = grid * data.get("std", torch.ones(2)) + data.get("mean", torch.zeros(2))  # the grid in the data's units
+        unbounded = unbounded_region(disk, (raw.norm(dim=1) <= DISK).view(nc.grid, nc.grid).numpy())
         out["unbounded"] = np.nan if unbounded is None else float(unbounded)
     model.float()
     return out
@@ -325,26 +443,38 @@ def model_key(task: str, regime: Regime, depth: int) -> str:
     return f"{task}/{regime.name}/L{depth}"
 
 
-def model_spec(task: str, regime: Regime, depth: int, nc: NarrowResnetConfig, seed: int) -> dict[str, Any]:
-    """Everything a model's numbers depend on: a saved model is reused only when its spec is unchanged."""
-    return {"task": task, "depth": depth, **asdict(regime), "batchnorm": task in nc.batchnorm, "seed": seed,
+def model_spec(task: str, regime: Regime, depth: int, nc: NarrowResnetConfig, seed: int, batchnorm: bool
+               ) -> dict[str, Any]:
+    """Everything a model's numbers depend on: a saved model is reused only when its spec is unchanged. The
+    authors' protocol settings enter only when set, so models saved before them are still reused."""
+    spec = {"task": task, "depth": depth, **asdict(regime), "batchnorm": batchnorm, "seed": seed,
             **{k: getattr(nc, k) for k in ("activation", "epochs", "batch_size", "lr", "points", "test_share", "box",
                                            "grid")}}
+    extra = {"input_layer": has_input_layer(nc, task), "retries": nc.retries, "accept": nc.accept.get(task),
+             "keep_best": nc.keep_best, "standardise": nc.standardise and NARROW_RESNET_TASKS[task] == 2}
+    default = {"input_layer": True, "retries": 1, "accept": None, "keep_best": False, "standardise": False}
+    return {**spec, **{k: v for k, v in extra.items() if v != default[k]}}
 
 
 def build(spec: dict[str, Any]) -> NarrowResNet:
     regime = Regime(spec["name"], spec["eps"], spec["delta"], spec["width"])
-    return NarrowResNet(NARROW_RESNET_TASKS[spec["task"]], spec["depth"], regime, spec["activation"], spec["batchnorm"])
+    return NarrowResNet(NARROW_RESNET_TASKS[spec["task"]], spec["depth"], regime, spec["activation"], spec["batchnorm"],
+                        spec.get("input_layer", True))
 
 
 def jobs(nc: NarrowResnetConfig, seed: int) -> list[tuple[str, dict[str, Any]]]:
-    """(key, spec) of every model of a seed, task by task."""
+    """(key, spec) of every model of a seed, task by task; with a batchnorm axis each regime's name says
+    which side it is ("mlp, BN", "mlp, no BN")."""
     out = []
     for task in nc.tasks:
-        for spec in nc.regimes:
-            for depth in nc.depths:
-                regime = resolve_regime(spec, depth, NARROW_RESNET_TASKS[task], nc)
-                out.append((model_key(task, regime, depth), model_spec(task, regime, depth, nc, seed)))
+        tc = for_task(nc, task)
+        for spec in tc.regimes:
+            for bn in batchnorm_values(tc, task):
+                for depth in tc.depths:
+                    regime = resolve_regime(spec, depth, NARROW_RESNET_TASKS[task], tc)
+                    if tc.batchnorm_axis is not None:
+                        regime = dataclasses.replace(regime, name=f"{regime.name}, {'BN' if bn else 'no BN'}")
+                    out.append((model_key(task, regime, depth), model_spec(task, regime, depth, tc, seed, bn)))
     return out
 
 
@@ -372,16 +502,19 @@ def run_narrow_resnet(cfg: RunConfig, seed: int, data: Any = None, progress: boo
         if stop_after is not None and trained >= stop_after:
             return run_dir
         task = spec["task"]
-        datasets.setdefault(task, task_data(task, seed, nc))
-        torch.manual_seed(model_seed(seed, key))
-        model = build(spec)
-        losses = train(model, datasets[task], task, nc, model_seed(seed, key))
+        tc = for_task(nc, task)
+        datasets.setdefault(task, task_data(task, seed, tc))
+        model, losses, tries = train_accepted(spec, datasets[task], tc, seed, key)
         regime = Regime(spec["name"], spec["eps"], spec["delta"], spec["width"])
-        saved[key] = {"spec": spec, "state": model.state_dict(), "losses": losses,
-                      "measures": measure(model, task, datasets[task], regime, nc)}
+        measures = measure(model, task, datasets[task], regime, tc)
+        if tc.retries > 1 or tc.accept.get(task) is not None:
+            measures.update({k: float(tries[k]) for k in ("tries", "attempt", "accepted")})
+        saved[key] = {"spec": spec, "state": model.state_dict(), "losses": losses, "measures": measures,
+                      "scores": tries["scores"]}
         atomic_save(saved, run_dir / MODELS)
     rows = [{"task": spec["task"], "regime": spec["name"], **{k: spec[k] for k in ("depth", "eps", "delta", "width")},
-             **saved[key]["measures"], "final_loss": saved[key]["losses"][-1]} for key, spec in todo]
+             "batchnorm": spec["batchnorm"], **saved[key]["measures"], "final_loss": saved[key]["losses"][-1]}
+            for key, spec in todo]
     atomic_write_text(run_dir / FINISHED, pd.DataFrame(rows).to_csv(index=False))
     print(f"[{cfg.name} seed {seed}] " + "; ".join(
         f"{r['task']} {r['regime']} L={r['depth']}: {r['error']:.3g}" for r in rows), flush=True)
@@ -390,7 +523,9 @@ def run_narrow_resnet(cfg: RunConfig, seed: int, data: Any = None, progress: boo
 
 # ------------------------------------------------------------------------------------------ aggregation
 COLUMNS = {"error": None, "critical_points": "critical points", "fold": "folds (share of seeds)",
-           "unbounded": "unbounded region (share of seeds)"}
+           "unbounded": "unbounded region (share of seeds)", "constant_fit": "constant fit (share of seeds)",
+           "bound_violations": "blocks with δ‖W‖ ≥ ε", "min_eig": "min eig δW", "tries": "tries",
+           "accepted": "accepted (share of seeds)"}
 ERROR_NAME = {"x2": "MSE ×1000 on U[-1, 1]", "disk_ring": "test error %", "xor": "test error %"}
 ERROR_SCALE = {"x2": 1000.0}  # tables print two decimals: the MSE in thousandths (the bound 9/160 is 56.25)
 
@@ -401,13 +536,18 @@ def task_frames(rows: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFra
     part["error"] *= ERROR_SCALE.get(task, 1.0)
     part["row"] = part.regime + ", L=" + part.depth.astype(str)
     order = list(dict.fromkeys(part.sort_values(["order", "depth"]).row))
-    columns = [c for c in COLUMNS if part[c].notna().any()]
+    columns = [c for c in COLUMNS if c in part and part[c].notna().any()]
     grouped = part.groupby("row")[columns]
     mean, std = grouped.mean().loc[order], grouped.std(ddof=1).loc[order]
     names = {c: COLUMNS[c] or ERROR_NAME[task] for c in columns}
     mean, std = mean.rename(columns=names), std.rename(columns=names)
     mean.index.name = std.index.name = "regime, depth"
     return mean, std
+
+
+def part_columns(rows: pd.DataFrame, task: str) -> list[str]:
+    part = rows[rows.task == task]
+    return [c for c in part if part[c].notna().any()]
 
 
 def aggregate_narrow_resnet(scenario_dir: str | Path) -> str:
@@ -430,7 +570,16 @@ def aggregate_narrow_resnet(scenario_dir: str | Path) -> str:
                                "of the seeds that predict any disk there)",
                   "xor": "critical points: grid cells around which ∇f winds (the boundary needs a saddle)"}[task],
                  "folds: the hidden map's Jacobian determinant changes sign on the grid (width = input dimension "
-                 "only; – for wider regimes)"]
+                 "only; – for wider regimes)",
+                 "blocks with δ‖W‖ ≥ ε: the theorem's bound (a block with δ‖W_eff‖₂ < ε, W_eff = γ/σ·W with BN, is "
+                 "invertible and cannot fold) violated, of L blocks (ε = 0: every block); min eig δW: the most "
+                 "negative real eigenvalue of δ·W_eff over the blocks (width 1 folds only below -ε)"]
+        if "tries" in part_columns(rows, task):
+            notes.append("tries: initialisations trained until the score reached the acceptance threshold (the "
+                         "authors' retries); accepted: the kept model reached it (else the best try is kept)")
+        if task == "x2":
+            notes.append(f"constant fit: MSE ≥ 0.9·Var(x²) = {1000 * CONSTANT_FIT:.1f} ×1000 (a fit explaining under "
+                         "a tenth of x²'s variance; the constant's MSE is 88.9)")
         md.append(write_table(mean, std, len(runs), scenario_dir / f"{scenario_dir.name}_{task}",
                               f"{scenario_dir.name}: {task}, narrow ResNets by regime and depth", notes))
     models = load_models(runs[0])
@@ -438,6 +587,9 @@ def aggregate_narrow_resnet(scenario_dir: str | Path) -> str:
         plot_x2(rows[rows.task == "x2"], models, scenario_dir / f"{scenario_dir.name}_x2.png")
     for task in [t for t in dict.fromkeys(rows.task) if t != "x2"]:
         plot_regions(task, models, scenario_dir / f"{scenario_dir.name}_{task}_regions.png", runs[0].name)
+        plot_levels(task, models, scenario_dir / f"{scenario_dir.name}_{task}_levels.png", runs[0].name)
+        if any(e["spec"]["task"] == task and e["spec"]["width"] == 2 for e in models.values()):
+            plot_trajectories(task, models, scenario_dir / f"{scenario_dir.name}_{task}_trajectories.png", runs[0].name)
     return "\n".join(md)
 
 
@@ -506,7 +658,7 @@ def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str
     for value, marker in ((1, "P"), (-1, "X")):
         rows, cols = np.nonzero(index == value)
         ax.scatter(centre[cols], centre[rows], marker=marker, s=40, color="gold", edgecolor="black", zorder=3)
-    data = task_data(task, spec["seed"], NarrowResnetConfig(points=spec["points"], test_share=spec["test_share"]))
+    data = spec_data(spec)
     x, y = data["x_test"].numpy(), data["y_test"].numpy()
     ax.scatter(x[:, 0], x[:, 1], c=np.where(y > 0, "darkred", "navy"), s=1.5, alpha=0.5)
     tunnel = "" if np.isnan(m["unbounded"]) else (", unbounded" if m["unbounded"] else ", bounded")
@@ -514,6 +666,88 @@ def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str
                  f"error {m['error']:.1f}%, {m['critical_points']:.0f} crit.{tunnel}",
            xticks=[-box, -1, 0, 1, box], yticks=[-box, -1, 0, 1, box])
     ax.title.set_fontsize(8)
+
+
+def spec_data(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The data a saved model was trained on, from its spec."""
+    return task_data(spec["task"], spec["seed"], NarrowResnetConfig(points=spec["points"], test_share=spec["test_share"],
+                                                                    standardise=spec.get("standardise", False)))
+
+
+def _panels(task: str, models: dict[str, dict[str, Any]], keep: Any = None) -> tuple[Any, Any, list, list, list]:
+    plt = pyplot()
+    entries = [e for e in models.values() if e["spec"]["task"] == task and (keep is None or keep(e))]
+    regimes, depths = list(dict.fromkeys(e["spec"]["name"] for e in entries)), sorted({e["spec"]["depth"] for e in entries})
+    fig, axes = plt.subplots(len(regimes), len(depths), figsize=(3.2 * len(depths), 3.2 * len(regimes)), squeeze=False)
+    return fig, axes, entries, regimes, depths
+
+
+def _title(spec: dict[str, Any], m: dict[str, float]) -> str:
+    fold = "" if np.isnan(m.get("fold", np.nan)) else (", folds" if m["fold"] else ", no fold")
+    return (f"{spec['name']} (ε={spec['eps']:g}, δ={spec['delta']:.3g}, w={spec['width']}), L={spec['depth']}\n"
+            f"error {m['error']:.1f}%{fold}, {m.get('bound_violations', np.nan):.0f}/{spec['depth']} over bound")
+
+
+def plot_levels(task: str, models: dict[str, dict[str, Any]], path: Path, seed_name: str) -> None:
+    """The authors' level-set figure: 20 level sets of the predicted probability over the box, the 0.5 level
+    in black, the test data on top, one panel per (regime, depth)."""
+    fig, axes, entries, regimes, depths = _panels(task, models)
+    for entry in entries:
+        spec = entry["spec"]
+        ax = axes[regimes.index(spec["name"]), depths.index(spec["depth"])]
+        n, box = spec["grid"], spec["box"]
+        with torch.no_grad():
+            prob = torch.sigmoid(_loaded(entry)(box_grid(box, n, 2))).view(n, n).numpy()
+        axis = np.linspace(-box, box, n)
+        ax.contourf(axis, axis, prob, levels=np.linspace(0, 1, 21), cmap="coolwarm", alpha=0.8)
+        ax.contour(axis, axis, prob, levels=[0.5], colors="black", linewidths=1.2)
+        data = spec_data(spec)
+        x, y = data["x_test"].numpy(), data["y_test"].numpy()
+        ax.scatter(x[:, 0], x[:, 1], c=np.where(y > 0, "darkred", "navy"), s=1.5, alpha=0.6)
+        ax.set(title=_title(spec, entry["measures"]), aspect="equal")
+        ax.title.set_fontsize(8)
+    fig.suptitle(f"{task}: level sets of the prediction ({seed_name}), test data on top")
+    write_figure(fig, path, dpi=110)
+
+
+def hidden_states(model: NarrowResNet, x: torch.Tensor) -> torch.Tensor:
+    """(points, L + 1, width): the input layer's output and every block's, in eval mode."""
+    with torch.no_grad():
+        h = [model.input(x)]
+        for block in model.blocks:
+            h.append(block(h[-1]))
+    return torch.stack(h, 1)
+
+
+def plot_trajectories(task: str, models: dict[str, dict[str, Any]], path: Path, seed_name: str, points: int = 150
+                      ) -> None:
+    """The authors' trajectory figure at width 2: test points through the blocks in the hidden plane (start
+    dot, end cross, by class) and the output layer's decision line on the last hidden state."""
+    fig, axes, entries, regimes, depths = _panels(task, models, lambda e: e["spec"]["width"] == 2)
+    for entry in entries:
+        spec = entry["spec"]
+        ax = axes[regimes.index(spec["name"]), depths.index(spec["depth"])]
+        model = _loaded(entry)
+        data = spec_data(spec)
+        x, y = data["x_test"][:points], data["y_test"][:points].numpy()
+        h = hidden_states(model, x).numpy()
+        for label, color in ((0.0, "navy"), (1.0, "darkred")):
+            rows = h[y == label]
+            for path_ in rows:
+                ax.plot(path_[:, 0], path_[:, 1], color=color, lw=0.4, alpha=0.35)
+            ax.scatter(rows[:, 0, 0], rows[:, 0, 1], color=color, s=3)
+            ax.scatter(rows[:, -1, 0], rows[:, -1, 1], color=color, s=10, marker="x")
+        w, b = model.output.weight.detach()[0].numpy(), float(model.output.bias.detach()[0])
+        lo, hi = h[..., 0].min(), h[..., 0].max()
+        if abs(w[1]) > 1e-12:
+            xs = np.linspace(lo, hi, 2)
+            ax.plot(xs, -(w[0] * xs + b) / w[1], color="black", ls="--", lw=1)
+        ax.set_ylim(h[..., 1].min() - 0.1, h[..., 1].max() + 0.1)
+        ax.set(title=_title(spec, entry["measures"]))
+        ax.title.set_fontsize(8)
+    fig.suptitle(f"{task}: hidden trajectories at width 2 ({seed_name}; ●: after the input layer, ×: after block L; "
+                 "dashed: the output's 0.5 line)")
+    write_figure(fig, path, dpi=110)
 
 
 def summary(scenario_dir: Path, cfg: RunConfig) -> str:

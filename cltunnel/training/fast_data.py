@@ -241,6 +241,8 @@ def capture_mode(cfg: TrainingConfig, device: torch.device) -> str:
     CUDA: capture only what the project has proven) or ``off``."""
     if cfg.capture == "on":
         return "on"
+    if cfg.lr_schedule == "cosine":  # a new learning rate every epoch: a captured step would compile every epoch
+        return "off"
     return "proven" if _on_cuda_by_default(cfg.capture, device) else "off"
 
 

@@ -143,7 +143,10 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay,
                                 foreach=True if context is not None and context.capture != "off" else None)
-    if training.lr_milestones:
+    if training.lr_schedule == "cosine":  # Nguyen et al.'s schedule: lr * (1 + cos(pi * epoch / epochs)) / 2, per epoch
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=training.epochs)
+        plugins = plugins + [LRSchedulerPlugin(sched, reset_scheduler=True, reset_lr=True)]
+    elif training.lr_milestones:
         sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, training.lr_milestones, training.lr_gamma)
         plugins = plugins + [LRSchedulerPlugin(sched, reset_scheduler=True, reset_lr=True)]
     if evaluator is None:
