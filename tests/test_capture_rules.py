@@ -28,6 +28,7 @@ from cltunnel.training.capture import CapturedStep, StepState, checked_call
 from cltunnel.training.capture_rules import (INNER_HOOKS, PROVEN_LOGGERS, PROVEN_METRICS, PROVEN_PLUGINS,
                                              PROVEN_STRATEGIES, STEP_METHODS, capture_blockers, unproven)
 from cltunnel.training.overrides import overrides
+from cltunnel.training.strategies import check_strategy_args
 from test_training import mnist_tiny
 
 pytestmark = pytest.mark.slow
@@ -174,19 +175,23 @@ def lr_halved_from_call_5(step):
     step.update = faulty
 
 
-@pytest.mark.parametrize("fault", [one_inner_layer, every_gradient, zeroed_on_a_condition, lr_halved_from_call_5])
-def test_a_fault_in_the_compiled_path_alone_is_caught(mnist, tmp_path, capsys, monkeypatch, identity_compile, fault):
+@pytest.mark.parametrize("fault, strategy", [(one_inner_layer, "naive"), (every_gradient, "naive"),
+                                             (zeroed_on_a_condition, "naive"), (lr_halved_from_call_5, "naive"),
+                                             (every_gradient, {"class": "user_strategies:FreshAdam"})])
+def test_a_fault_in_the_compiled_path_alone_is_caught(mnist, tmp_path, capsys, monkeypatch, identity_compile, fault,
+                                                      strategy):
+    """SGD with momentum, and Adam (whose step counts are compared exactly, apart from its moments)."""
     build = CapturedStep.__init__
 
     def faulty(self, *args, **kwargs):
         build(self, *args, **kwargs)
         fault(self)
     monkeypatch.setattr(CapturedStep, "__init__", faulty)
-    on, printed, _ = run(mnist, tmp_path / "on", "on", "naive", capsys)
+    on, printed, _ = run(mnist, tmp_path / "on", "on", strategy, capsys)
     found = FAILED.findall(printed)
     assert len(found) == 1 and "eager training step from here on" in printed, printed
     where, call, margin = found[0]
-    print(f"{fault.__name__}: caught at {where}, call {call}, {margin} times the bound")
+    print(f"{fault.__name__} ({strategy}): caught at {where}, call {call}, {margin} times the bound")
     assert float(margin) > 1
     if fault is lr_halved_from_call_5:
         assert int(call) >= 5  # at the first checked call once the fault has started
@@ -211,8 +216,12 @@ def test_a_step_state_puts_any_optimizer_back_exactly(make):
 
     def step():
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+        logits = model(torch.randn(16, 4)) / temperature
+        torch.nn.functional.cross_entropy(logits, torch.randint(0, 3, (16,))).backward()
         opt.step()
+    temperature = torch.nn.Parameter(torch.ones(()))  # stepped by the optimizer, held by no module
+    opt.add_param_group({"params": [temperature]})
+    assert "param #6" in StepState.live(model, opt)  # after the model's six tensors
     for fresh in (True, False):  # before the first step (empty state), then with state
         before = StepState.of(model, opt)
         ids = {k: v.data_ptr() for k, v in StepState.live(model, opt).items()}
@@ -278,6 +287,67 @@ def test_unproven_names_each_part_not_on_the_lists():
     assert capture_blockers(strategy(Naive, [clock])) == ["Clock.before_backward (instance attribute)"]
 
 
+def test_capture_on_finds_hooks_however_avalanche_reaches_them():
+    """A plugin forwarding every attribute to an inner one (``__getattr__``), an evaluator subclass with a hook
+    of its own, and a Python hook on a module of the model: each keeps the eager step under ``capture: on``."""
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+    from cltunnel.training.fast_data import TemperatureCrossEntropy, with_fast_data
+
+    class ZeroLoss(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            strategy.loss = strategy.loss * 0
+
+    class Proxy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    class MyEvaluator(EvaluationPlugin):
+        def after_forward(self, strategy, **kwargs):
+            return super().__getattribute__("after_forward")(strategy, **kwargs)
+
+    model = torch.nn.Linear(2, 2)
+    strategy = object.__new__(with_fast_data(Naive))
+    strategy.__dict__.update(plugins=[Proxy(SupervisedPlugin())], _criterion=TemperatureCrossEntropy(), model=model)
+    assert capture_blockers(strategy) == []  # forwarding to a do-nothing plugin is fine
+    strategy.plugins = [Proxy(ZeroLoss())]
+    assert capture_blockers(strategy) == ["Proxy.before_backward"]
+    strategy.plugins = [MyEvaluator(loggers=[])]
+    assert capture_blockers(strategy) == ["MyEvaluator.after_forward"]
+    strategy.plugins = []
+    handle = model.register_forward_hook(lambda *args: None)
+    assert capture_blockers(strategy) == ["a Python hook on a module of the model"]
+    handle.remove()
+
+
+def test_dropout_draws_the_same_masks_on_both_paths():
+    """Inductor's own random numbers differ from eager's; the captured step makes compiled code draw from the
+    same generator, so a model with dropout passes the self-check (real compilation, a tiny model)."""
+    from cltunnel.training.fast_data import TemperatureCrossEntropy
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.drop = torch.nn.Linear(8, 16), torch.nn.Dropout(0.5)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x, head):
+            return self.head(self.drop(torch.relu(self.body(x))))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lines = []
+    step = CapturedStep(model, TemperatureCrossEntropy(), opt, torch.device("cpu"), False, log=lines.append)
+    for _ in range(5):  # calls 1 (a new task), 2 (its first call without the reset) and 5 (its fourth) are checked
+        step(torch.randn(32, 8), torch.randint(0, 3, (32,)), 0)
+    assert len(lines) == 3 and all("self-check passed" in line for line in lines), lines
+
+
 def test_the_template_iteration_is_avalanche_s_own():
     """``FastDataMixin._template_iteration`` repeats the body of Avalanche's SGD iteration: held to its source."""
     from avalanche.training.templates.update_type.sgd_update import SGDUpdate
@@ -315,6 +385,11 @@ def test_set_strategy_class_or_name_works_whatever_form_strategy_had(tmp_path, w
     path.write_text("scenario: {tasks: [5, 5]}\n" + written + "\n")
     cfg = load_config(path, {"strategy.class": "user_strategies:NegatedForward"})
     assert (cfg.strategy.cls, cfg.strategy.name) == ("user_strategies:NegatedForward", None)
+    if "ewc_lambda" in written:  # the old strategy's arguments stay, and the new class refuses them in one line
+        with pytest.raises(ConfigError, match="NegatedForward takes no argument 'ewc_lambda'"):
+            check_strategy_args(cfg.strategy)
+    else:
+        check_strategy_args(cfg.strategy)
     cfg = load_config(path, {"strategy.name": "lwf"})
     assert (cfg.strategy.cls, cfg.strategy.name) == (None, "lwf")
     with pytest.raises(ConfigError, match="strategy.class"):

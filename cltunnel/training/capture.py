@@ -130,9 +130,13 @@ class StepState:
 
     @staticmethod
     def live(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-        """The tensors themselves, by name: parameters' data, model buffers, optimizer state tensors."""
+        """The tensors themselves, by name: parameters' data (the module's and any other parameter the
+        optimizer steps), the module's buffers, optimizer state tensors. ``model`` is the whole compiled unit
+        (model and criterion), so a criterion's parameters and buffers are state too."""
         live = {f"param {n}": p.data for n, p in model.named_parameters()}
         names = _param_names(model, optimizer)
+        known = {p for p in model.parameters()}
+        live.update({f"param {names[i]}": p.data for i, p in enumerate(_optimizer_params(optimizer)) if p not in known})
         for i, state in _indexed_state(optimizer):
             live.update({f"optimizer {k} {names[i]}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
         live.update({f"buffer {n}": b for n, b in model.named_buffers()})
@@ -185,6 +189,20 @@ def _update_errors(d2: float, du: float, u2: float) -> tuple[float, float]:
     return abs(alpha - 1.0), residual2 ** 0.5 / u2 ** 0.5
 
 
+COUNTERS = ("optimizer step ",)  # step counts kept as float tensors (Adam, AdamW): compared exactly
+
+
+def _kind(name: str) -> str:
+    """The group a tensor's update is summed into: parameters, buffers, and each optimizer state key apart
+    (Adam's first and second moments move on scales orders of magnitude apart)."""
+    words = name.split(" ")
+    return " ".join(words[:2]) if words[0] == "optimizer" else words[0]
+
+
+def _plain(layout: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {i: {k: v for k, v in keys.items() if v is not TENSOR} for i, keys in layout.items()}
+
+
 def compare_steps(before: StepState, eager: StepState, compiled: StepState, loss_eager: float,
                   loss_compiled: float, tolerance: Tolerance) -> Comparison:
     """Each tensor's compiled update against its own eager update, and each kind of state (param, optimizer,
@@ -195,13 +213,17 @@ def compare_steps(before: StepState, eager: StepState, compiled: StepState, loss
     if loss_rel > tolerance.loss:
         bad.append(f"loss {loss_compiled:.6g} vs eager {loss_eager:.6g}")
     kinds: dict[str, list[float]] = {}  # kind -> [|d|^2, <d,u>, |u|^2]
+    extra = sorted(set(compiled.tensors) - set(eager.tensors))
+    if extra or _plain(compiled.layout) != _plain(eager.layout):
+        bad.append(f"the compiled step's optimizer state differs in layout or plain values ({extra[:3]})")
+        ratios.append(float("inf"))
     for name, e in eager.tensors.items():
         c, b = compiled.tensors.get(name), before.tensors.get(name)
         if c is None or c.shape != e.shape:
             bad.append(f"{name}: missing or reshaped on the compiled path")
             ratios.append(float("inf"))
             continue
-        if not e.is_floating_point():
+        if not e.is_floating_point() or name.startswith(COUNTERS):
             if not torch.equal(c, e):
                 bad.append(f"{name}: {c.tolist()} vs eager {e.tolist()}")
                 ratios.append(float("inf"))
@@ -218,7 +240,7 @@ def compare_steps(before: StepState, eager: StepState, compiled: StepState, loss
                 bad.append(f"{name}: moved by {off:.2g} where the eager step left it")
                 ratios.append(float("inf"))
             continue
-        kind = kinds.setdefault(name.split(" ")[0], [0.0, 0.0, 0.0])
+        kind = kinds.setdefault(_kind(name), [0.0, 0.0, 0.0])
         kind[0], kind[1], kind[2] = kind[0] + d2, kind[1] + du, kind[2] + u2
         if off <= floor:
             continue
@@ -246,7 +268,11 @@ class CapturedStep:
         mode = CUDA_MODE if device.type == "cuda" else None
         # one compiled variant per (head, batch shape): a task sequence needs more than dynamo's default 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, CACHE_SIZE)
+        # dropout and other random ops draw from the same generator as eager code (inductor's own philox draws
+        # differ, so a checked step would compare different masks and an unchecked one train on other ones)
+        torch._inductor.config.fallback_random = True
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
+        self.graphs = _graphs_compiled()  # dynamo's count of graphs: a recompile makes the next call checked
         self.resets = 0  # optimizer resets seen (each task's first step is checked, one head or many)
         self.had_state = False  # the optimizer held state after the last call (an empty one now: a reset)
         self.log = log or (lambda line: print(line, flush=True))
@@ -268,8 +294,9 @@ class CapturedStep:
         buffer tensors are put back at every task, zeroed in place: the compiled update guards on their
         identity, so it compiles once for the run instead of once a task. Other optimizers make their state
         inside the compiled update."""
-        if not isinstance(self.optimizer, torch.optim.SGD):
-            return
+        if not isinstance(self.optimizer, torch.optim.SGD) or any(g.get("dampening", 0) for g in
+                                                                    self.optimizer.param_groups):
+            return  # with dampening, 0 * momentum + (1 - d) * gradient is not SGD's first-step copy
         for group in self.optimizer.param_groups:
             if group.get("momentum", 0):
                 for p in group["params"]:
@@ -297,16 +324,18 @@ class CapturedStep:
         call = self.variants.get(key, 0) + 1
         self.variants[key] = call
         self.calls += 1
+        recompiled, self.graphs = _graphs_compiled() != self.graphs, _graphs_compiled()
         try:
-            if checked_call(call):
+            if checked_call(call) or recompiled:  # a variant the situation did not foresee is checked at once
                 return self._checked(x, y, head, reset, reference)
             if reset:
                 self.prime_momentum()
             if call <= GUARDED_CALLS:
                 return self._guarded(x, y, head, reference)
-            return self._compiled(x, y, head)
+            return self._unguarded(x, y, head, reference)
         finally:
             self.had_state = bool(self.optimizer.state)
+            self.graphs = _graphs_compiled()
 
     def _compiled(self, x: torch.Tensor, y: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,6 +344,16 @@ class CapturedStep:
         loss.backward()
         self.update()
         return loss.detach(), out.detach()
+
+    def _unguarded(self, x: torch.Tensor, y: torch.Tensor, head: int,
+                   reference: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A compiled call without a saved state. A recompile the situation did not foresee that fails does so
+        while tracing, before the step changes anything: the reference then runs from the same state."""
+        try:
+            return self._compiled(x, y, head)
+        except Exception as err:  # noqa: BLE001 - a compile failure, unless the reference fails too
+            result = reference()
+            raise CaptureRejected(compile_failure(err), result) from err
 
     def eager(self, x: torch.Tensor, y: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The template's step with nothing hooked into it (the reference when the step is used alone)."""
@@ -328,12 +367,12 @@ class CapturedStep:
     def _guarded(self, x: torch.Tensor, y: torch.Tensor, head: int,
                  reference: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """A compiled call that may still compile or record; if it fails, the reference from the same state."""
-        before = StepState.of(self.model, self.optimizer)
+        before = StepState.of(self.eager_module, self.optimizer)
         rng = _rng_state()
         try:
             return self._compiled(x, y, head)
         except Exception as err:  # noqa: BLE001 - a compile/record failure, unless the reference fails too
-            before.restore(self.model, self.optimizer)
+            before.restore(self.eager_module, self.optimizer)
             _set_rng_state(rng)
             result = reference()  # a real error raises here, as it would without capture
             raise CaptureRejected(compile_failure(err), result) from err
@@ -343,26 +382,28 @@ class CapturedStep:
         """The self-check: the reference, then the compiled step from the same state (model, whole optimizer
         state, RNG), compared. After an optimizer reset the reference starts from the empty state, as the
         template's would, and the compiled step from the primed zero buffers: that priming is checked too."""
-        before = StepState.of(self.model, self.optimizer)
+        before = StepState.of(self.eager_module, self.optimizer)
         rng = _rng_state()
         loss_e, out_e = reference()
-        eager = StepState.of(self.model, self.optimizer)
-        before.restore(self.model, self.optimizer)
+        eager, rng_eager = StepState.of(self.eager_module, self.optimizer), _rng_state()
+        before.restore(self.eager_module, self.optimizer)
         _set_rng_state(rng)
         if reset:
             self.prime_momentum()
         try:
             loss_c, out_c = self._compiled(x, y, head)
         except Exception as err:  # noqa: BLE001 - failed to compile: the reference's result stands
-            eager.restore(self.model, self.optimizer)
+            eager.restore(self.eager_module, self.optimizer)
+            _set_rng_state(rng_eager)
             raise CaptureRejected(compile_failure(err), (loss_e, out_e)) from err
-        found = compare_steps(before, eager, StepState.of(self.model, self.optimizer), float(loss_e),
+        found = compare_steps(before, eager, StepState.of(self.eager_module, self.optimizer), float(loss_e),
                               float(loss_c), self.tolerance)
         self.checks.append(found.ratio)
         self.differences.append(found.largest)
         where = f"head {head}, lr {[g['lr'] for g in self.optimizer.param_groups]}" + (", new task" if reset else "")
-        if found.failures:
-            eager.restore(self.model, self.optimizer)
+        if found.failures:  # the run goes on exactly as the eager one would: its state, its RNG
+            eager.restore(self.eager_module, self.optimizer)
+            _set_rng_state(rng_eager)
             raise CaptureRejected(f"self-check failed at {where}, call {self.calls} ({found.ratio:.3g} times its "
                                   "bound): " + "; ".join(found.failures[:4])
                                   + (f"; and {len(found.failures) - 4} more" if len(found.failures) > 4 else ""),
@@ -370,6 +411,13 @@ class CapturedStep:
         self.log(f"capture: self-check passed at {where}, call {self.calls}: largest difference "
                  f"{found.largest:.1e} of the step's change, {found.ratio:.2g} of its bound")
         return loss_c, out_c
+
+
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process (it counts every recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def compile_failure(err: Exception) -> str:

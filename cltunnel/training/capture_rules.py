@@ -115,7 +115,7 @@ def unproven(strategy: Any) -> list[str]:
     if criterion is not None and qualified(criterion) not in PROVEN_CRITERIA:
         reasons.append(f"criterion {type(criterion).__name__} is not cltunnel's")
     model = getattr(strategy, "model", None)
-    if model is not None and any(_python_hooks(m) for m in model.modules()):
+    if model is not None and (any(_python_hooks(m) for m in model.modules()) or _global_module_hooks()):
         reasons.append("a module of the model has Python forward/backward hooks")
     return reasons
 
@@ -126,43 +126,77 @@ def _python_hooks(module: Any) -> bool:
 
 
 def capture_blockers(strategy: Any) -> list[str]:
-    """What is found inside the step (used with ``capture: on``): plugin hooks in the span, by class or
-    instance attribute, the evaluator's metrics hooked there, and the template's step methods that the
-    strategy class defines or an instance attribute shadows."""
+    """What is found inside the step (used with ``capture: on``): plugin hooks in the span however Avalanche
+    would reach them (class, instance attribute, ``__getattr__``), the evaluator's own and its metrics' hooks
+    there, Python hooks on the model's modules (or torch's global module hooks), and the template's step
+    methods that the strategy class defines or an instance attribute shadows."""
     blockers = []
     for plugin in strategy.plugins:
-        if isinstance(plugin, EvaluationPlugin):
-            blockers += _hooked(plugin.metrics, PluginMetric)
+        if isinstance(plugin, EvaluationPlugin):  # it answers every callback itself, forwarding it to its metrics
+            blockers += _evaluator_hooks(plugin) + _hooked(plugin.metrics, PluginMetric)
         else:
             blockers += _hooked([plugin], SupervisedPlugin)
     blockers += [b for b in shadowed(strategy, STEP_METHODS + INNER_HOOKS)]
+    model = getattr(strategy, "model", None)
+    if model is not None and (any(_python_hooks(m) for m in model.modules()) or _global_module_hooks()):
+        blockers.append("a Python hook on a module of the model")
     return blockers + overrides(type(strategy), STEP_METHODS)
 
 
 def _hooked(objects: list[Any], base: type) -> list[str]:
-    """``Class.hook`` for each inner hook an object defines beyond ``base``'s do-nothing default, on its class
-    or as an instance attribute (Avalanche calls either)."""
+    """``Class.hook`` for each inner hook an object answers with something other than ``base``'s (for a
+    plugin, Avalanche's do-nothing default; for the evaluator, its forwarding to metrics and loggers): on its
+    class, as an instance attribute, or through ``__getattr__`` (Avalanche calls whatever ``getattr`` gives)."""
     found = []
     for obj in objects:
         for hook in INNER_HOOKS:
             if hook in getattr(obj, "__dict__", {}):
                 found.append(f"{type(obj).__name__}.{hook} (instance attribute)")
                 continue
-            own = getattr(type(obj), hook, None)
-            if own is not None and own is not getattr(base, hook, None):
+            answer = getattr(obj, hook, None)
+            if answer is not None and getattr(answer, "__func__", answer) is not getattr(base, hook, None):
                 found.append(f"{type(obj).__name__}.{hook}")
     return found
 
 
+def _evaluator_hooks(evaluator: Any) -> list[str]:
+    """Inner hooks an evaluator has beyond Avalanche's forwarding to its metrics: defined by a subclass, or
+    set on the instance."""
+    found = [f"{type(evaluator).__name__}.{hook} (instance attribute)" for hook in INNER_HOOKS
+             if hook in vars(evaluator)]
+    for klass in type(evaluator).__mro__:
+        if klass is EvaluationPlugin:
+            break
+        found += [f"{klass.__name__}.{hook}" for hook in INNER_HOOKS if hook in vars(klass)]
+    return found
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+
+
 def plugin_signature(strategy: Any) -> tuple:
     """What a capture decision was made on and must be made again when it changes: the plugins (identity and
-    order), the attribute names each plugin and the strategy instance hold, and the evaluator's metrics."""
+    order), the attribute names each plugin, metric and the strategy instance hold, and the Python hooks on
+    the model's modules (a hook added after the first compilation would run on the eager path only)."""
     parts: list[Any] = [tuple(vars(strategy).keys() & set(STEP_METHODS + ALL_HOOKS))]
     for plugin in strategy.plugins:
         parts.append((id(plugin), tuple(getattr(plugin, "__dict__", {}).keys())))
         if isinstance(plugin, EvaluationPlugin):
-            parts.append(tuple(id(m) for m in plugin.metrics))
+            parts += [(id(m), tuple(getattr(m, "__dict__", {}).keys())) for m in plugin.metrics]
+    model = getattr(strategy, "model", None)
+    if model is not None:
+        parts.append(tuple(_hook_count(m) for m in model.modules()) + (_global_module_hooks(),))
     return tuple(parts)
+
+
+def _hook_count(module: Any) -> int:
+    return (len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
+            + len(getattr(module, "_backward_pre_hooks", {})))
 
 
 PROVEN_STRATEGY_NAMES = ("naive",)  # the registered names of PROVEN_STRATEGIES (training.strategies)

@@ -246,6 +246,14 @@ def capture_mode(cfg: TrainingConfig, device: torch.device) -> str:
     return "proven" if _on_cuda_by_default(cfg.capture, device) else "off"
 
 
+def capture_notice(cfg: TrainingConfig, device: torch.device) -> str | None:
+    """Why ``auto`` does not capture where it otherwise would (said once by the run), or None."""
+    if cfg.capture == "auto" and _on_cuda_by_default("auto", device) and cfg.lr_schedule == "cosine":
+        return ("capture: eager training step (training.lr_schedule: cosine sets a new learning rate every epoch, "
+                "which the captured step would compile anew each time); training.capture: on captures anyway")
+    return None
+
+
 
 def channels_last_enabled(cfg: TrainingConfig, device: torch.device) -> bool:
     return _on_cuda_by_default(cfg.channels_last, device)

@@ -32,7 +32,7 @@ from cltunnel.training.avalanche_metrics import build_evaluator, close_loggers
 from cltunnel.training.history import HistoryPlugin, end_of_task, open_tensorboard, write_history
 from cltunnel.training.plain_state import decode
 from cltunnel.training.fast_data import (RunContext, TemperatureCrossEntropy, amp_enabled, capture_mode,
-                                         channels_last_enabled)
+                                         capture_notice, channels_last_enabled)
 from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
 from cltunnel.training.strategies import build_strategy
 
@@ -99,6 +99,8 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
     evaluator = build_evaluator(cfg.evaluation, run_dir)
     context = RunContext(ddata, seed, amp, capture_mode(tcfg, device), lambda line: _notice(run_dir, line))
+    if capture_notice(tcfg, device):
+        context.notice(capture_notice(tcfg, device))
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
                               context, evaluator)
     load_strategy_state(strategy, strategy_state)

@@ -152,8 +152,19 @@ def build_strategy(cfg: StrategyConfig, model: nn.Module, training: TrainingConf
     if evaluator is None:
         evaluator = build_evaluator(EvaluationConfig(), None)  # silent: cltunnel records its own metrics
     try:
-        return cls(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=training.batch_size,
-                   train_epochs=training.epochs, eval_mb_size=training.eval_batch_size, device=device,
-                   plugins=plugins, evaluator=evaluator, eval_every=-1, run_context=context, **args)
+        strategy = cls(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=training.batch_size,
+                       train_epochs=training.epochs, eval_mb_size=training.eval_batch_size, device=device,
+                       plugins=plugins, evaluator=evaluator, eval_every=-1, run_context=context, **args)
     except TypeError as err:
         raise ConfigError(f"strategy.args: {cls.__name__} rejected its arguments {args}: {err}") from None
+    _check_plugin_dependencies(strategy, cfg.name or cfg.cls or cls.__name__)
+    return strategy
+
+
+def _check_plugin_dependencies(strategy: Any, label: str) -> None:
+    """A user class that adds Avalanche's GEM plugin itself: refused before its first task, like ``gem``."""
+    from avalanche.training.plugins import GEMPlugin
+
+    if any(isinstance(p, GEMPlugin) for p in strategy.plugins) and not qp_solver_available():
+        raise ConfigError(f"strategy {label} uses Avalanche's GEMPlugin, which needs the quadprog QP solver "
+                          "(pip install quadprog)")
