@@ -185,7 +185,7 @@ class SyntheticConfig:
 
 NARROW_RESNET_PRESETS = ("mlp", "near_mlp", "ode", "resnet", "augmented")
 NARROW_RESNET_TASKS = {"x2": 1, "disk_ring": 2, "xor": 2}  # task -> input dimension
-NARROW_RESNET_REGIME_KEYS = ("name", "eps", "delta", "width")
+NARROW_RESNET_REGIME_KEYS = ("name", "eps", "delta", "width", "depths")  # depths: this regime's own
 # What narrow_resnet.task_settings may set for one task (the rest is the section's).
 NARROW_RESNET_TASK_KEYS = ("depths", "regimes", "epochs", "batch_size", "lr", "points", "retries", "batchnorm_axis",
                            "keep_best")
@@ -603,6 +603,9 @@ def _narrow_resnet_regime(spec: Any, where: str) -> str:
     unknown = [k for k in spec if k not in NARROW_RESNET_REGIME_KEYS]
     if unknown or "eps" not in spec or "delta" not in spec:
         raise ConfigError(f"{where}: give eps and delta (optional: name, width); got keys {sorted(map(str, spec))}")
+    if "depths" in spec and (not isinstance(spec["depths"], list) or not spec["depths"]
+                             or any(not isinstance(d, int) or d < 1 for d in spec["depths"])):
+        raise ConfigError(f"{where}.depths: a list of depths, each at least 1, got {spec['depths']!r}")
     for key in ("eps", "delta", "width"):
         if key == "delta" and isinstance(spec[key], str) and re.fullmatch(r"\s*[0-9.]+\s*/\s*L\s*", spec[key]):
             continue  # "2/L": delta = 2 / depth (the authors' ODE regime)

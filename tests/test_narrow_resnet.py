@@ -209,6 +209,9 @@ def test_delta_over_depth_and_the_presets():
     assert ode == nr.Regime("ode", 1.0, 0.1, 2)
     assert nr.resolve_regime("near_mlp", 6, 2, nc) == nr.Regime("near_mlp", 0.1, 1.0, 2)
     assert nr.regime_name({"eps": 1, "delta": "2/L"}) == "eps=1 delta=2/L"
+    own = NarrowResnetConfig(tasks=["disk_ring"], depths=[2, 3], regimes=["mlp", {"name": "ode", "eps": 1, "delta": "2/L",
+                                                                                  "depths": [20]}])
+    assert [key for key, _ in nr.jobs(own, 0)] == ["disk_ring/mlp/L2", "disk_ring/mlp/L3", "disk_ring/ode/L20"]
 
 
 def test_retries_stop_at_the_first_accepted_try_and_report_a_failure(monkeypatch):
@@ -253,7 +256,8 @@ def test_a_constant_x2_fit_is_reported():
     ({"input_layer": [], "regimes": ["augmented"]}, "narrow_resnet.input_layer: x2 has no input layer"),
     ({"regimes": [{"eps": 1, "delta": "2/M"}]}, "narrow_resnet.regimes[0].delta"),
     ({"batchnorm_axis": [True, True]}, "narrow_resnet.batchnorm_axis"),
-], ids=["task key", "task depth", "accept", "no input layer, wide", "delta over what", "axis twice"])
+    ({"regimes": [{"eps": 1, "delta": 1, "depths": [0]}]}, "narrow_resnet.regimes[0].depths: a list of depths"),
+], ids=["task key", "task depth", "accept", "no input layer, wide", "delta over what", "axis twice", "regime depths"])
 def test_bad_protocol_settings_are_one_line(tmp_path, capsys, change, fragment):
     test_bad_settings_are_one_line_before_any_work(tmp_path, capsys, change, fragment)
 

@@ -470,7 +470,7 @@ def jobs(nc: NarrowResnetConfig, seed: int) -> list[tuple[str, dict[str, Any]]]:
         tc = for_task(nc, task)
         for spec in tc.regimes:
             for bn in batchnorm_values(tc, task):
-                for depth in tc.depths:
+                for depth in spec.get("depths", tc.depths) if isinstance(spec, dict) else tc.depths:
                     regime = resolve_regime(spec, depth, NARROW_RESNET_TASKS[task], tc)
                     if tc.batchnorm_axis is not None:
                         regime = dataclasses.replace(regime, name=f"{regime.name}, {'BN' if bn else 'no BN'}")
