@@ -273,6 +273,16 @@ def test_cosine_schedule_is_validated():
                           ({"lr_schedule": "cosine", "capture": "on"}, "training.capture")):
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             parse_config({**base, "training": bad})
+    from cltunnel.config import StrategyConfig
+    from cltunnel.training.strategies import build_strategy
+    strategy = build_strategy(StrategyConfig(), nn.Linear(2, 2), cfg.training, nn.CrossEntropyLoss(), torch.device("cpu"), [])
+    (plugin,) = [p for p in strategy.plugins if hasattr(p, "scheduler")]
+    lrs = []
+    for _ in range(3):
+        lrs.append(strategy.optimizer.param_groups[0]["lr"])
+        strategy.optimizer.step()
+        plugin.scheduler.step()
+    assert lrs == pytest.approx([0.1 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3)])  # lr·(1 + cos(π e/E))/2
 
 
 def test_the_authors_protocol_end_to_end(tmp_path):
