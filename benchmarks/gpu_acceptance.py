@@ -96,16 +96,18 @@ def captured_vs_eager(device: torch.device, quick: bool, amp: bool) -> None:
             "with compilation")
 
 
-def strategy_runs(device: torch.device, out: Path) -> None:
-    """Each user class / Avalanche strategy with capture off and on: numbers and what the run printed."""
+def strategy_runs(device: torch.device, out: Path, quick: bool = False) -> None:
+    """Each user class / Avalanche strategy with capture off and on: numbers and what the run printed (with
+    ``quick``, the CPU smoke test: 120 images a class, where the device check trains on 300)."""
     from test_training import mnist_tiny
     data = None
 
     def run(case: int, strategy: dict, capture: str, evaluation: dict | None = None) -> tuple[list, str]:
         nonlocal data
         raw = mnist_tiny(out / f"case{case}-{capture}",
-                         data={"train_per_class": 300, "test_per_class": 100}, scenario={"n_tasks": None,
-                         "tasks": [5, 5]}, training={"epochs": 2, "capture": capture}, strategy=strategy)
+                         data={"train_per_class": 120 if quick else 300, "test_per_class": 100},
+                         scenario={"n_tasks": None, "tasks": [5, 5]}, training={"epochs": 2, "capture": capture},
+                         strategy=strategy)
         raw["device"] = str(device)
         if evaluation:
             raw["evaluation"] = evaluation
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001
             verdict(f"captured vs eager ({'bf16' if amp else 'fp32'})", False, f"{type(err).__name__}: {err}")
     with tempfile.TemporaryDirectory() as tmp:
-        strategy_runs(device, Path(tmp))
+        strategy_runs(device, Path(tmp), a.quick)
     if a.skip_speed:
         verdict("speed rows", None, "--skip-speed")
     else:
