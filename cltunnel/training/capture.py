@@ -328,7 +328,7 @@ class CapturedStep:
         call = self.variants.get(key, 0) + 1
         self.variants[key] = call
         self.calls += 1
-        recompiled, self.graphs = _graphs_compiled() != self.graphs, _graphs_compiled()
+        recompiled = _graphs_compiled() != self.graphs  # (self.graphs is brought up to date after every call)
         try:
             if checked_call(call) or recompiled:  # a variant the situation did not foresee is checked at once
                 return self._checked(x, y, head, reset, reference)

@@ -28,6 +28,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.training.plugins import EvaluationPlugin
 
+from cltunnel.config import EVAL_METRICS
 from cltunnel.training.overrides import overrides
 
 INNER_HOOKS = ("before_forward", "after_forward", "before_backward", "after_backward", "before_update",
@@ -114,15 +115,15 @@ def unproven(strategy: Any) -> list[str]:
     criterion = getattr(strategy, "_criterion", None)
     if criterion is not None and qualified(criterion) not in PROVEN_CRITERIA:
         reasons.append(f"criterion {type(criterion).__name__} is not cltunnel's")
-    model = getattr(strategy, "model", None)
-    if model is not None and (any(_python_hooks(m) for m in model.modules()) or _global_module_hooks()):
+    if _model_hooked(strategy):
         reasons.append("a module of the model has Python forward/backward hooks")
     return reasons
 
 
-def _python_hooks(module: Any) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
+def _model_hooked(strategy: Any) -> bool:
+    """Whether a module of the strategy's model, or torch's global module hooks, holds a Python hook."""
+    model = getattr(strategy, "model", None)
+    return model is not None and (any(_hook_count(m) for m in model.modules()) or _global_module_hooks())
 
 
 def capture_blockers(strategy: Any) -> list[str]:
@@ -136,9 +137,8 @@ def capture_blockers(strategy: Any) -> list[str]:
             blockers += _evaluator_hooks(plugin) + _hooked(plugin.metrics, PluginMetric)
         else:
             blockers += _hooked([plugin], SupervisedPlugin)
-    blockers += [b for b in shadowed(strategy, STEP_METHODS + INNER_HOOKS)]
-    model = getattr(strategy, "model", None)
-    if model is not None and (any(_python_hooks(m) for m in model.modules()) or _global_module_hooks()):
+    blockers += shadowed(strategy, STEP_METHODS + INNER_HOOKS)
+    if _model_hooked(strategy):
         blockers.append("a Python hook on a module of the model")
     return blockers + overrides(type(strategy), STEP_METHODS)
 
@@ -205,6 +205,4 @@ PROVEN_STRATEGY_NAMES = ("naive",)  # the registered names of PROVEN_STRATEGIES 
 def proven_config(strategy: Any, metrics: list[str]) -> bool:
     """Whether a run of this strategy config and these evaluation metrics is one ``auto`` captures (for
     estimates made before any strategy exists, e.g. a campaign's); the run itself decides by :func:`unproven`."""
-    from cltunnel.config import EVAL_METRICS
-
     return strategy.cls is None and strategy.name in PROVEN_STRATEGY_NAMES and set(metrics) <= set(EVAL_METRICS)

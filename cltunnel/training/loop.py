@@ -99,8 +99,9 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
     evaluator = build_evaluator(cfg.evaluation, run_dir)
     context = RunContext(ddata, seed, amp, capture_mode(tcfg, device), lambda line: _notice(run_dir, line))
-    if capture_notice(tcfg, device):
-        context.notice(capture_notice(tcfg, device))
+    notice = capture_notice(tcfg, device)
+    if notice:
+        context.notice(notice)
     strategy = build_strategy(cfg.strategy, model, tcfg, TemperatureCrossEntropy(tcfg.temperature), device, plugins,
                               context, evaluator)
     load_strategy_state(strategy, strategy_state)
