@@ -2,7 +2,8 @@
 
 Expected failures (:class:`~cltunnel.errors.CltunnelError`) print one line and exit 2; anything else is a
 bug and keeps its traceback. A run whose scenario states ``expect:`` bands prints one line per band and exits 3
-(:data:`~cltunnel.expectations.EXIT_VIOLATED`) when one is violated; ``reproduce`` exits 1 on a drift.
+(:data:`~cltunnel.expectations.EXIT_VIOLATED`) when one is violated; so does ``sweep`` (each configuration's bands)
+when every run finished, and 1 when a run failed; ``reproduce`` exits 1 on a drift.
 """
 from __future__ import annotations
 
@@ -178,7 +179,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from cltunnel.sweeps import describe, load_sweep, run_sweep
+    from cltunnel.expectations import EXIT_VIOLATED
+    from cltunnel.sweeps import describe, evaluate_sweep, load_sweep, run_sweep
 
     try:
         sweep = load_sweep(args.sweep)
@@ -198,7 +200,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"tables: {', '.join(written) or 'none yet'}")
     if (sweep.directory / "report.html").exists():
         print(f"report: {sweep.directory / 'report.html'}")
-    return 1 if failed else 0
+    outcomes = [(config, o) for config, found in evaluate_sweep(sweep).items() for o in found]
+    for config, outcome in outcomes:  # as in the sweep's expectations.txt
+        print(f"expect: {outcome.line(config)}")
+    return 1 if failed else EXIT_VIOLATED if any(not o.held for _, o in outcomes) else 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ run will not write (a cell outside the task count, a swap cell without the swap 
 task-incremental run, ...). :func:`evaluate` reads the numbers from the files the run wrote, one
 :class:`Outcome` per band; :func:`write_outcomes` puts the lines in ``expectations.txt`` in the scenario
 directory, which the report page shows. ``cltunnel run`` exits with :data:`EXIT_VIOLATED` when a band is violated.
+A sweep states ``expect:`` in its base (every configuration) or in a named variant (that configuration only);
+each configuration's bands are checked over the sweep's seeds (:func:`cltunnel.sweeps.evaluate_sweep`).
 
 Values are in the units the tables print: accuracies and their differences in percent, k in layers.
 """
@@ -75,15 +77,16 @@ class Outcome:
     values: dict[int, float]  # seed -> value (NaN: not written)
     held: bool
 
-    def line(self) -> str:
-        mark = "held" if self.held else "VIOLATED"
+    def line(self, config: str | None = None) -> str:
+        """``held: BAND ...`` or ``VIOLATED: BAND ...`` with the values; ``config`` names a sweep's configuration."""
+        mark = f"{'held' if self.held else 'VIOLATED'}: {f'{config}: ' if config else ''}{self.band.text()}"
         vals = [v for v in self.values.values()]
         if self.band.over == "mean":
             shown = f"mean over {len(vals)} seed{'s' * (len(vals) != 1)} = {_fmt(float(np.mean(vals)))}"
-            return f"{mark}: {self.band.text()} as the mean: {shown}"
+            return f"{mark} as the mean: {shown}"
         shown = ", ".join(f"{_fmt(v)} (seed {s}{'' if _inside(v, self.band) else ', outside'})"
                           for s, v in self.values.items())
-        return f"{mark}: {self.band.text()} for every seed: {shown}"
+        return f"{mark} for every seed: {shown}"
 
 
 def _fmt(v: float) -> str:
@@ -309,9 +312,20 @@ def evaluate(cfg: RunConfig, seeds: list[int] | None = None) -> list[Outcome]:
 def write_outcomes(scenario_dir: Path, outcomes: list[Outcome]) -> Path | None:
     """``expectations.txt`` (one line per band) in the scenario directory; an earlier file goes when the
     scenario states no bands."""
-    path = Path(scenario_dir) / EXPECTATIONS_FILE
-    if not outcomes:
+    return _write_lines(Path(scenario_dir), [o.line() for o in outcomes])
+
+
+def write_sweep_outcomes(sweep_dir: Path, by_config: dict[str, list[Outcome]]) -> Path | None:
+    """The sweep's ``expectations.txt``: every configuration's bands, one line each, named by configuration
+    (each configuration's own directory gets its lines from :func:`write_outcomes`)."""
+    return _write_lines(Path(sweep_dir), [o.line(config) for config, outcomes in by_config.items() for o in outcomes])
+
+
+def _write_lines(directory: Path, lines: list[str]) -> Path | None:
+    path = directory / EXPECTATIONS_FILE
+    if not lines:
         path.unlink(missing_ok=True)
         return None
-    atomic_write_text(path, "\n".join(o.line() for o in outcomes) + "\n")
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -20,6 +20,11 @@ A sweep file::
 Runs land in ``<output_dir>/<name>/<configuration>/seed<k>/`` (ordinary run directories). A finished run
 has ``sweep_done.json`` and is skipped; an interrupted one resumes after its last finished task; a failed
 one leaves ``sweep_error.txt`` and does not stop the others.
+
+Bands (``expect:``, :mod:`cltunnel.expectations`) go in the base, for every configuration, or in a named
+variant, for that configuration; each configuration's bands are checked before the first run (a band naming a
+number that configuration will not write refuses the sweep) and, after the runs, over the sweep's seeds: one
+line per band and configuration in ``expectations.txt`` of the configuration and of the sweep, on their pages.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from tqdm.auto import tqdm
 
 from cltunnel.config import ConfigError, RunConfig, parse_config, read_yaml, set_dotted
 from cltunnel.errors import CltunnelError
+from cltunnel.expectations import Outcome, evaluate, write_outcomes, write_sweep_outcomes
 from cltunnel.runs import load_data_for, preflight, run_seed, saved_protocol
 from cltunnel.reports.page import build_report
 from cltunnel.store import CONFIG_FILE, MANIFEST, SWEEP_DONE, SWEEP_ERROR, load_manifest, seed_dir, seed_dirs
@@ -217,9 +223,25 @@ def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True, p
     results += runner(sweep, todo, bar)
     bar.close()
     aggregate_sweep(sweep.directory)
+    write_sweep_bands(sweep, evaluate_sweep(sweep))
     if any(seed_dirs(sweep.directory / job.config, CONFIG_FILE) for job in jobs):
         build_report(sweep.directory)
     return results
+
+
+def evaluate_sweep(sweep: Sweep) -> dict[str, list[Outcome]]:
+    """Each configuration's ``expect:`` bands over the sweep's seeds, as a scenario's over its own (a run
+    that failed or has not run has its numbers "not written": its bands are violated)."""
+    configs = {job.config: job for job in expand(sweep)}.values()
+    return {job.config: evaluate(job_config(sweep, job), sweep.seeds) for job in configs}
+
+
+def write_sweep_bands(sweep: Sweep, by_config: dict[str, list[Outcome]]) -> None:
+    """``expectations.txt`` in every configuration's directory (its page) and the sweep's (every configuration's
+    lines, named)."""
+    for config, outcomes in by_config.items():
+        write_outcomes(sweep.directory / config, outcomes)
+    write_sweep_outcomes(sweep.directory, by_config)
 
 
 def check_jobs(sweep: Sweep, jobs: list[Job], path: Path) -> None:

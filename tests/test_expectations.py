@@ -130,3 +130,40 @@ def test_cli_run_exits_3_on_a_violated_band_and_2_before_training_on_a_bad_one(m
     path.write_text(yaml.safe_dump({**raw, "expect": {"a[0][2]": [0, 100]}}))
     assert cli_main(["run", str(path), "--output-dir", str(tmp_path / "out2"), "--no-progress"]) == 2
     assert "no a[0][2]" in capsys.readouterr().err and not (tmp_path / "out2" / "s").exists()
+
+
+def test_a_sweep_checks_each_configurations_bands_over_its_seeds(tmp_path, capsys):
+    """Bands in the base apply to every configuration; a named variant adds one (``expect.NAME``) or states its
+    own (``expect:``, replacing the base's); a band one configuration
+    will not write refuses the sweep before any run; after the runs each configuration's bands are read over
+    the sweep's seeds (each or mean), written for its page and the sweep's, printed, and exit 3."""
+    from cltunnel.sweeps import DONE_FILE, evaluate_sweep, expand, job_config, load_sweep
+
+    base = scenario(tmp_path, {"over": "mean", "ACC": [55, 60]})
+    short = {"scenario.tasks": [5, 5], "expect.a[0][0]": {"band": [50, 70], "over": "each"}}
+    raw = {"name": "sw", "base": base, "axes": {"split": {"short": short, "long": {"scenario.tasks": [3, 7]}},
+                                                "seed": [0, 1]}, "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "sw.yaml"
+    path.write_text(yaml.safe_dump({**raw, "axes": {**raw["axes"], "split": {
+        **raw["axes"]["split"], "three": {"scenario.tasks": [3, 3, 4], "expect": {"a[2][2]": [0, 100]}},
+        "two": {"scenario.tasks": [4, 6], "expect": {"a[2][2]": [0, 100]}}}}}, sort_keys=False))
+    with pytest.raises(ConfigError, match="(?s)1 of 4 configurations are invalid.*'two': expect.a\\[2\\]\\[2\\]: the "
+                                          "accuracy matrix is 2 x 2"):
+        load_sweep(path)  # refused before a run: "three" writes a[2][2], "two" does not
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    sweep = load_sweep(path)
+    for job in expand(sweep):  # finished runs (as fake_seed writes them): the sweep runs nothing
+        acc = [[0.6, 0.1], [0.4, 0.8]] if job.seed == 0 else [[0.75, 0.1], [0.45, 0.65]]  # ACC 60, 55
+        (fake_seed(job_config(sweep, job), job.seed, acc) / DONE_FILE).write_text("{}")
+    assert cli_main(["sweep", str(path), "--no-progress"]) == EXIT_VIOLATED
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("expect: ")]
+    assert printed == [
+        "expect: held: short: ACC in [55, 60] as the mean: mean over 2 seeds = 57.50",
+        "expect: VIOLATED: short: a[0][0] in [50, 70] for every seed: 60.00 (seed 0), 75.00 (seed 1, outside)",
+        "expect: held: long: ACC in [55, 60] as the mean: mean over 2 seeds = 57.50"]
+    assert {c: [o.held for o in found] for c, found in evaluate_sweep(sweep).items()} == {"short": [True, False],
+                                                                                          "long": [True]}
+    assert (sweep.directory / "long" / EXPECTATIONS_FILE).read_text().startswith("held: ACC in [55, 60] as the mean")
+    assert "## Expected bands (each configuration's, over its seeds): 1 of 3 violated" in \
+        (sweep.directory / "report.md").read_text()
+    assert "## Expected bands: 1 of 2 violated" in (sweep.directory / "short" / "report.md").read_text()

@@ -152,7 +152,8 @@ def _expectations_section(directory: Path, kind: str) -> list[str]:
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     violated = sum(line.startswith("VIOLATED") for line in lines)
-    where = "" if path.parent == directory else " (of the scenario, over its seeds)"
+    where = " (of the scenario, over its seeds)" if path.parent != directory else \
+        " (each configuration's, over its seeds)" if kind == "sweep" else ""
     head = f"{violated} of {len(lines)} violated" if violated else f"all {len(lines)} held"
     return [f"## Expected bands{where}: {head}", ""] + [f"- {line}" for line in lines] + [""]
 
