@@ -5,21 +5,30 @@ committed tunnel profile, the VGG-19 ones and the others (VGG-13, VGG-11 and Res
 temperature sweep, the quickstart), and prints k by each rule and the rank rule's k at 0.05 / 0.10 / 0.20 /
 0.30, so the sensitivity to the threshold and the architectures where the rule finds no collapse show.
 
-    python benchmarks/rank_rule_check.py > tables/rank_rule_check.md
+    python benchmarks/rank_rule_check.py --out tables/rank_rule_check.md
+
+(``cltunnel reproduce rank_rule_check`` re-makes it from the committed profiles and compares every cell.)
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from cltunnel.measures.tunnel import tunnel_start
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cltunnel.measures.tunnel import tunnel_start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1] / "tables"
 THRESHOLDS = (0.05, 0.10, 0.20, 0.30)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = parser.parse_args(argv)
     rows = []
     for path in sorted(ROOT.glob("**/seed0/tunnel_profile.csv")):
         profile = pd.read_csv(path, index_col=0)
@@ -29,8 +38,11 @@ def main() -> None:
                "last": tunnel_start(acc, None, "last"), "peak": tunnel_start(acc, None, "peak")}
         row |= {f"rank {t:.2f}": tunnel_start(acc, t, "rank", ranks) for t in THRESHOLDS}
         rows.append(row)
-    print("k (the extractor's last layer) by rule; 'chosen on': the profiles the 0.10 threshold was set from.\n")
-    print(pd.DataFrame(rows).to_markdown(index=False))
+    text = ("k (the extractor's last layer) by rule; 'chosen on': the profiles the 0.10 threshold was set from.\n\n"
+            + pd.DataFrame(rows).to_markdown(index=False) + "\n")
+    print(text, end="")
+    if args.out is not None:
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

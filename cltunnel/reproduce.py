@@ -1,16 +1,20 @@
 """``cltunnel reproduce``: re-run the committed references of ``tables/`` and compare every number they pin.
 
 The manifest, ``tables/REFERENCES.yaml``, holds one entry per reference folder: the command that makes it (as
-typed in the checkout's root), where that command writes (``output``, relative to the directory it runs in),
+typed in the checkout's root: ``cltunnel ...``, or ``python benchmarks/NAME.py ...`` for a benchmark script of
+the checkout, whose output must then be a path relative to where it runs, never the committed file's), where
+that command writes (``output``, relative to the directory it runs in),
 the commit that made it, its cost on the 2-core CPU and the device it needs, and what it pins:
 
 - ``compare``: files of the reference whose every cell is compared with the re-run's (numbers within
-  ``tolerance``, absolute; text equal);
+  ``tolerance``, absolute; text equal): CSVs, or markdown files whose first pipe table is compared;
 - ``pins``: single numbers, ``FILE[ROW][COLUMN]`` (a CSV cell: the row by its label in the first column, or
   ``#i`` by position; in a mean ± std table the column of its mean block) with ``value`` and ``tolerance``;
 - ``quick``: a reduced command CI can afford, with its own pins (measured at ``made_at``);
 - ``threads``: torch's CPU threads the reference was made with (set for the re-run: a CPU run is
-  deterministic for a given thread count, and some, narrow_resnet's, change with it).
+  deterministic for a given thread count, and some, narrow_resnet's, change with it);
+- ``timing``: the ratios a timing reference reports (img/s, seconds: they move between runs, so it is
+  listed, never re-run and compared; ``reproduce`` says so).
 
 ``reproduce NAME...`` runs each command in a fresh temporary directory (paths of the checkout made absolute),
 then prints one line per reference: ``match`` or ``DRIFT`` with the worst number, its old and its new value.
@@ -38,7 +42,8 @@ from cltunnel.config import ConfigError, read_yaml
 MANIFEST = Path("tables") / "REFERENCES.yaml"
 EXIT_DRIFT = 1
 ENTRY_KEYS = {"path", "command", "output", "made_at", "made_by", "cost", "cost_minutes", "device", "status",
-              "changed_since", "compare", "pins", "quick", "last_reproduced", "reading", "threads"}
+              "changed_since", "compare", "pins", "quick", "last_reproduced", "reading", "threads", "timing"}
+BENCHMARKS = Path("benchmarks")  # a reference command may run a script here: python benchmarks/NAME.py ...
 
 
 @dataclass
@@ -110,10 +115,26 @@ def _short(text: str, width: int = 48) -> str:
 
 # ---------------------------------------------------------------- reading numbers from the files a run wrote
 def _table(path: Path) -> list[list[str]]:
+    """A CSV's rows, or a markdown file's first pipe table (header and body, without the ``|---|`` rule)."""
     import csv
 
+    if path.suffix == ".md":
+        return _markdown_table(path.read_text())
     with open(path, newline="") as handle:
         return [row for row in csv.reader(handle)]
+
+
+def _markdown_table(text: str) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            if rows:
+                break  # the first table ends
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not all(set(cell) <= set(":-") for cell in cells):
+            rows.append(cells)
+    return rows
 
 
 def _number(text: str) -> float | None:
@@ -211,10 +232,18 @@ def _argv(command: str, root: Path) -> list[str]:
     """The command as typed in the checkout's root, with this interpreter's cltunnel and the checkout's paths
     made absolute (it runs in a temporary directory)."""
     words = shlex.split(command)
-    if words[0] != "cltunnel":
-        raise ConfigError(f"reference command must start with 'cltunnel', got {command!r}")
-    out = [sys.executable, "-m", "cltunnel.cli"]
-    for word in words[1:]:
+    if words[0] == "cltunnel":
+        out, rest = [sys.executable, "-m", "cltunnel.cli"], words[1:]
+    elif words[0] == "python" and len(words) > 1 and Path(words[1]).parent == BENCHMARKS \
+            and (root / words[1]).is_file():
+        out, rest = [sys.executable, str(root / words[1])], words[2:]
+    else:
+        raise ConfigError(f"a reference command starts with 'cltunnel' or 'python benchmarks/NAME.py' (a script of "
+                          f"the checkout), got {command!r}")
+    if out[1:2] != ["-m"] and any(a == "--out" and (root / b).exists() for a, b in zip(rest, rest[1:])):
+        raise ConfigError(f"{command!r}: --out names a file of the checkout; a re-run writes where it runs (give "
+                          "the file's name alone, and 'output')")
+    for word in rest:
         key, eq, value = word.partition("=")
         if not word.startswith("-") and (root / word).exists():
             word = str(root / word)
@@ -237,6 +266,9 @@ def _environment(root: Path, threads: int | None = None) -> dict[str, str]:
 def reproduce_one(name: str, entry: dict[str, Any], root: Path, quick: bool, keep: Path | None = None,
                   log=print) -> Result:
     spec = entry.get("quick") if quick else entry
+    if entry.get("timing"):
+        return Result(name, 0, [], error=f"a timing, not re-run: img/s and seconds move between runs; it reports "
+                                         f"{'; '.join(entry['timing'])} (re-measure: {entry.get('command', '?')})")
     if quick and not spec:
         return Result(name, 0, [], error="no quick form in the manifest")
     if not spec.get("command"):

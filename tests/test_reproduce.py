@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cltunnel.cli import main as cli_main
-from cltunnel.reproduce import Result, compare_files, load_manifest, read_cell, record
+from cltunnel.config import ConfigError
+from cltunnel.reproduce import Result, _argv, compare_files, load_manifest, read_cell, record, reproduce_one
 
 REPO = Path(__file__).resolve().parents[1]
 # a narrow-ResNet scenario of seconds: no data read, deterministic on a CPU
@@ -80,3 +82,31 @@ def test_compare_files_checks_every_cell(tmp_path):
     checked, drifts = compare_files(a, b, 1e-6, "t.csv")
     assert checked == 4 and [d.name for d in drifts] == ["t.csv[ACC][value]", "t.csv[BWT][value]"]
     assert read_cell(tmp_path, "a.csv[ACC][value]") == 55.0 and read_cell(tmp_path, "a.csv[ACC][std value]") == 0.0
+
+
+def test_a_benchmark_script_is_a_reference_command_and_its_markdown_table_is_compared(tmp_path):
+    """``python benchmarks/NAME.py`` runs the checkout's script with this interpreter; an --out naming a file of
+    the checkout (the committed table) is refused; anything else is not a reference command. A markdown
+    table's cells are compared as a CSV's."""
+    argv = _argv("python benchmarks/rank_rule_check.py --out rank_rule_check.md", REPO)
+    assert argv == [sys.executable, str(REPO / "benchmarks" / "rank_rule_check.py"), "--out", "rank_rule_check.md"]
+    for command, message in [("python benchmarks/rank_rule_check.py --out tables/rank_rule_check.md", "--out names a file"),
+                             ("python benchmarks/nosuch.py", "starts with 'cltunnel' or 'python benchmarks/NAME.py'"),
+                             ("python -c 'print(1)'", "starts with"), ("bash x.sh", "starts with")]:
+        with pytest.raises(ConfigError, match=message):
+            _argv(command, REPO)
+    old, new = tmp_path / "old.md", tmp_path / "new.md"
+    old.write_text("Made at abc.\n\n| seed | ACC (%) | cells |\n|:--|--:|--:|\n| 0 | 90.6 | 2/4 |\n| 1 | 91.6 | 4/4 |\n\n"
+                   "Over 2 seeds: 91.1.\n\n| other | table |\n|--|--|\n| x | 1 |\n")
+    new.write_text(old.read_text().replace("Made at abc", "Made at def").replace("91.6", "91.8").replace("| x | 1 |", "| x | 2 |"))
+    checked, drifts = compare_files(old, new, 1e-6, "t.md")  # the first table only; the prose around it is not
+    assert checked == 6 and [(d.name, d.old, d.new) for d in drifts] == [("t.md[#1 1/91.6/4/4][ACC (%)]", 91.6, 91.8)]
+    assert read_cell(tmp_path, "old.md[#0][ACC (%)]") == 90.6
+
+
+def test_a_timing_reference_is_listed_and_never_compared(tmp_path):
+    entry = {"path": "tables", "device": "cpu", "made_at": "a3fe68e", "command": "python benchmarks/speed.py",
+             "timing": ["cltunnel / bare loop 0.967"]}
+    result = reproduce_one("speed_cpu", entry, REPO, quick=False, keep=tmp_path)
+    assert result.error.startswith("a timing, not re-run") and "cltunnel / bare loop 0.967" in result.error
+    assert not list(tmp_path.iterdir())  # nothing ran
