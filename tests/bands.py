@@ -1,4 +1,8 @@
-"""The CPU-sized real-data scenario behind the accuracy bands (shared by the tests and the calibration script)."""
+"""The CPU-sized real-data scenario behind the accuracy bands (shared by the tests and the calibration script),
+and the check every banded test makes: the run's own ``expect:``, read as a user's ``cltunnel run`` reads it."""
+from cltunnel.config import RunConfig
+from cltunnel.expectations import Outcome, evaluate
+
 
 BAND_SCENARIO = {
     "name": "band",
@@ -20,3 +24,12 @@ BAND_SCENARIO = {
     "expect": {"a[0][0]": [30.0, 65.0], "a[1][1]": [32.0, 75.0], "forgetting[0]": [2.0, 22.0],
                "swap[E2 (FT)][first task] - swap[E2 + T2][first task]": [2.0, 50.0]},
 }
+
+
+def bands_hold(cfg: RunConfig) -> list[Outcome]:
+    """Every ``expect:`` band of ``cfg`` over its seeds through :func:`cltunnel.expectations.evaluate`; fails the
+    test with the lines ``cltunnel run`` would print for the violated ones."""
+    outcomes = evaluate(cfg)
+    violated = [o.line() for o in outcomes if not o.held]
+    assert outcomes and not violated, "\n".join(violated)
+    return outcomes
