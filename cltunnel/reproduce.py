@@ -259,7 +259,9 @@ def _environment(root: Path, threads: int | None = None) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     if "CLTUNNEL_DATA" not in env and (root.parent / "shared" / "data").is_dir():
         env["CLTUNNEL_DATA"] = str(root.parent / "shared" / "data")  # as the README's quick start
-    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    # the manifest's checkout first, then the cltunnel this interpreter runs (a manifest outside a checkout)
+    package = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([str(root), package, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

@@ -27,6 +27,8 @@ def test_committed_manifest_names_existing_references_and_pins_their_values():
     for name, entry in refs.items():
         folder = REPO / entry["path"]
         assert folder.is_dir(), name
+        for spec in (entry, entry.get("quick") or {}):  # every command one reproduce can run (or a timing's)
+            assert not spec.get("command") or _argv(spec["command"], REPO), name
         for file in (entry.get("compare") or {}).get("files", []):
             assert (folder / file).exists(), f"{name}: {file}"
         for address, pin in (entry.get("pins") or {}).items():  # every pin is the committed file's number
