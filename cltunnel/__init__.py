@@ -5,7 +5,8 @@ Layers, each importing only those below it (checked by import-linter): ``cli`` >
 tunnel-aware plugins, checkpoints, the task-sequence loop) > ``measures`` (probes, rank, CKA, the
 tunnel-start rule) > ``models`` (the layered model, the zoo, surgery: the cut at layer k) > ``data``
 (datasets, scenarios, the device data path) > ``reports`` (tables, figures) > ``store`` (the run-directory
-layout) > ``config`` (every YAML section, typed) > ``errors``.
+layout) > ``config`` (the YAML sections every run shares, typed; each protocol registers its own) > ``registry`` >
+``errors``.
 """
 import warnings
 
@@ -28,6 +29,9 @@ PUBLIC = {
     "register_model": "cltunnel.models.zoo",
     "LayeredModel": "cltunnel.models.layered",
     "Registry": "cltunnel.registry",
+    "register_section": "cltunnel.config",  # a protocol of one's own: its section, then the protocol
+    "Protocol": "cltunnel.experiments.registry",
+    "register_protocol": "cltunnel.experiments.registry",
 }
 __all__ = ["__version__", *PUBLIC]
 

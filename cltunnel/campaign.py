@@ -114,15 +114,11 @@ def _entry(root: Path, raw: dict[str, Any], index: int) -> Entry:
 
 
 def training_images(cfg: RunConfig) -> int:
-    """Images a run pushes through training: every class's training images once per epoch (a task sequence
-    sees each class in one task), or once per epoch of every phase (erosion, plus its scratch model)."""
+    """Images a run pushes through training: every class's training images once per epoch its protocol trains
+    (a task sequence sees each class in one task; erosion counts its phases and its scratch model)."""
     name = cfg.data.name
     per_class = cfg.data.train_per_class or (6000 if "mnist" in name else 50_000 // DATASETS[name].classes)
-    n_train = per_class * DATASETS[name].classes
-    if cfg.erosion is not None:
-        e = cfg.erosion
-        return n_train * (e.pretrain_epochs + e.erosion_epochs + 2 * e.relearn_epochs)
-    return n_train * cfg.training.epochs
+    return per_class * DATASETS[name].classes * protocol_for(cfg).epochs_over_data(cfg)
 
 
 @dataclass

@@ -2,14 +2,17 @@
 
 Every section is a dataclass; unknown keys are refused with the closest valid name, values are coerced
 to the field's type (YAML 1.1 reads ``1e-4`` as a string), and each error names its key path.
+
+This module holds what every run shares. A protocol's own section (``erosion:``, ...) lives in the protocol's
+module, which registers it with :func:`register_section` on import; :class:`RunConfig` keeps it in
+``protocol_sections`` and reads it as ``cfg.<name>``. So whatever parses a scenario imports the protocols first
+(the entry points import :mod:`cltunnel.experiments`), and a section nobody registered is an unknown key.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import yaml
 
 from cltunnel.errors import CltunnelError
+from cltunnel.registry import Registry, did_you_mean
 
 
 class ConfigError(CltunnelError, ValueError):
@@ -123,111 +127,6 @@ class AnalysesConfig:
     block_min_layers: int = 3  # ... spanning at least this many layers (else: no block)
 
 
-@dataclass
-class ErosionConfig:
-    """Feature erosion (thesis chapter 4): pre-train clean, then keep training on images whose corner square's
-    colour encodes the class; optionally clean again (loss of plasticity, against training from scratch)."""
-
-    ratio: float = 1.0  # share of training images that carry the square
-    square: int = 4  # side of the square, pixels
-    corner: str = "top_left"  # top_left | top_right | bottom_left | bottom_right
-    pretrain_epochs: int = 160
-    erosion_epochs: int = 160
-    relearn_epochs: int = 0  # > 0: a third, clean phase, and a model trained from scratch for as many epochs
-    eval_every: int = 1  # epochs between clean/squared test evaluations
-
-
-REPRESENTATION_KINDS = ("D", "AE", "VAE")
-
-
-@dataclass
-class RepresentationsConfig:
-    """``representations:``: discriminative vs generative (AE, VAE) representations (thesis chapter 3)."""
-
-    models: list[str] = field(default_factory=lambda: list(REPRESENTATION_KINDS))
-    bottleneck: int | None = None  # default: 8, or 128 for CIFAR-10
-    epochs: int = 10  # per task
-    lr: float = 1e-3  # Adam
-    batch_size: int = 128
-    classifier_epochs: int = 30
-
-
-SYNTHETIC_SOURCES = ("synthetic", "real", "generative")
-SYNTHETIC_LEARNERS = ("conv", "mlp")
-
-
-@dataclass
-class SyntheticConfig:
-    """``synthetic:``: meta-learned synthetic data (thesis chapter 2). Defaults are the CPU-minutes budget;
-    the thesis trained G far longer."""
-
-    meta_steps: int = 300
-    meta_lr: float = 3e-4  # Adam on G and the learner's lr, momentum (200 steps on MNIST: 1e-2 diverged, 1e-4 slower)
-    meta_clip: float = 1.0  # largest meta-gradient norm (0: no clipping)
-    samples_per_class: int = 250
-    inner_steps: int = 5  # per task
-    batch_per_class: int = 20  # batch 40 for two classes per task
-    latent: int = 32
-    generator_hidden: int = 256
-    learner_channels: int = 8  # conv learner: c and 2c channels
-    mlp_hidden: int = 128
-    init_lr: float = 0.05
-    init_momentum: float = 0.5
-    meta_batch: int = 500  # real training images (all classes) in S's loss after the sequence
-    test_per_class: int = 200  # real test images per class in the evaluation batch (0: the whole test set)
-    eval_learners: int = 5  # fresh learners per (source, learner, steps) at evaluation
-    eval_inner_steps: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
-    sources: list[str] = field(default_factory=lambda: list(SYNTHETIC_SOURCES))
-    learners: list[str] = field(default_factory=lambda: list(SYNTHETIC_LEARNERS))
-    cvae_epochs: int = 5
-    checkpoint_every: int = 50
-
-
-NARROW_RESNET_PRESETS = ("mlp", "near_mlp", "ode", "resnet", "augmented")
-NARROW_RESNET_TASKS = {"x2": 1, "disk_ring": 2, "xor": 2}  # task -> input dimension
-NARROW_RESNET_REGIME_KEYS = ("name", "eps", "delta", "width", "depths")  # depths: this regime's own
-# What narrow_resnet.task_settings may set for one task (the rest is the section's).
-NARROW_RESNET_TASK_KEYS = ("depths", "regimes", "epochs", "batch_size", "lr", "points", "retries", "batchnorm_axis",
-                           "keep_best")
-NARROW_RESNET_ACTIVATIONS = ("tanh", "relu")
-
-
-@dataclass
-class NarrowResnetConfig:
-    """``narrow_resnet:``: toy input-output maps of narrow ResNets (Kuehn, Kuntz & Wöhrer 2026), blocks
-    x -> eps*x + delta*act(BN(Wx + b)) after an input layer. Defaults: the authors' settings at CPU-minutes size."""
-
-    tasks: list[str] = field(default_factory=lambda: list(NARROW_RESNET_TASKS))
-    regimes: list[Any] = field(default_factory=lambda: ["mlp", "ode", "resnet", "augmented"])  # a preset or {name, eps, delta, width}
-    depths: list[int] = field(default_factory=lambda: [2, 6, 20])  # residual blocks L
-    width: int | None = None  # residual width of every regime but `augmented`; default: the task's input dimension
-    augmented_width: int | None = None  # width of the `augmented` preset; default: input dimension + 1
-    activation: str = "tanh"  # tanh (the authors' figures) | relu
-    batchnorm: list[str] = field(default_factory=lambda: ["disk_ring", "xor"])  # tasks with BN in the blocks (authors: 2-D)
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.01  # Adam
-    points: int = 2000  # data points per task (x2: training points; its error is on a grid of [-1, 1])
-    test_share: float = 0.3  # share of the 2-D points held out for test accuracy
-    box: float = 3.0  # the box [-box, box]^d (data in [-1, 1]^d) searched for critical points and unbounded regions
-    grid: int = 241  # grid points per axis of that box
-    # The authors' protocol (twoehrer/Narrow_ResNet_Constraints; scenarios/narrow_resnet_authors.yaml). The
-    # defaults keep the settings above as they were.
-    input_layer: list[str] | None = None  # tasks with an input layer act(Vx + c); empty: every task (authors: 2-D only)
-    batchnorm_axis: list[bool] | None = None  # set: every regime once per value (overrides `batchnorm`)
-    retries: int = 1  # fresh initialisations tried until `accept` is reached (authors: up to 10)
-    accept: dict[str, float] = field(default_factory=dict)  # task -> score to reach: 2-D test accuracy, x2 1 - MSE
-    keep_best: bool = False  # the authors' rule: after an epoch that does not improve the test score, the best state
-    standardise: bool = False  # 2-D points standardised per axis (the authors' StandardScaler)
-    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> its own NARROW_RESNET_TASK_KEYS
-
-
-# The sections that select a protocol other than the task sequence (cltunnel.experiments.registry).
-PROTOCOL_SECTIONS = ("erosion", "representations", "synthetic", "narrow_resnet")
-# Sections that were free-form mappings before cltunnel 0.2: their fingerprint counts only the keys that
-# differ from the defaults, as the mapping did, so runs made then still resume.
-SPARSE_FINGERPRINT = {"representations": RepresentationsConfig, "synthetic": SyntheticConfig}
-
 
 @dataclass
 class RunConfig:
@@ -241,16 +140,22 @@ class RunConfig:
     device: str = "auto"
     output_dir: str = "runs"
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
-    erosion: ErosionConfig | None = None  # set: a feature-erosion run instead of a task sequence
-    representations: RepresentationsConfig | None = None  # set: D/AE/VAE representations (experiments.representations)
-    synthetic: SyntheticConfig | None = None  # set: meta-learned synthetic data (experiments.synthetic)
-    narrow_resnet: NarrowResnetConfig | None = None  # set: narrow ResNets on toy maps (experiments.narrow_resnet)
+    # The protocol's section, by name (at most one selects the protocol; cltunnel.experiments); in YAML and
+    # config.yaml each is a top-level key (erosion: ...), and cfg.erosion reads it (None when unset).
+    protocol_sections: dict[str, Any] = field(default_factory=dict)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     expect: dict[str, Any] = field(default_factory=dict)  # bands [low, high] the run checks (cltunnel.expectations)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """Plain data as the YAML reads (and config.yaml is written): each protocol section a top-level key."""
+        out: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key == "protocol_sections":
+                out.update({name: value.get(name) for name, section in PROTOCOL_SECTIONS.items()
+                            if section.listed_when_unset or name in value})
+            else:
+                out[key] = value
         out["strategy"]["class"] = out["strategy"].pop("cls")
         return out
 
@@ -268,13 +173,63 @@ class RunConfig:
             d["training"].pop("capture")
         if d["training"]["lr_schedule"] == "step":  # likewise
             d["training"].pop("lr_schedule")
-        for section in PROTOCOL_SECTIONS:  # runs from before these sections keep their fingerprint
-            if d[section] is None:
-                d.pop(section)
-            elif section in SPARSE_FINGERPRINT:
-                defaults = dataclasses.asdict(SPARSE_FINGERPRINT[section]())
-                d[section] = {k: v for k, v in d[section].items() if v != defaults[k]}
+        for name, section in PROTOCOL_SECTIONS.items():  # runs from before these sections keep their fingerprint
+            if d.get(name) is None:
+                d.pop(name, None)
+            elif section.sparse_fingerprint:
+                defaults = dataclasses.asdict(section.config())
+                d[name] = {k: v for k, v in d[name].items() if v != defaults[k]}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.erosion``: a registered protocol section, None when unset (called only for names that are not
+        fields, so the fields read as usual)."""
+        if name in PROTOCOL_SECTIONS and not name.startswith("_"):
+            return self.__dict__.get("protocol_sections", {}).get(name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``cfg.erosion = ErosionConfig(...)`` sets the section (None unsets it)."""
+        if name not in self.__dataclass_fields__ and name in PROTOCOL_SECTIONS:
+            others = {k: v for k, v in self.protocol_sections.items() if k != name}  # a new mapping: a copy made
+            value = others if value is None else {**others, name: value}  # by dataclasses.replace keeps its own
+            name = "protocol_sections"
+        object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True)
+class ProtocolSection:
+    """A protocol's own YAML section (``erosion:``, ...), registered by the protocol's module with
+    :func:`register_section`: the config layer parses, validates, saves and fingerprints it without naming it."""
+
+    name: str
+    config: type  # its dataclass; an optional ``validate(self, cfg: RunConfig)`` checks what needs more than a field
+    order: int = 100  # its place among the sections in a saved config.yaml
+    listed_when_unset: bool = False  # config.yaml lists it as null when unset (as it did the built-in sections)
+    sparse_fingerprint: bool = False  # the fingerprint counts only its keys that differ from the defaults
+    needs_scenario: bool = True  # False: the protocol makes its own tasks (scenario.tasks/n_tasks may be left out)
+
+
+# The sections that select a protocol other than the task sequence, in their config.yaml order; filled by the
+# protocol modules (cltunnel.experiments) when they are imported, so the entry points import them before
+# parsing a scenario.
+PROTOCOL_SECTIONS: Registry[ProtocolSection] = Registry("protocol section", ConfigError)
+
+
+def register_section(name: str, config: type, *, order: int = 100, listed_when_unset: bool = False,
+                     sparse_fingerprint: bool = False, needs_scenario: bool = True) -> type:
+    """Make ``name:`` a scenario section parsed into the dataclass ``config`` (``cfg.<name>``, None when unset;
+    registered again, the later one counts). ``listed_when_unset`` and ``sparse_fingerprint`` keep the saved
+    config.yaml and the fingerprint of the built-in protocols' runs as they were before their sections moved
+    into their modules; a new protocol leaves them off, so it changes no other scenario's saved config."""
+    if name in {f.name for f in dataclasses.fields(RunConfig)}:
+        raise ValueError(f"protocol section '{name}' would hide the shared section of that name")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"protocol section '{name}': {config!r} is not a dataclass")
+    PROTOCOL_SECTIONS.register(name, ProtocolSection(name, config, order, listed_when_unset, sparse_fingerprint,
+                                                     needs_scenario))
+    PROTOCOL_SECTIONS.sort(lambda section: section.order)
+    return config
 
 
 # Names users bring from other frameworks, suggested when spelling alone finds nothing close.
@@ -283,14 +238,14 @@ SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "epochs_per_task": "epo
             "n_experiences": "n_tasks", "per_exp_classes": "tasks", "fixed_class_order": "class_order"}
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def closest(key: str, valid: list[str]) -> str:
+    """`` (did you mean 'x'?)`` by spelling, or by the synonyms above; ``""`` if nothing is close."""
     if SYNONYMS.get(key) in valid:
         return f" (did you mean '{SYNONYMS[key]}'?)"
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    return did_you_mean(key, valid)
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
+def coerce(value: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None:
@@ -303,11 +258,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return _build(hint, value, path)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        return coerce(value, inner[0], path)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is Any:
         if origin is dict and not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
@@ -333,18 +288,36 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
+def _yaml_keys(cls: type) -> list[str]:
+    """The keys a section of ``cls`` takes, as the YAML spells them: the top level has the registered protocol
+    sections where RunConfig holds them, and ``strategy:`` says ``class`` for ``cls``."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if cls is RunConfig and f.name == "protocol_sections":
+            keys += list(PROTOCOL_SECTIONS)
+        elif not (cls is StrategyConfig and f.name == "cls"):
+            keys.append(f.name)
+    return keys + (["class"] if cls is StrategyConfig else [])
+
+
 def _build(cls: type, raw: dict[str, Any], path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    aliases = {"class": "cls"} if cls is StrategyConfig else {}
+    valid = _yaml_keys(cls)
     kwargs: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
     for key, value in raw.items():
-        attr = aliases.get(key, key)
         where = f"{path}.{key}" if path else str(key)
-        if attr not in names or attr in aliases.values() and key not in aliases:
-            valid = [k for k in names if k not in aliases.values()] + list(aliases)
-            raise ConfigError(f"unknown key '{where}'{_closest(str(key), valid)}; valid keys here: {', '.join(valid)}")
-        kwargs[attr] = _coerce(value, hints[attr], where)
+        if key not in valid:
+            raise ConfigError(f"unknown key '{where}'{closest(str(key), valid)}; valid keys here: {', '.join(valid)}")
+        if cls is RunConfig and key in PROTOCOL_SECTIONS:
+            section = coerce(value, typing.Optional[PROTOCOL_SECTIONS[key].config], where)
+            if section is not None:
+                sections[key] = section
+        else:
+            attr = "cls" if cls is StrategyConfig and key == "class" else key
+            kwargs[attr] = coerce(value, hints[attr], where)
+    if sections:
+        kwargs["protocol_sections"] = sections
     return cls(**kwargs)
 
 
@@ -437,7 +410,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(sections[where.split(".")[0]], attr)
         if value not in allowed:
             raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)}")
-    if cfg.scenario.tasks is None and cfg.scenario.n_tasks is None and cfg.narrow_resnet is None:  # toy data only
+    needs_scenario = all(PROTOCOL_SECTIONS[name].needs_scenario for name in cfg.protocol_sections)
+    if cfg.scenario.tasks is None and cfg.scenario.n_tasks is None and needs_scenario:
         raise ConfigError("scenario: give either 'tasks' (classes per task, e.g. [5, 5]) or 'n_tasks'")
     if cfg.scenario.tasks is not None and cfg.scenario.n_tasks is not None:
         raise ConfigError("scenario: give 'tasks' or 'n_tasks', not both")
@@ -453,15 +427,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value, valid in (("tunnel_rule", cfg.analyses.tunnel_rule, TUNNEL_RULE_NAMES),
                               ("probe_protocol", cfg.analyses.probe_protocol, PROBE_PROTOCOLS)):
         if value not in valid:
-            raise ConfigError(f"analyses.{key}: unknown '{value}'{_closest(value, list(valid))}; valid: {', '.join(valid)}")
-    if cfg.erosion is not None:
-        _validate_erosion(cfg)
-    if cfg.representations is not None:
-        _validate_representations(cfg.representations)
-    if cfg.synthetic is not None:
-        _validate_synthetic(cfg.synthetic)
-    if cfg.narrow_resnet is not None:
-        _validate_narrow_resnet(cfg.narrow_resnet)
+            raise ConfigError(f"analyses.{key}: unknown '{value}'{closest(value, list(valid))}; valid: {', '.join(valid)}")
+    for section in cfg.protocol_sections.values():  # each protocol checks its own section
+        if hasattr(section, "validate"):
+            section.validate(cfg)
     if cfg.training.temperature <= 0:
         raise ConfigError(f"training.temperature: must be positive, got {cfg.training.temperature}")
     _validate_evaluation(cfg.evaluation)
@@ -473,7 +442,7 @@ def _validate_evaluation(e: EvaluationConfig) -> None:
     for key, names, valid in (("metrics", e.metrics, EVAL_METRICS), ("loggers", e.loggers, EVAL_LOGGERS)):
         for name in names:
             if name not in valid and not (key == "metrics" and ":" in name):
-                hint = _closest(name, list(valid))
+                hint = closest(name, list(valid))
                 raise ConfigError(f"evaluation.{key}: unknown '{name}'{hint}; valid: {', '.join(valid)}"
                                   + (" or 'package.module:factory'" if key == "metrics" else ""))
     if e.loggers and not e.metrics:
@@ -491,131 +460,6 @@ def parse_tunnel_start(value: Any, where: str) -> int | str:
     if isinstance(value, bool) or not text.isdigit():
         raise ConfigError(f"{where}: 'auto' or a layer number (1..n), got {value!r}")
     return int(text)
-
-
-CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
-
-
-def _validate_erosion(cfg: RunConfig) -> None:
-    e = cfg.erosion
-    if not 0.0 <= e.ratio <= 1.0:
-        raise ConfigError(f"erosion.ratio: a share of training images in [0, 1], got {e.ratio}")
-    if e.corner not in CORNERS:
-        raise ConfigError(f"erosion.corner: '{e.corner}' is not one of {', '.join(CORNERS)}")
-    if e.square < 1 or e.pretrain_epochs < 0 or e.erosion_epochs < 1 or e.relearn_epochs < 0 or e.eval_every < 1:
-        raise ConfigError("erosion: square, erosion_epochs and eval_every must be at least 1; epochs not negative")
-    if cfg.scenario.tasks is not None and len(cfg.scenario.tasks) != 1 or cfg.scenario.n_tasks not in (None, 1):
-        raise ConfigError("erosion: runs on one task holding every class (scenario: {tasks: [10]}), "
-                          f"got scenario.tasks={cfg.scenario.tasks}, n_tasks={cfg.scenario.n_tasks}")
-
-
-def _validate_representations(rc: RepresentationsConfig) -> None:
-    bad = [m for m in rc.models if m not in REPRESENTATION_KINDS]
-    if bad:
-        raise ConfigError(f"representations.models: unknown {bad}; valid: {', '.join(REPRESENTATION_KINDS)}")
-
-
-def _validate_synthetic(sc: SyntheticConfig) -> None:
-    for key, valid in (("sources", SYNTHETIC_SOURCES), ("learners", SYNTHETIC_LEARNERS)):
-        bad = [v for v in getattr(sc, key) if v not in valid]
-        if bad:
-            raise ConfigError(f"synthetic.{key}: unknown {bad}; valid: {', '.join(valid)}")
-    values = {k: getattr(sc, k) for k in ("samples_per_class", "inner_steps", "batch_per_class", "meta_batch",
-                                           "eval_learners", "checkpoint_every")}
-    values["eval_inner_steps"] = min(sc.eval_inner_steps, default=1)
-    bad = [k for k, v in values.items() if v < 1] + [k for k in ("meta_steps", "test_per_class") if getattr(sc, k) < 0]
-    if bad:
-        raise ConfigError(f"synthetic: {', '.join(bad)} must be positive (meta_steps, test_per_class: not negative)")
-
-
-def _validate_narrow_resnet(nc: NarrowResnetConfig) -> None:
-    for key, values, valid in (("tasks", nc.tasks, list(NARROW_RESNET_TASKS)), ("batchnorm", nc.batchnorm, list(NARROW_RESNET_TASKS))):
-        bad = [v for v in values if v not in valid]
-        if bad or (key == "tasks" and not values):
-            raise ConfigError(f"narrow_resnet.{key}: unknown {bad}; valid: {', '.join(valid)}" if bad else
-                              f"narrow_resnet.tasks: give at least one of {', '.join(valid)}")
-    if nc.activation not in NARROW_RESNET_ACTIVATIONS:
-        raise ConfigError(f"narrow_resnet.activation: '{nc.activation}' is not one of {', '.join(NARROW_RESNET_ACTIVATIONS)}")
-    names = [_narrow_resnet_regime(r, f"narrow_resnet.regimes[{i}]") for i, r in enumerate(nc.regimes)]
-    if not names or len(set(names)) < len(names):
-        raise ConfigError(f"narrow_resnet.regimes: give one or more regimes with distinct names, got {names}")
-    dims = max(NARROW_RESNET_TASKS[t] for t in nc.tasks)
-    checks = [("depths", nc.depths, bool(nc.depths) and min(nc.depths) >= 1, "at least one depth, each at least 1"),
-              ("width", nc.width, nc.width is None or nc.width >= 1, "must be at least 1 (or empty: the input dimension)"),
-              ("augmented_width", nc.augmented_width, nc.augmented_width is None or nc.augmented_width > dims,
-               f"must be above the tasks' input dimension ({dims})"),
-              ("lr", nc.lr, nc.lr > 0, "must be positive"), ("test_share", nc.test_share, 0 < nc.test_share < 1,
-                                                             "is a share in (0, 1)"),
-              ("box", nc.box, nc.box > 1, "must be above 1 (the data's extent)"), ("grid", nc.grid, nc.grid >= 5,
-                                                                                   "must be at least 5")]
-    checks += [(k, getattr(nc, k), getattr(nc, k) >= 1, "must be at least 1") for k in ("epochs", "batch_size")]
-    checks += [("points", nc.points, nc.points >= 20, "must be at least 20")]
-    checks += [("retries", nc.retries, nc.retries >= 1, "must be at least 1")]
-    for key, value, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"narrow_resnet.{key}: {rule}, got {value!r}")
-    for key in ("input_layer",):
-        bad = [v for v in (getattr(nc, key) or []) if v not in NARROW_RESNET_TASKS]
-        if bad:
-            raise ConfigError(f"narrow_resnet.{key}: unknown {bad}; valid: {', '.join(NARROW_RESNET_TASKS)}")
-    if nc.batchnorm_axis is not None and (not nc.batchnorm_axis or any(not isinstance(v, bool) for v in nc.batchnorm_axis)
-                                          or len(set(nc.batchnorm_axis)) < len(nc.batchnorm_axis)):
-        raise ConfigError(f"narrow_resnet.batchnorm_axis: distinct true/false values, got {nc.batchnorm_axis!r}")
-    for task, score in nc.accept.items():
-        if task not in NARROW_RESNET_TASKS:
-            raise ConfigError(f"narrow_resnet.accept: unknown task '{task}'; valid: {', '.join(NARROW_RESNET_TASKS)}")
-        if not isinstance(score, (int, float)) or not 0 < score <= 1:
-            raise ConfigError(f"narrow_resnet.accept.{task}: a score in (0, 1] (test accuracy; x2: 1 - MSE), got {score!r}")
-    for task, over in nc.task_settings.items():
-        if task not in NARROW_RESNET_TASKS or not isinstance(over, dict):
-            raise ConfigError(f"narrow_resnet.task_settings: '{task}' is not a task ({', '.join(NARROW_RESNET_TASKS)}) "
-                              "with a mapping of settings")
-        unknown = [k for k in over if k not in NARROW_RESNET_TASK_KEYS]
-        if unknown:
-            raise ConfigError(f"narrow_resnet.task_settings.{task}: unknown {unknown}; valid: {', '.join(NARROW_RESNET_TASK_KEYS)}")
-        if over:
-            try:
-                _validate_narrow_resnet(dataclasses.replace(nc, tasks=[task], task_settings={}, **over))
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("narrow_resnet.", f"narrow_resnet.task_settings.{task}.", 1)) from None
-    for task in nc.tasks:
-        tc = dataclasses.replace(nc, **nc.task_settings.get(task, {}))
-        if nc.input_layer is not None and task not in nc.input_layer:
-            dims = NARROW_RESNET_TASKS[task]
-            wide = [_narrow_resnet_regime(r, "") for r in tc.regimes
-                    if r == "augmented" or (isinstance(r, dict) and int(r.get("width", tc.width or dims)) != dims)
-                    or (isinstance(r, str) and (tc.width or dims) != dims)]
-            if wide:
-                raise ConfigError(f"narrow_resnet.input_layer: {task} has no input layer, so its regimes keep the input's "
-                                  f"width {dims}; {wide} do not")
-
-
-def _narrow_resnet_regime(spec: Any, where: str) -> str:
-    """A regime is a preset name or a mapping {name, eps, delta, width}; returns its name (checked here, built by
-    cltunnel.experiments.narrow_resnet)."""
-    if isinstance(spec, str):
-        if spec not in NARROW_RESNET_PRESETS:
-            raise ConfigError(f"{where}: unknown preset '{spec}'{_closest(spec, list(NARROW_RESNET_PRESETS))}; valid: "
-                              f"{', '.join(NARROW_RESNET_PRESETS)} or a mapping {{eps, delta}}")
-        return spec
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: a preset ({', '.join(NARROW_RESNET_PRESETS)}) or a mapping {{eps, delta}}, got {spec!r}")
-    unknown = [k for k in spec if k not in NARROW_RESNET_REGIME_KEYS]
-    if unknown or "eps" not in spec or "delta" not in spec:
-        raise ConfigError(f"{where}: give eps and delta (optional: name, width); got keys {sorted(map(str, spec))}")
-    if "depths" in spec and (not isinstance(spec["depths"], list) or not spec["depths"]
-                             or any(not isinstance(d, int) or d < 1 for d in spec["depths"])):
-        raise ConfigError(f"{where}.depths: a list of depths, each at least 1, got {spec['depths']!r}")
-    for key in ("eps", "delta", "width"):
-        if key == "delta" and isinstance(spec[key], str) and re.fullmatch(r"\s*[0-9.]+\s*/\s*L\s*", spec[key]):
-            continue  # "2/L": delta = 2 / depth (the authors' ODE regime)
-        if key in spec:
-            value = _coerce(spec[key], int if key == "width" else float, f"{where}.{key}")
-            if value < (1 if key == "width" else 0):
-                raise ConfigError(f"{where}.{key}: " + ("must be at least 1" if key == "width" else "must not be negative")
-                                  + f", got {spec[key]!r}")
-    delta = spec["delta"] if isinstance(spec["delta"], str) else f"{float(spec['delta']):g}"
-    return str(spec.get("name", f"eps={float(spec['eps']):g} delta={delta}"))
 
 
 def _validate_ranges(cfg: RunConfig) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cltunnel.config import PROTOCOL_SECTIONS, TUNNEL_RULE_NAMES, ConfigError, RunConfig
+from cltunnel.config import TUNNEL_RULE_NAMES, ConfigError, RunConfig
 from cltunnel.store import SWAP_TABLE, TUNNEL_START, atomic_write_text, seed_dir
 
 EXPECTATIONS_FILE = "expectations.txt"  # in the scenario directory: one line per band, held or violated
@@ -161,7 +161,7 @@ def _exact_rows_written(cfg: RunConfig) -> bool:
 
 
 def _check_term(term: str, cfg: RunConfig, where: str) -> None:
-    protocol = next((s for s in PROTOCOL_SECTIONS if getattr(cfg, s) is not None), None)
+    protocol = next(iter(cfg.protocol_sections), None)  # the section that selects the protocol, if any
     if protocol == "erosion":
         return _check_erosion_term(term, cfg, where)
     if protocol is not None:

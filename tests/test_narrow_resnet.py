@@ -15,9 +15,10 @@ import yaml
 from torch import nn
 
 from cltunnel.cli import main as cli_main
-from cltunnel.config import NarrowResnetConfig, parse_config
+from cltunnel.config import parse_config
 from cltunnel.experiments import protocol_for
 from cltunnel.experiments import narrow_resnet as nr
+from cltunnel.experiments.narrow_resnet import NarrowResnetConfig
 
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cltunnel.config import ConfigError, SyntheticConfig, load_config, parse_config
-from cltunnel.experiments.synthetic import (ConditionalGenerator, InnerOptimiser, RealImages, evaluate, learner,
-                                            meta_train, seen_accuracy, sequence_loss, step_generator)
+from cltunnel.config import ConfigError, load_config, parse_config
+from cltunnel.experiments.synthetic import (ConditionalGenerator, InnerOptimiser, RealImages, SyntheticConfig, evaluate,
+                                            learner, meta_train, seen_accuracy, sequence_loss, step_generator)
 
 
 def tiny_problem():

@@ -3,7 +3,8 @@ shallow networks), each registering itself in :mod:`~cltunnel.experiments.regist
 finished task-sequence runs (:mod:`~cltunnel.experiments.analyses`: one module per analysis, each registering
 itself with ``@analysis``).
 
-Importing this package imports every module in it, so a new protocol module registers itself by existing.
+Importing this package imports every module in it, so a new protocol module registers itself (its config section
+and its protocol) by existing; whatever parses a scenario imports this package first.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from avalanche.core import SupervisedPlugin
 
-from cltunnel.config import RunConfig
+from cltunnel.config import ConfigError, RunConfig, register_section
 from cltunnel.data.device import DeviceData, resolve_device
 from cltunnel.data.images import ImageData
 from cltunnel.data.scenarios import avalanche_benchmark, build_scenario
@@ -46,6 +46,43 @@ from cltunnel.training.strategies import build_strategy
 
 PHASES = ("clean", "squared", "relearn")
 FINISHED = "erosion_summary.json"  # in a seed directory: written after the before/after analyses
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+OUTPUTS = {  # what the page says under each figure (run, scenario and sweep pages)
+    "erosion_curve.png": "Feature erosion (thesis ch. 4): clean and squared test accuracy over the phases' epochs.",
+    "erosion_profile.png": "Probe accuracy per layer before and after erosion (thesis ch. 4).",
+    "erosion_cka.png": "CKA per layer between the models before and after erosion (thesis ch. 4).",
+    "erosion_ratio.png": "Erosion against the share of squared training images (thesis ch. 4).",
+}
+
+
+# ------------------------------------------------------------------------------------ config section
+@dataclasses.dataclass
+class ErosionConfig:
+    """``erosion:`` (thesis chapter 4): pre-train clean, then keep training on images whose corner square's
+    colour encodes the class; optionally clean again (loss of plasticity, against training from scratch)."""
+
+    ratio: float = 1.0  # share of training images that carry the square
+    square: int = 4  # side of the square, pixels
+    corner: str = "top_left"  # top_left | top_right | bottom_left | bottom_right
+    pretrain_epochs: int = 160
+    erosion_epochs: int = 160
+    relearn_epochs: int = 0  # > 0: a third, clean phase, and a model trained from scratch for as many epochs
+    eval_every: int = 1  # epochs between clean/squared test evaluations
+
+    def validate(self, cfg: RunConfig) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"erosion.ratio: a share of training images in [0, 1], got {self.ratio}")
+        if self.corner not in CORNERS:
+            raise ConfigError(f"erosion.corner: '{self.corner}' is not one of {', '.join(CORNERS)}")
+        if (self.square < 1 or self.pretrain_epochs < 0 or self.erosion_epochs < 1 or self.relearn_epochs < 0
+                or self.eval_every < 1):
+            raise ConfigError("erosion: square, erosion_epochs and eval_every must be at least 1; epochs not negative")
+        if cfg.scenario.tasks is not None and len(cfg.scenario.tasks) != 1 or cfg.scenario.n_tasks not in (None, 1):
+            raise ConfigError("erosion: runs on one task holding every class (scenario: {tasks: [10]}), "
+                              f"got scenario.tasks={cfg.scenario.tasks}, n_tasks={cfg.scenario.n_tasks}")
+
+
+register_section("erosion", ErosionConfig, order=10, listed_when_unset=True)
 
 
 # ----------------------------------------------------------------------------------------- squares
@@ -355,4 +392,11 @@ def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     return "\n".join([aggregate_erosion(sweep_dir / c) for c in manifest["configs"]] + [ratio_report(sweep_dir)])
 
 
-register_protocol(Protocol("erosion", "erosion", run_erosion, aggregate_erosion, FINISHED, summary, sweep_report))
+def epochs(cfg: RunConfig) -> int:
+    """Passes over the training images: every phase's epochs, and the scratch model's beside the relearning."""
+    e = cfg.erosion
+    return e.pretrain_epochs + e.erosion_epochs + 2 * e.relearn_epochs
+
+
+register_protocol(Protocol("erosion", "erosion", run_erosion, aggregate_erosion, FINISHED, summary, sweep_report,
+                           outputs=OUTPUTS, epochs=epochs))

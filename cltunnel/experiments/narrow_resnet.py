@@ -28,7 +28,7 @@ import copy
 import dataclasses
 import re
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm.auto import tqdm
 
-from cltunnel.config import NARROW_RESNET_TASKS, NarrowResnetConfig, RunConfig
+from cltunnel.config import ConfigError, RunConfig, closest, coerce, register_section
 from cltunnel.experiments.registry import Protocol, register_protocol
 from cltunnel.reports.figures import pyplot, save_figure, write_figure
 from cltunnel.reports.tables import write_table
@@ -52,6 +52,150 @@ MONOTONE_BOUND = 9 / 160  # least MSE of a monotone map against x² on U[-1, 1]
 X2_VARIANCE = 4 / 45  # Var(x²) on U[-1, 1]: the MSE of the best constant
 CONSTANT_FIT = 0.9 * X2_VARIANCE  # an x² fit above this explains under a tenth of the variance: a constant fit
 DISK, RING = 0.4, (0.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------ config section
+NARROW_RESNET_PRESETS = ("mlp", "near_mlp", "ode", "resnet", "augmented")
+NARROW_RESNET_TASKS = {"x2": 1, "disk_ring": 2, "xor": 2}  # task -> input dimension
+NARROW_RESNET_REGIME_KEYS = ("name", "eps", "delta", "width", "depths")  # depths: this regime's own
+# What narrow_resnet.task_settings may set for one task (the rest is the section's).
+NARROW_RESNET_TASK_KEYS = ("depths", "regimes", "epochs", "batch_size", "lr", "points", "retries", "batchnorm_axis",
+                           "keep_best")
+NARROW_RESNET_ACTIVATIONS = ("tanh", "relu")
+PER_DEPTH = re.compile(r"\s*([0-9.]+)\s*/\s*L\s*")  # a delta of "c/L": c / depth (the authors' ODE regime: 2/L)
+
+
+@dataclass
+class NarrowResnetConfig:
+    """``narrow_resnet:``: toy input-output maps of narrow ResNets (Kuehn, Kuntz & Wöhrer 2026), blocks
+    x -> eps*x + delta*act(BN(Wx + b)) after an input layer. Defaults: the authors' settings at CPU-minutes size."""
+
+    tasks: list[str] = field(default_factory=lambda: list(NARROW_RESNET_TASKS))
+    regimes: list[Any] = field(default_factory=lambda: ["mlp", "ode", "resnet", "augmented"])  # a preset or {name, eps, delta, width}
+    depths: list[int] = field(default_factory=lambda: [2, 6, 20])  # residual blocks L
+    width: int | None = None  # residual width of every regime but `augmented`; default: the task's input dimension
+    augmented_width: int | None = None  # width of the `augmented` preset; default: input dimension + 1
+    activation: str = "tanh"  # tanh (the authors' figures) | relu
+    batchnorm: list[str] = field(default_factory=lambda: ["disk_ring", "xor"])  # tasks with BN in the blocks (authors: 2-D)
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.01  # Adam
+    points: int = 2000  # data points per task (x2: training points; its error is on a grid of [-1, 1])
+    test_share: float = 0.3  # share of the 2-D points held out for test accuracy
+    box: float = 3.0  # the box [-box, box]^d (data in [-1, 1]^d) searched for critical points and unbounded regions
+    grid: int = 241  # grid points per axis of that box
+    # The authors' protocol (twoehrer/Narrow_ResNet_Constraints; scenarios/narrow_resnet_authors.yaml). The
+    # defaults keep the settings above as they were.
+    input_layer: list[str] | None = None  # tasks with an input layer act(Vx + c); empty: every task (authors: 2-D only)
+    batchnorm_axis: list[bool] | None = None  # set: every regime once per value (overrides `batchnorm`)
+    retries: int = 1  # fresh initialisations tried until `accept` is reached (authors: up to 10)
+    accept: dict[str, float] = field(default_factory=dict)  # task -> score to reach: 2-D test accuracy, x2 1 - MSE
+    keep_best: bool = False  # the authors' rule: after an epoch that does not improve the test score, the best state
+    standardise: bool = False  # 2-D points standardised per axis (the authors' StandardScaler)
+    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> its own NARROW_RESNET_TASK_KEYS
+
+    def validate(self, cfg: RunConfig) -> None:
+        check_section(self)
+
+
+register_section("narrow_resnet", NarrowResnetConfig, order=40, listed_when_unset=True, needs_scenario=False)
+
+
+def check_section(nc: NarrowResnetConfig) -> None:
+    """What the section's fields alone do not say: known tasks and presets, sizes in range, task_settings that
+    hold for their task, regimes that fit a task without an input layer."""
+    for key, values, valid in (("tasks", nc.tasks, list(NARROW_RESNET_TASKS)), ("batchnorm", nc.batchnorm, list(NARROW_RESNET_TASKS))):
+        bad = [v for v in values if v not in valid]
+        if bad or (key == "tasks" and not values):
+            raise ConfigError(f"narrow_resnet.{key}: unknown {bad}; valid: {', '.join(valid)}" if bad else
+                              f"narrow_resnet.tasks: give at least one of {', '.join(valid)}")
+    if nc.activation not in NARROW_RESNET_ACTIVATIONS:
+        raise ConfigError(f"narrow_resnet.activation: '{nc.activation}' is not one of {', '.join(NARROW_RESNET_ACTIVATIONS)}")
+    names = [_check_regime(r, f"narrow_resnet.regimes[{i}]") for i, r in enumerate(nc.regimes)]
+    if not names or len(set(names)) < len(names):
+        raise ConfigError(f"narrow_resnet.regimes: give one or more regimes with distinct names, got {names}")
+    dims = max(NARROW_RESNET_TASKS[t] for t in nc.tasks)
+    checks = [("depths", nc.depths, bool(nc.depths) and min(nc.depths) >= 1, "at least one depth, each at least 1"),
+              ("width", nc.width, nc.width is None or nc.width >= 1, "must be at least 1 (or empty: the input dimension)"),
+              ("augmented_width", nc.augmented_width, nc.augmented_width is None or nc.augmented_width > dims,
+               f"must be above the tasks' input dimension ({dims})"),
+              ("lr", nc.lr, nc.lr > 0, "must be positive"), ("test_share", nc.test_share, 0 < nc.test_share < 1,
+                                                             "is a share in (0, 1)"),
+              ("box", nc.box, nc.box > 1, "must be above 1 (the data's extent)"), ("grid", nc.grid, nc.grid >= 5,
+                                                                                   "must be at least 5")]
+    checks += [(k, getattr(nc, k), getattr(nc, k) >= 1, "must be at least 1") for k in ("epochs", "batch_size")]
+    checks += [("points", nc.points, nc.points >= 20, "must be at least 20")]
+    checks += [("retries", nc.retries, nc.retries >= 1, "must be at least 1")]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"narrow_resnet.{key}: {rule}, got {value!r}")
+    for key in ("input_layer",):
+        bad = [v for v in (getattr(nc, key) or []) if v not in NARROW_RESNET_TASKS]
+        if bad:
+            raise ConfigError(f"narrow_resnet.{key}: unknown {bad}; valid: {', '.join(NARROW_RESNET_TASKS)}")
+    if nc.batchnorm_axis is not None and (not nc.batchnorm_axis or any(not isinstance(v, bool) for v in nc.batchnorm_axis)
+                                          or len(set(nc.batchnorm_axis)) < len(nc.batchnorm_axis)):
+        raise ConfigError(f"narrow_resnet.batchnorm_axis: distinct true/false values, got {nc.batchnorm_axis!r}")
+    for task, score in nc.accept.items():
+        if task not in NARROW_RESNET_TASKS:
+            raise ConfigError(f"narrow_resnet.accept: unknown task '{task}'; valid: {', '.join(NARROW_RESNET_TASKS)}")
+        if not isinstance(score, (int, float)) or not 0 < score <= 1:
+            raise ConfigError(f"narrow_resnet.accept.{task}: a score in (0, 1] (test accuracy; x2: 1 - MSE), got {score!r}")
+    for task, over in nc.task_settings.items():
+        if task not in NARROW_RESNET_TASKS or not isinstance(over, dict):
+            raise ConfigError(f"narrow_resnet.task_settings: '{task}' is not a task ({', '.join(NARROW_RESNET_TASKS)}) "
+                              "with a mapping of settings")
+        unknown = [k for k in over if k not in NARROW_RESNET_TASK_KEYS]
+        if unknown:
+            raise ConfigError(f"narrow_resnet.task_settings.{task}: unknown {unknown}; valid: {', '.join(NARROW_RESNET_TASK_KEYS)}")
+        if over:
+            try:
+                check_section(dataclasses.replace(nc, tasks=[task], task_settings={}, **over))
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("narrow_resnet.", f"narrow_resnet.task_settings.{task}.", 1)) from None
+    for task in nc.tasks:
+        tc = dataclasses.replace(nc, **nc.task_settings.get(task, {}))
+        if nc.input_layer is not None and task not in nc.input_layer:
+            dims = NARROW_RESNET_TASKS[task]
+            wide = [_check_regime(r, "") for r in tc.regimes
+                    if r == "augmented" or (isinstance(r, dict) and int(r.get("width", tc.width or dims)) != dims)
+                    or (isinstance(r, str) and (tc.width or dims) != dims)]
+            if wide:
+                raise ConfigError(f"narrow_resnet.input_layer: {task} has no input layer, so its regimes keep the input's "
+                                  f"width {dims}; {wide} do not")
+
+
+def _check_regime(spec: Any, where: str) -> str:
+    """A regime is a preset name or a mapping {name, eps, delta, width}; returns its name (built by
+    :func:`resolve_regime`)."""
+    if isinstance(spec, str):
+        if spec not in NARROW_RESNET_PRESETS:
+            raise ConfigError(f"{where}: unknown preset '{spec}'{closest(spec, list(NARROW_RESNET_PRESETS))}; valid: "
+                              f"{', '.join(NARROW_RESNET_PRESETS)} or a mapping {{eps, delta}}")
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: a preset ({', '.join(NARROW_RESNET_PRESETS)}) or a mapping {{eps, delta}}, got {spec!r}")
+    unknown = [k for k in spec if k not in NARROW_RESNET_REGIME_KEYS]
+    if unknown or "eps" not in spec or "delta" not in spec:
+        raise ConfigError(f"{where}: give eps and delta (optional: name, width); got keys {sorted(map(str, spec))}")
+    if "depths" in spec and (not isinstance(spec["depths"], list) or not spec["depths"]
+                             or any(not isinstance(d, int) or d < 1 for d in spec["depths"])):
+        raise ConfigError(f"{where}.depths: a list of depths, each at least 1, got {spec['depths']!r}")
+    for key in ("eps", "delta", "width"):
+        if key == "delta" and isinstance(spec[key], str) and PER_DEPTH.fullmatch(spec[key]):
+            continue  # "2/L": delta = 2 / depth (the authors' ODE regime)
+        if key in spec:
+            value = coerce(spec[key], int if key == "width" else float, f"{where}.{key}")
+            if value < (1 if key == "width" else 0):
+                raise ConfigError(f"{where}.{key}: " + ("must be at least 1" if key == "width" else "must not be negative")
+                                  + f", got {spec[key]!r}")
+    return regime_mapping_name(spec)
+
+
+def regime_mapping_name(spec: dict[str, Any]) -> str:
+    """An explicit regime's name: its own, else "eps=.. delta=..", as given ("2/L" stays "2/L")."""
+    delta = spec["delta"] if isinstance(spec["delta"], str) else f"{float(spec['delta']):g}"
+    return str(spec.get("name", f"eps={float(spec['eps']):g} delta={delta}"))
 
 
 # ------------------------------------------------------------------------------------------- regimes
@@ -68,17 +212,16 @@ class Regime:
 def delta_at(delta: Any, depth: int) -> float:
     """delta as given, or "c/L": c / depth (the authors' ODE regime, delta = 2/L)."""
     if isinstance(delta, str):
-        return float(re.fullmatch(r"\s*([0-9.]+)\s*/\s*L\s*", delta).group(1)) / depth
+        return float(PER_DEPTH.fullmatch(delta).group(1)) / depth
     return float(delta)
 
 
 def resolve_regime(spec: Any, depth: int, input_dim: int, nc: NarrowResnetConfig) -> Regime:
-    """A preset or an explicit mapping (validated in cltunnel.config) at depth L for a d-dimensional task."""
+    """A preset or an explicit mapping (checked by :func:`check_section`) at depth L for a d-dimensional task."""
     narrow = nc.width or input_dim
     if isinstance(spec, dict):
-        delta = spec["delta"] if isinstance(spec["delta"], str) else f"{float(spec['delta']):g}"
-        name = str(spec.get("name", f"eps={float(spec['eps']):g} delta={delta}"))
-        return Regime(name, float(spec["eps"]), delta_at(spec["delta"], depth), int(spec.get("width", narrow)))
+        return Regime(regime_mapping_name(spec), float(spec["eps"]), delta_at(spec["delta"], depth),
+                      int(spec.get("width", narrow)))
     eps, delta, width = {"mlp": (0.0, 1.0, narrow), "near_mlp": (0.1, 1.0, narrow), "ode": (1.0, 1.0 / depth, narrow),
                          "resnet": (1.0, 1.0, narrow), "augmented": (0.0, 1.0, nc.augmented_width or input_dim + 1)}[spec]
     return Regime(spec, eps, delta, width)

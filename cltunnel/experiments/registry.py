@@ -1,19 +1,23 @@
 """Protocols: what a scenario runs, one registered module each (timm's ``@register_model`` pattern).
 
-A protocol owns one config section (``erosion:``, ``representations:``, ``synthetic:``) and is selected by
-it; a scenario with none of them is a task sequence. Every module of :mod:`cltunnel.experiments` registers
-its protocol here with :func:`register_protocol`, so :mod:`cltunnel.runs`, the CLI and sweeps look a
-protocol up instead of branching on sections or on files found on disk. A new experiment is one module in
-``cltunnel/experiments/`` plus its typed section in :mod:`cltunnel.config`.
+A protocol owns one config section (``erosion:``, ``representations:``, ``synthetic:``, ``narrow_resnet:``)
+and is selected by it; a scenario with none of them is a task sequence. A protocol is one module of
+:mod:`cltunnel.experiments` (or a user's, imported before the scenario is parsed) that holds all of it: its
+section's dataclass and checks, registered with :func:`cltunnel.config.register_section`; how it runs a seed,
+combines seeds and reports a sweep; and its outputs' captions for the page, registered together with
+:func:`register_protocol`. So :mod:`cltunnel.config`, :mod:`cltunnel.runs`, the CLI, sweeps and the page look a
+protocol up instead of branching on sections or on files found on disk.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from cltunnel.config import PROTOCOL_SECTIONS, ConfigError, RunConfig
 from cltunnel.registry import Registry
+from cltunnel.reports.captions import declare
 
 TASK_SEQUENCE = "task_sequence"
 
@@ -31,6 +35,13 @@ class Protocol:
     sweep_report: Callable[[Path, dict[str, Any]], str] | None = None  # (sweep dir, manifest) -> markdown
     trains_model_section: bool = True  # trains cfg.model with cfg.strategy (checked before any work)
     needs_data: bool = True  # reads cfg.data (False: its data are drawn from the seed; no dataset is loaded)
+    outputs: Mapping[str, str] = field(default_factory=dict)  # file name or glob -> its caption on the page
+    epochs: Callable[[RunConfig], int] | None = None  # cfg -> passes over the training data (campaign's estimate)
+
+    def epochs_over_data(self, cfg: RunConfig) -> int:
+        """How many times a seed trains on every training image (the campaign's time estimate); by default
+        ``training.epochs``."""
+        return self.epochs(cfg) if self.epochs else cfg.training.epochs
 
     def summarise(self, scenario_dir: Path, cfg: RunConfig) -> str:
         return self.summary(scenario_dir, cfg) if self.summary else self.aggregate(scenario_dir)
@@ -44,10 +55,17 @@ class Protocol:
 PROTOCOLS: Registry[Protocol] = Registry("protocol", ConfigError)
 
 
+# Where a protocol's captions go among the page's declared ones: before the analyses' (which start at 10).
+PROTOCOL_CAPTIONS_ORDER = 0
+
+
 def register_protocol(protocol: Protocol) -> Protocol:
+    """Make ``protocol`` the one its section selects, and declare its outputs' captions to the page."""
     if protocol.section is not None and protocol.section not in PROTOCOL_SECTIONS:
-        raise ValueError(f"protocol {protocol.name}: section '{protocol.section}' is not a RunConfig section "
-                         f"({', '.join(PROTOCOL_SECTIONS)}); add its typed section to cltunnel.config")
+        raise ValueError(f"protocol {protocol.name}: section '{protocol.section}' is not registered "
+                         f"({', '.join(PROTOCOL_SECTIONS)}); register its dataclass first with "
+                         "cltunnel.config.register_section")
+    declare(protocol.outputs, PROTOCOL_CAPTIONS_ORDER)
     return PROTOCOLS.register(protocol.name, protocol)
 
 
@@ -76,12 +94,16 @@ def _select(sections: set[str]) -> Protocol:
     if not sections:
         return PROTOCOLS[TASK_SEQUENCE]
     section = sections.pop()
-    return next(p for p in PROTOCOLS.values() if p.section == section)
+    found = next((p for p in PROTOCOLS.values() if p.section == section), None)
+    if found is None:
+        raise ConfigError(f"{section}: a registered section that no protocol runs (register_protocol names it "
+                          "as its section)")
+    return found
 
 
 def protocol_for(cfg: RunConfig) -> Protocol:
     """The protocol a scenario runs: the one whose section is set, else the task sequence."""
-    return _select({s for s in PROTOCOL_SECTIONS if getattr(cfg, s) is not None})
+    return _select(set(cfg.protocol_sections))
 
 
 def protocol_for_saved(raw: dict[str, Any]) -> Protocol:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cltunnel.config import REPRESENTATION_KINDS, RepresentationsConfig, RunConfig
+from cltunnel.config import ConfigError, RunConfig, register_section
 from cltunnel.data.device import DeviceData, resolve_device, task_generator
 from cltunnel.data.images import ImageData
 from cltunnel.data.scenarios import SplitScenario, Task, build_scenario
@@ -44,6 +44,34 @@ from cltunnel.store import load_run_config, save_run_config, seed_dir, seed_dirs
 
 PENULTIMATE = 5
 FINISHED = "protocol3_*.json"  # in a seed directory: written when a model kind has been through protocol 3
+REPRESENTATION_KINDS = ("D", "AE", "VAE")
+OUTPUTS = {  # what the page says under each figure (the scenario's page)
+    "*protocols.png": "Probe accuracy of D/AE/VAE representations under each protocol (thesis ch. 5 baselines).",
+    "*recon_unseen.png": "Reconstructions of unseen classes by the generative models.",
+}
+
+
+# ------------------------------------------------------------------------------------ config section
+@dataclasses.dataclass
+class RepresentationsConfig:
+    """``representations:``: discriminative vs generative (AE, VAE) representations (thesis chapter 3)."""
+
+    models: list[str] = dataclasses.field(default_factory=lambda: list(REPRESENTATION_KINDS))
+    bottleneck: int | None = None  # default: 8, or 128 for CIFAR-10
+    epochs: int = 10  # per task
+    lr: float = 1e-3  # Adam
+    batch_size: int = 128
+    classifier_epochs: int = 30
+
+    def validate(self, cfg: RunConfig) -> None:
+        bad = [m for m in self.models if m not in REPRESENTATION_KINDS]
+        if bad:
+            raise ConfigError(f"representations.models: unknown {bad}; valid: {', '.join(REPRESENTATION_KINDS)}")
+
+
+# A free-form mapping before cltunnel 0.2: its fingerprint counts only the keys that differ from the defaults, as
+# the mapping's did, so runs made then still resume.
+register_section("representations", RepresentationsConfig, order=20, listed_when_unset=True, sparse_fingerprint=True)
 
 
 # Thesis Tables 3.3.1 and 3.3.2 (mean, std), for the reference columns.
@@ -297,4 +325,4 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 
 register_protocol(Protocol("representations", "representations", run_representations, aggregate_representations,
-                           FINISHED, summary, trains_model_section=False))
+                           FINISHED, summary, trains_model_section=False, outputs=OUTPUTS))

@@ -1,9 +1,10 @@
 """What the page says under a file, declared by the module that writes it.
 
-An analysis declares its outputs (file name or glob -> caption) once, with ``@analysis`` (the experiments
-layer); the declaration lands here, in :data:`DECLARED`, when its module is imported, and the driver also
-writes the captions of the analyses that ran into the run directory (:data:`~cltunnel.store.CAPTIONS_FILE`),
-so a page rebuilt later by a process that never imported a user's module still has them. The page reads a
+An analysis declares its outputs (file name or glob -> caption) once, with ``@analysis``, and a protocol with
+``register_protocol`` (the experiments layer); the declaration lands here, in :data:`DECLARED`, when its module
+is imported, and the driver also writes the captions of the analyses that ran into the run directory
+(:data:`~cltunnel.store.CAPTIONS_FILE`), so a page rebuilt later by a process that never imported a user's
+analysis still has them. The page reads a
 directory's own file first, then the declarations. The kind of an output follows its suffix: ``.png`` a
 figure, ``.csv``/``.md`` a table, ``.txt`` one-line results shown verbatim at the top of the page.
 """

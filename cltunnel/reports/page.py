@@ -26,27 +26,20 @@ from cltunnel.store import (ANALYSIS_NOTICES, CAPTURE_NOTES, CONFIG_FILE, METRIC
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
-# What each file shows, by name pattern (first match wins), for the files a protocol or a sweep writes; the
-# analyses declare their own outputs' captions (cltunnel.reports.captions), shown after these and before the
-# catch-all. Figures first on the page, in this order.
+# What each file shows, by name pattern (first match wins), for the files every run and the sweep reports write;
+# the protocols and the analyses declare their own outputs' captions (cltunnel.reports.captions), shown after
+# these (protocols first) and before the catch-all. Figures first on the page, in this order.
 FIGURES = [
     ("history.png", "Training curves: loss and training accuracy per epoch over the task sequence, and each task's "
                     "test accuracy where measured (task boundaries dashed)."),
     ("accuracy.png", "Accuracy on each task after each training task (rows of the accuracy matrix; mean ± std "
                      "band over seeds): forgetting is the drop of a line."),
-    ("erosion_curve.png", "Feature erosion (thesis ch. 4): clean and squared test accuracy over the phases' epochs."),
-    ("erosion_profile.png", "Probe accuracy per layer before and after erosion (thesis ch. 4)."),
-    ("erosion_cka.png", "CKA per layer between the models before and after erosion (thesis ch. 4)."),
-    ("erosion_ratio.png", "Erosion against the share of squared training images (thesis ch. 4)."),
     ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
     ("block_structure_grid.png", "Every configuration's CKA map over its intermediate representations, laid out as "
                                  "Nguyen et al. 2021's Figures 1-2 (first seed)."),
     ("block_structure_grid_without_pc.png", "The same maps with each representation's first PC removed."),
     ("cka_m1_m2.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
     ("table_6_3_1.png", "Softmax temperature T against κ and ρ per architecture (thesis Table 6.3.1, ch. 6)."),
-    ("*protocols.png", "Probe accuracy of D/AE/VAE representations under each protocol (thesis ch. 5 baselines)."),
-    ("*recon_unseen.png", "Reconstructions of unseen classes by the generative models."),
-    ("samples.png", "Samples of the learned synthetic data."),
     ("*.png", ""),
 ]
 TABLES = [
