@@ -37,6 +37,9 @@ SWEEP_DONE = "sweep_done.json"  # in a run directory: the sweep finished this ru
 SWEEP_ERROR = "sweep_error.txt"  # in a run directory: why the sweep's run of it failed
 CAPTIONS_FILE = "captions.json"  # file name or pattern -> caption, of the outputs the analyses that ran declared
 ANALYSIS_NOTICES = "analysis_notices.txt"  # one line per user analysis that failed (the page shows them)
+TENSORBOARD_DIR = "tensorboard"  # the run's one TensorBoard stream: training curves, Avalanche's metrics, profiles
+HISTORY_FILE = "history.csv"  # the training curves, one row per epoch
+HISTORY_FIGURE = "history.png"
 
 # The analyses' files that other modules read back (seed tables, sweeps, Table 5.2.1): named here only.
 TUNNEL_PROFILE = "tunnel_profile.csv"

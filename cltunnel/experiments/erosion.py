@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from avalanche.core import SupervisedPlugin
 
 from cltunnel.config import ConfigError, RunConfig, register_section
 from cltunnel.data.device import DeviceData, resolve_device
@@ -36,11 +35,10 @@ from cltunnel.experiments.registry import Protocol, register_protocol
 from cltunnel.store import load_run_config, partial_checkpoint_path, save_metrics, save_run_config, seed_dir, seed_dirs
 from cltunnel.training.checkpoints import (latest_checkpoint, load_checkpoint, load_model_state, load_partial_task,
                                            model_from_checkpoint, save_partial_task, save_task_checkpoint)
-from cltunnel.training.loop import MidTaskResumePlugin
 from cltunnel.training.plain_state import decode
-from cltunnel.training.accuracy import exact_rows_accuracy, predict_accuracy
+from cltunnel.training.accuracy import predict_accuracy
 from cltunnel.training.fast_data import RunContext, TemperatureCrossEntropy, amp_enabled, channels_last_enabled
-from cltunnel.training.plugins import ProgressPlugin
+from cltunnel.training.plugins import MidTaskResumePlugin, ProgressPlugin, TestCurvePlugin
 from cltunnel.training.strategies import build_strategy
 
 
@@ -139,37 +137,6 @@ class Squares:
 
 
 # ------------------------------------------------------------------------------------------ training
-TRAIN_ACC_ROWS = 5000  # training accuracy (is pre-training near 100 %?) is read on at most this many rows
-
-
-class TestCurvePlugin(SupervisedPlugin):
-    """Clean and squared test accuracy every ``every`` epochs, appended to ``curve``, with the accuracy on the
-    images the phase trains on (unaugmented), since the protocol pre-trains to (near) 100 % training accuracy."""
-
-    transient = True  # holds the views (whole datasets): never part of a checkpoint
-
-    def __init__(self, views: dict[str, DeviceData], curve: list[dict[str, Any]], every: int, epochs: int) -> None:
-        super().__init__()
-        self.views, self.curve, self.every, self.epochs = views, curve, every, epochs
-        self.phase, self.offset = "", 0
-
-    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
-        epoch = strategy.clock.train_exp_epochs + 1
-        if epoch % self.every == 0 or epoch == self.epochs:
-            row = {"phase": self.phase, "epoch": self.offset + epoch}
-            trained_on = strategy.run_context.data
-            task = trained_on.scenario.tasks[0]
-            row["train"] = 100 * predict_accuracy(strategy.model, trained_on, task, task.train_idx[:TRAIN_ACC_ROWS],
-                                                  split="eval_train")
-            for name, view in self.views.items():
-                test_task = view.scenario.tasks[0]
-                acc = predict_accuracy(strategy.model, view, test_task)
-                row[name] = 100 * acc
-                if view.scenario.data.has_lossy_test_rows and len(test_task.test_lossless_idx):
-                    row[f"{name} exact rows"] = 100 * exact_rows_accuracy(strategy.model, view, test_task, acc)
-            self.curve.append(row)
-
-
 def phase_plan(cfg: RunConfig) -> list[tuple[str, int]]:
     e = cfg.erosion
     plan = [("clean", e.pretrain_epochs), ("squared", e.erosion_epochs)]

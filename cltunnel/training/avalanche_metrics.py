@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from avalanche.evaluation import metrics as av
-from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
+from avalanche.logging import CSVLogger, InteractiveLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
 
 from cltunnel.config import EVAL_METRICS, ConfigError, EvaluationConfig
+from cltunnel.training.tensorboard import RunTensorboardLogger, open_tensorboard
 
 # Each name at the granularities a CL user reads: per epoch while training, per experience and per stream
 # when the test stream is evaluated after every task.
@@ -34,15 +35,15 @@ AVALANCHE_DIR = "avalanche"  # the loggers' files, inside the run directory
 assert set(METRICS) == set(EVAL_METRICS)  # the config names what this module builds
 
 
-def _logger(name: str, run_dir: Path) -> Any:
+def _logger(name: str, run_dir: Path, writer: Any) -> Any:
+    if name == "tensorboard":  # the run's one stream: its writer, or one of its own when curves are off
+        return RunTensorboardLogger(writer or open_tensorboard(run_dir, True))
     folder = run_dir / AVALANCHE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     if name == "text":
         return TextLogger(open(folder / "log.txt", "a"))
     if name == "csv":
         return CSVLogger(log_folder=str(folder / "csv"))
-    if name == "tensorboard":
-        return TensorboardLogger(tb_log_dir=folder / "tensorboard")
     return InteractiveLogger()
 
 
@@ -63,14 +64,15 @@ def check_evaluation(cfg: EvaluationConfig) -> None:
         metric_factory(name)
 
 
-def build_evaluator(cfg: EvaluationConfig, run_dir: Path | None) -> EvaluationPlugin:
-    """The strategy's evaluator: silent without metrics; else the named metrics and loggers."""
+def build_evaluator(cfg: EvaluationConfig, run_dir: Path | None, writer: Any = None) -> EvaluationPlugin:
+    """The strategy's evaluator: silent without metrics; else the named metrics and loggers (a ``tensorboard``
+    logger writes through ``writer``, the run's TensorBoard writer, when there is one)."""
     if not cfg.metrics:
         with warnings.catch_warnings():  # silent on purpose: Avalanche's "no loggers" warning is noise here
             warnings.filterwarnings("ignore", message="No loggers specified")
             return EvaluationPlugin(loggers=[])
     metrics = [metric_factory(name)() for name in cfg.metrics]
-    loggers = [_logger(name, run_dir or Path(".")) for name in cfg.loggers]
+    loggers = [_logger(name, run_dir or Path("."), writer) for name in cfg.loggers]
     return EvaluationPlugin(*metrics, loggers=loggers)
 
 

@@ -43,12 +43,12 @@ PROVEN_STRATEGIES = frozenset({
 })
 PROVEN_PLUGINS = frozenset({
     # cltunnel's own, all hooked around the iteration (progress, checkpoints, curves, seeds, mid-task resume)
-    "cltunnel.training.plugins:ProgressPlugin",
-    "cltunnel.training.plugins:EpochCheckpointPlugin",
-    "cltunnel.training.history:HistoryPlugin",
-    "cltunnel.training.loop:MemorySeedPlugin",
-    "cltunnel.training.loop:MidTaskResumePlugin",
-    "cltunnel.experiments.erosion:TestCurvePlugin",
+    "cltunnel.training.plugins.progress:ProgressPlugin",
+    "cltunnel.training.plugins.epoch_checkpoints:EpochCheckpointPlugin",
+    "cltunnel.training.plugins.history:HistoryPlugin",
+    "cltunnel.training.plugins.memory_seed:MemorySeedPlugin",
+    "cltunnel.training.plugins.mid_task_resume:MidTaskResumePlugin",
+    "cltunnel.training.plugins.test_curve:TestCurvePlugin",
     # Avalanche's that every template carries or cltunnel adds, hooked around the iteration
     "avalanche.training.plugins.clock:Clock",
     "avalanche.training.templates.base_sgd:PeriodicEval",
@@ -67,7 +67,7 @@ PROVEN_METRICS = frozenset({  # what evaluation.metrics builds (training.avalanc
 PROVEN_LOGGERS = frozenset({  # they write what the metrics emit; inside the step the proven metrics emit nothing
     "avalanche.logging.text_logging:TextLogger",
     "avalanche.logging.csv_logger:CSVLogger",
-    "avalanche.logging.tensorboard_logger:TensorboardLogger",
+    "cltunnel.training.tensorboard:RunTensorboardLogger",  # Avalanche's, writing through the run's writer
     "avalanche.logging.interactive_logging:InteractiveLogger",
 })
 PROVEN_CRITERIA = frozenset({"cltunnel.training.fast_data:TemperatureCrossEntropy"})

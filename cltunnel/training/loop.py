@@ -7,12 +7,12 @@ uninterrupted run (per-task RNG streams, see :func:`cltunnel.data.device.task_ge
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import AGEMPlugin, LRSchedulerPlugin, ReplayPlugin
+from avalanche.training.plugins import AGEMPlugin, ReplayPlugin
 
 from cltunnel.config import RunConfig
 from cltunnel.data.device import DeviceData, resolve_device
@@ -29,11 +29,14 @@ from cltunnel.training.checkpoints import (latest_checkpoint, load_model_state, 
                                            save_epoch_checkpoint, save_partial_task, save_task_checkpoint)
 from cltunnel.training.accuracy import Evaluation, evaluate_all, evaluate_seen
 from cltunnel.training.avalanche_metrics import build_evaluator, close_loggers
-from cltunnel.training.history import HistoryPlugin, end_of_task, open_tensorboard, write_history
+from cltunnel.training.history import end_of_task, write_history
 from cltunnel.training.plain_state import decode
 from cltunnel.training.fast_data import (RunContext, TemperatureCrossEntropy, amp_enabled, capture_mode,
                                          capture_notice, channels_last_enabled)
-from cltunnel.training.plugins import EpochCheckpointPlugin, ProgressPlugin, Timer
+from cltunnel.training.plugins import (EpochCheckpointPlugin, HistoryPlugin, MemorySeedPlugin,
+                                       MidTaskResumePlugin, ProgressPlugin)
+from cltunnel.training.plugins.memory_seed import seed_memory
+from cltunnel.training.tensorboard import open_tensorboard
 from cltunnel.training.strategies import build_strategy
 
 
@@ -97,7 +100,7 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
     if tcfg.checkpoint_every:
         plugins.append(EpochCheckpointPlugin(
             lambda task, epoch: save_epoch_checkpoint(run_dir, task, epoch, model, spec), tcfg.checkpoint_every))
-    evaluator = build_evaluator(cfg.evaluation, run_dir)
+    evaluator = build_evaluator(cfg.evaluation, run_dir, writer)
     context = RunContext(ddata, seed, amp, capture_mode(tcfg, device), lambda line: _notice(run_dir, line))
     notice = capture_notice(tcfg, device)
     if notice:
@@ -140,6 +143,17 @@ def _train_tasks(cfg: RunConfig, seed: int, scenario: SplitScenario, model: Laye
         writer.close()
 
 
+class Timer:
+    """Wall-clock seconds since it was made (a task's training and evaluation)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def _notice(run_dir: Path, line: str) -> None:
     """A training notice (the captured step's decisions): printed, and kept for the run's page."""
     print(line, flush=True)
@@ -151,26 +165,6 @@ def seed_task(seed: int, task: int) -> None:
     memory (unseeded, two AGEM runs would differ and none could resume exactly)."""
     torch.manual_seed(seed * 10_007 + task)
     random.seed(seed * 10_007 + task)
-
-
-def seed_memory(seed: int, task: int) -> None:
-    """The RNG streams a memory draws from when it takes its samples of ``task`` (AGEM's from Python's random,
-    Avalanche's replay buffers from torch's): fixed per (seed, task) so the draw can be made again on resume."""
-    torch.manual_seed(seed * 10_007 + task + 5_003)
-    random.seed(seed * 10_007 + task + 5_003)
-
-
-class MemorySeedPlugin(SupervisedPlugin):
-    """Seeds :func:`seed_memory` at the end of each task, ahead of the plugins that fill their memory there
-    (Avalanche calls plugins in list order, and a strategy appends its own after the ones it is given)."""
-    transient = True
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.seed = seed
-
-    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        seed_memory(self.seed, strategy.experience.current_experience)
 
 
 def rebuild_memories(strategy: Any, benchmark: Any, seed: int, start_task: int) -> None:
@@ -194,48 +188,6 @@ def rebuild_memories(strategy: Any, benchmark: Any, seed: int, start_task: int) 
                 plugin.storage_policy.post_adapt(strategy, experience)
     torch.set_rng_state(torch_state)
     random.setstate(python_state)
-
-
-class MidTaskResumePlugin(SupervisedPlugin):
-    """Every ``every`` epochs inside a task, :func:`save_partial_task`; when a task resumes from such a state,
-    puts it back (optimizer, strategy and clock, batch order, RNG) just before its first remaining epoch,
-    after Avalanche has reset the optimizer for the new experience.
-
-    Both happen at the start of an epoch: by then every plugin has finished the epoch before (the learning
-    rate schedule has stepped), so a state is saved and put back at the same point of the loop."""
-
-    def __init__(self, every: int, epochs: int, save: Callable[[int, int], Any]) -> None:
-        super().__init__()
-        self.every, self.epochs, self.save = every, epochs, save
-        self.task, self.epochs_done, self.pending = 0, 0, None
-
-    def start_task(self, task: int, state: dict[str, Any] | None, model: LayeredModel) -> None:
-        self.task, self.pending, self.epochs_done = task, state, 0
-        if state is not None:
-            load_model_state(model, state)
-            self.epochs_done = state["epochs_done"]
-            print(f"resuming task {task + 1} after epoch {self.epochs_done} of {self.epochs}", flush=True)
-
-    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
-        if self.pending is not None:
-            self._restore(strategy)
-        elif self.every and self.epochs_done and self.epochs_done % self.every == 0:
-            self.save(self.task, self.epochs_done)
-
-    def _restore(self, strategy: Any) -> None:
-        state, self.pending = self.pending, None
-        strategy.optimizer.load_state_dict(state["optimizer"])
-        load_strategy_state(strategy, state["strategy"])
-        if state["data_generator"] is not None:
-            strategy.dataloader.generator.set_state(state["data_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        for plugin in strategy.plugins:
-            if isinstance(plugin, LRSchedulerPlugin):  # the schedule continues at the epoch reached (the lr
-                plugin.scheduler.last_epoch = state["epochs_done"]  # itself came back with the optimizer)
-                plugin.scheduler._last_lr = [group["lr"] for group in strategy.optimizer.param_groups]
-
-    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
-        self.epochs_done += 1
 
 
 class TrainingDiverged(CltunnelError, RuntimeError):

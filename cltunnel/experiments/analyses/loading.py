@@ -29,7 +29,7 @@ from cltunnel.models.surgery import (compose, extractor_layers, heads_trained_af
 from cltunnel.store import finished_tasks
 from cltunnel.training.accuracy import predict_accuracy
 from cltunnel.training.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint
-from cltunnel.training.history import open_tensorboard
+from cltunnel.training.tensorboard import open_tensorboard
 
 
 @dataclass
