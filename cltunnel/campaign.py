@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from cltunnel.config import ConfigError, RunConfig, load_config, read_yaml, set_dotted
+from cltunnel.config import ConfigError, RunConfig, load_config, read_yaml
 from cltunnel.data.device import resolve_device
 from cltunnel.data.images import DATASETS
 from cltunnel.experiments import protocol_for
@@ -46,7 +46,7 @@ from cltunnel.store import scenario_dir_of, seed_dir
 from cltunnel.training.capture import CapturedStep
 from cltunnel.training.capture_rules import proven_config
 from cltunnel.training.fast_data import TemperatureCrossEntropy, amp_enabled, capture_mode
-from cltunnel.sweeps import check_jobs, expand, job_config, load_sweep
+from cltunnel.sweeps import expand, job_config, load_sweep
 
 PLAN_KEYS = {"name", "entries"}
 ENTRY_KEYS = {"name", "what", "scenario", "sweep", "seeds", "set", "done_if", "images_per_second", "overhead"}
@@ -97,12 +97,7 @@ def _entry(root: Path, raw: dict[str, Any], index: int) -> Entry:
     if ("scenario" in raw) == ("sweep" in raw):
         raise ConfigError(f"{where} ({name}): give exactly one of 'scenario' or 'sweep'")
     if "sweep" in raw:
-        sweep_path = root / raw["sweep"]
-        sweep = load_sweep(sweep_path)  # checks every configuration
-        if raw.get("set"):
-            for dotted, value in raw["set"].items():
-                set_dotted(sweep.base, dotted, value)
-            check_jobs(sweep, expand(sweep), sweep_path)  # again, with the plan's overrides
+        sweep = load_sweep(root / raw["sweep"], raw.get("set"))  # parses and checks each configuration once
         units = [Unit(name, job_config(sweep, job), job.seed) for job in expand(sweep)]
     else:
         cfg = load_config(root / raw["scenario"], raw.get("set"))

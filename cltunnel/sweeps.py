@@ -29,6 +29,7 @@ line per band and configuration in ``expectations.txt`` of the configuration and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import itertools
 import json
@@ -89,6 +90,7 @@ class Sweep:
     ray_init: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     parallel: int = 1  # local backend: runs at once, each its own process (several runs per CPU or GPU)
+    configs: dict[str, RunConfig] = field(default_factory=dict)  # configuration -> parsed once (check_jobs)
 
     @property
     def directory(self) -> Path:
@@ -96,7 +98,9 @@ class Sweep:
 
 
 # ------------------------------------------------------------------------------------------ parsing
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
+    """The sweep file, every configuration parsed and checked (:func:`check_jobs`). ``overrides`` (dotted
+    keys; a campaign plan's ``set:``) apply to every run after the file's own ``set:`` and axes."""
     path = Path(path)
     raw = read_yaml(path, "sweep", SWEEP_KEYS)
     base = raw.get("base")
@@ -111,6 +115,8 @@ def load_sweep(path: str | Path) -> Sweep:
     for dotted, value in (raw.get("set") or {}).items():
         set_dotted(base, dotted, value)
     axes, seeds = _parse_axes(raw.get("axes") or {}, base)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(base, dotted, value)
     sweep = Sweep(raw.get("name", path.stem), base, axes, seeds, raw.get("backend", "local"),
                   {"cpus": 1, "gpus": 0, **(raw.get("resources") or {})}, raw.get("output_dir", "runs/sweeps"),
                   raw.get("ray_init") or {}, raw, raw.get("parallel", 1))
@@ -159,11 +165,14 @@ def expand(sweep: Sweep) -> list[Job]:
 
 
 def job_config(sweep: Sweep, job: Job) -> RunConfig:
-    raw = copy.deepcopy(sweep.base)
-    for dotted, value in job.overrides.items():
-        set_dotted(raw, dotted, copy.deepcopy(value))
-    raw.update(name=job.config, seeds=[job.seed], output_dir=str(sweep.directory))
-    return parse_config(raw)
+    """A run's config: its configuration, parsed once per sweep (seeds differ only in ``seeds``)."""
+    if job.config not in sweep.configs:
+        raw = copy.deepcopy(sweep.base)
+        for dotted, value in job.overrides.items():
+            set_dotted(raw, dotted, copy.deepcopy(value))
+        raw.update(name=job.config, seeds=[job.seed], output_dir=str(sweep.directory))
+        sweep.configs[job.config] = parse_config(raw)
+    return dataclasses.replace(sweep.configs[job.config], seeds=[job.seed])
 
 
 def run_dir(sweep: Sweep, job: Job) -> Path:

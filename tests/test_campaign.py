@@ -45,6 +45,28 @@ def test_the_plan_is_checked_whole_before_anything_runs(tmp_path):
         load_plan(path)
 
 
+def test_a_sweep_entry_parses_each_configuration_once_with_the_plans_overrides(tmp_path, monkeypatch):
+    import cltunnel.sweeps as sweeps
+
+    sweep = {"name": "widths", "base": {**SMALL, "output_dir": str(tmp_path / "runs")},
+             "axes": {"model.width": [0.25, 0.5], "seed": [0, 1]}}
+    (tmp_path / "widths.yaml").write_text(yaml.safe_dump(sweep))
+    plan = {"name": "p", "entries": [{"name": "w", "sweep": "widths.yaml", "set": {"training.epochs": 2}}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    parsed = []
+    real = sweeps.parse_config
+    monkeypatch.setattr(sweeps, "parse_config", lambda raw: parsed.append(raw["name"]) or real(raw))
+    units = load_plan(tmp_path / "plan.yaml")[1][0].units
+    assert sorted(parsed) == ["w0.25", "w0.5"]  # once per configuration, not again per seed or for the overrides
+    assert [(u.cfg.name, u.seed, u.cfg.seeds) for u in units] == [("w0.25", 0, [0]), ("w0.25", 1, [1]),
+                                                                   ("w0.5", 0, [0]), ("w0.5", 1, [1])]
+    assert {u.cfg.training.epochs for u in units} == {2} and units[0].cfg.model.width == 0.25
+    plan["entries"][0]["set"] = {"training.temperature": -1}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    with pytest.raises(Exception, match="(?s)2 of 2 configurations are invalid.*training.temperature"):
+        load_plan(tmp_path / "plan.yaml")
+
+
 def test_dry_run_lists_what_would_run_and_runs_nothing(tmp_path, capsys):
     assert cli_main(["campaign", str(write_plan(tmp_path)), "--budget", "600", "--out", str(tmp_path / "out"),
                      "--dry-run"]) == 0
