@@ -42,7 +42,7 @@ from cltunnel.experiments import protocol_for
 from cltunnel.models.zoo import build_model
 from cltunnel.reports.provenance import provenance
 from cltunnel.runs import preflight, run_seed
-from cltunnel.store import scenario_dir_of, seed_dir
+from cltunnel.store import CAMPAIGN_REPORT, scenario_dir_of, seed_dir
 from cltunnel.training.capture import CapturedStep
 from cltunnel.training.capture_rules import proven_config
 from cltunnel.training.fast_data import TemperatureCrossEntropy, amp_enabled, capture_mode
@@ -268,7 +268,7 @@ def pack(out: Path, name: str, sources: list[Path], report: str) -> list[Path]:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         data = report.encode()
-        info = tarfile.TarInfo(f"{name}/CAMPAIGN.md")
+        info = tarfile.TarInfo(f"{name}/{CAMPAIGN_REPORT}")
         info.size, info.mtime = len(data), int(time.time())
         tar.addfile(info, io.BytesIO(data))
         for source in sources:
@@ -281,7 +281,7 @@ def pack(out: Path, name: str, sources: list[Path], report: str) -> list[Path]:
         raise ConfigError(f"campaign results are {len(blob) / 2**20:.0f} MiB packed, more than {MAX_FILES} files of "
                           f"{MAX_BYTES // 2**20} MiB; run fewer entries per call")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "CAMPAIGN.md").write_text(report)
+    (out / CAMPAIGN_REPORT).write_text(report)
     paths = []
     for i, piece in enumerate(pieces):
         path = out / (f"{name}.tar.gz" if len(pieces) == 1 else f"{name}.tar.gz.part{i}")

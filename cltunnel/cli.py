@@ -19,7 +19,7 @@ import yaml
 from cltunnel import __version__
 from cltunnel.config import ConfigError, load_config
 from cltunnel.errors import CltunnelError
-from cltunnel.store import is_sweep_dir
+from cltunnel.store import REPORT_HTML, is_sweep_dir, written_tables
 
 # The commands import the torch/Avalanche stack themselves (about 12 s on a small CPU), so that --version,
 # --help and a mistyped command answer at once: the one place in the package where imports sit in functions
@@ -196,10 +196,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {counts['done']} ran, {counts['skipped']} already done, {counts['failed']} failed")
     for r in failed:
         print(f"FAILED {r.config}/seed{r.seed}: {r.error.strip().splitlines()[-1] if r.error else ''}", file=sys.stderr)
-    written = sorted(str(p) for p in sweep.directory.glob("*.md") if p.name != "report.md")  # summary.md, ...
+    written = [str(p) for p in written_tables(sweep.directory)]  # summary.md, ...
     print(f"tables: {', '.join(written) or 'none yet'}")
-    if (sweep.directory / "report.html").exists():
-        print(f"report: {sweep.directory / 'report.html'}")
+    if (sweep.directory / REPORT_HTML).exists():
+        print(f"report: {sweep.directory / REPORT_HTML}")
     outcomes = [(config, o) for config, found in evaluate_sweep(sweep).items() for o in found]
     for config, outcome in outcomes:  # as in the sweep's expectations.txt
         print(f"expect: {outcome.line(config)}")

@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from cltunnel.config import TUNNEL_RULE_NAMES, ConfigError, RunConfig
-from cltunnel.store import SWAP_TABLE, TUNNEL_START, atomic_write_text, seed_dir
+from cltunnel.store import (ACCURACY_MATRIX, CL_METRICS_TABLE, EROSION_SUMMARY, EXACT_ROWS, FORGETTING, SWAP_TABLE,
+                            TUNNEL_START, atomic_write_text, seed_dir)
 
 EXPECTATIONS_FILE = "expectations.txt"  # in the scenario directory: one line per band, held or violated
 EXIT_VIOLATED = 3  # `cltunnel run`'s exit status when a band is violated (2: the run could not be made)
@@ -258,16 +259,16 @@ def _cell(frame: pd.DataFrame | None, row: str, column: str) -> float:
 
 def _read_term(run_dir: Path, term: str) -> float:
     if m := _EROSION.match(term):
-        path = run_dir / "erosion_summary.json"
+        path = run_dir / EROSION_SUMMARY
         return float(json.loads(path.read_text()).get(m.group(1).strip(), math.nan)) if path.exists() else math.nan
-    suffix = "_exact_rows" if term.startswith("exact.") else ""
+    suffix = EXACT_ROWS if term.startswith("exact.") else ""
     name = term.removeprefix("exact.")
     if m := _CELL.match(name):
-        return _cell(_mean_frame(run_dir / f"accuracy_matrix{suffix}.csv"), f"after task {m.group(1)}", f"task {m.group(2)}")
+        return _cell(_mean_frame(run_dir / f"{ACCURACY_MATRIX}{suffix}.csv"), f"after task {m.group(1)}", f"task {m.group(2)}")
     if name in CL_METRICS:
-        return _cell(_mean_frame(run_dir / f"cl_metrics{suffix}.csv"), CL_METRICS[name], "value")
+        return _cell(_mean_frame(run_dir / f"{CL_METRICS_TABLE}{suffix}.csv"), CL_METRICS[name], "value")
     if m := _FORGET.match(name):
-        frame = _mean_frame(run_dir / f"forgetting{suffix}.csv")
+        frame = _mean_frame(run_dir / f"{FORGETTING}{suffix}.csv")
         if frame is None:
             return math.nan
         rows = [r for r in frame.index if str(r).split(" [")[0] == f"task {m.group(1)}"]

@@ -20,9 +20,10 @@ from cltunnel.experiments import Protocol, protocol_for, protocol_for_saved
 from cltunnel.experiments.analyses import check_analyses
 from cltunnel.measures.tunnel import check_tunnel_start
 from cltunnel.models.zoo import check_model
-from cltunnel.reports.page import REPORT_HTML, build_report
+from cltunnel.reports.page import build_report
 from cltunnel.reports.provenance import record_provenance
-from cltunnel.store import CONFIG_FILE, check_writable, finished_tasks, load_run_config, run_lock, scenario_dir_of, seed_dir, seed_dirs
+from cltunnel.store import (CONFIG_FILE, REPORT_HTML, check_writable, finished_tasks, load_run_config, run_lock,
+                            scenario_dir_of, seed_dir, seed_dirs)
 from cltunnel.training.avalanche_metrics import check_evaluation
 from cltunnel.training.strategies import check_strategy_args
 

@@ -40,6 +40,15 @@ ANALYSIS_NOTICES = "analysis_notices.txt"  # one line per user analysis that fai
 TENSORBOARD_DIR = "tensorboard"  # the run's one TensorBoard stream: training curves, Avalanche's metrics, profiles
 HISTORY_FILE = "history.csv"  # the training curves, one row per epoch
 HISTORY_FIGURE = "history.png"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"  # the page of a run, scenario or sweep directory
+CAMPAIGN_REPORT = "CAMPAIGN.md"  # a campaign's report, beside its packed results
+
+# A run's tables (reports.tables: <stem>.csv/.md/.tex) that expectations read back, and the suffix of their
+# exact-pixel-rows twins; the figure of the accuracy matrix's rows.
+ACCURACY_MATRIX, FORGETTING, CL_METRICS_TABLE = "accuracy_matrix", "forgetting", "cl_metrics"
+EXACT_ROWS = "_exact_rows"
+ACCURACY_FIGURE = "accuracy.png"
+EROSION_SUMMARY = "erosion_summary.json"  # in an erosion seed directory: its summary numbers, written last
 
 # The analyses' files that other modules read back (seed tables, sweeps, Table 5.2.1): named here only.
 TUNNEL_PROFILE = "tunnel_profile.csv"
@@ -145,6 +154,27 @@ def save_run_config(run_dir: Path, cfg: Any, seed: int) -> None:
 def load_run_config(run_dir: Path) -> dict[str, Any]:
     """The saved scenario of a run, as plain YAML data (readable without rebuilding the run)."""
     return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+
+
+def mark_sweep_done(run_dir: Path, seconds: float) -> None:
+    """The sweep finished this run: later calls of the sweep skip it (and a failure it had is forgotten)."""
+    (run_dir / SWEEP_ERROR).unlink(missing_ok=True)
+    (run_dir / SWEEP_DONE).write_text(json.dumps({"seconds": seconds}))
+
+
+def mark_sweep_failed(run_dir: Path, error: str) -> None:
+    """Why the sweep's run of this directory failed (the traceback); the sweep goes on with the others."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SWEEP_ERROR).write_text(error)
+
+
+def sweep_finished(run_dir: Path) -> bool:
+    return (run_dir / SWEEP_DONE).exists()
+
+
+def written_tables(directory: Path) -> list[Path]:
+    """The markdown tables a directory holds, its page aside."""
+    return sorted(p for p in Path(directory).glob("*.md") if p.name != REPORT_MD)
 
 
 def is_sweep_dir(path: str | Path) -> bool:

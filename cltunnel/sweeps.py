@@ -50,12 +50,8 @@ from cltunnel.errors import CltunnelError
 from cltunnel.expectations import Outcome, evaluate, write_outcomes, write_sweep_outcomes
 from cltunnel.runs import load_data_for, preflight, run_seed, saved_protocol
 from cltunnel.reports.page import build_report
-from cltunnel.store import CONFIG_FILE, MANIFEST, SWEEP_DONE, SWEEP_ERROR, load_manifest, seed_dir, seed_dirs
-
-DONE_FILE = SWEEP_DONE  # in a run directory: the sweep finished this run
-
-
-ERROR_FILE = SWEEP_ERROR
+from cltunnel.store import (CONFIG_FILE, MANIFEST, load_manifest, mark_sweep_done, mark_sweep_failed, seed_dir,
+                            seed_dirs, sweep_finished)
 
 
 AXIS_ALIASES = {"split": "scenario.tasks", "width": "model.width", "model": "model.name", "seeds": "seed",
@@ -206,12 +202,10 @@ def run_job(cfg_dict: dict[str, Any], seed: int, cwd: str, data: Any = None, thr
     try:
         run_seed(cfg, seed, data, progress=progress)
     except Exception:  # noqa: BLE001 - reported to the sweep, which goes on
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ERROR_FILE).write_text(traceback.format_exc())
+        mark_sweep_failed(out, traceback.format_exc())
         return JobResult(cfg.name, seed, "failed", time.perf_counter() - start, traceback.format_exc(limit=3))
     seconds = time.perf_counter() - start
-    (out / ERROR_FILE).unlink(missing_ok=True)
-    (out / DONE_FILE).write_text(json.dumps({"seconds": seconds}))
+    mark_sweep_done(out, seconds)
     return JobResult(cfg.name, seed, "done", seconds)
 
 
@@ -225,8 +219,8 @@ def run_sweep(sweep: Sweep, backend: str | None = None, progress: bool = True, p
     jobs = expand(sweep)
     sweep.directory.mkdir(parents=True, exist_ok=True)
     (sweep.directory / MANIFEST).write_text(yaml.safe_dump(_manifest(sweep, jobs), sort_keys=False))
-    results = [JobResult(j.config, j.seed, "skipped") for j in jobs if (run_dir(sweep, j) / DONE_FILE).exists()]
-    todo = [j for j in jobs if not (run_dir(sweep, j) / DONE_FILE).exists()]
+    results = [JobResult(j.config, j.seed, "skipped") for j in jobs if sweep_finished(run_dir(sweep, j))]
+    todo = [j for j in jobs if not sweep_finished(run_dir(sweep, j))]
     bar = tqdm(total=len(jobs), initial=len(results), desc=f"sweep {sweep.name}", unit="run", disable=not progress)
     runner = _run_ray if (backend or sweep.backend) == "ray" else _run_parallel if sweep.parallel > 1 else _run_local
     results += runner(sweep, todo, bar)
@@ -360,7 +354,7 @@ def describe(sweep: Sweep) -> str:
     """The ``--dry-run`` listing: every run directory and what it changes from the base."""
     lines = [f"sweep {sweep.name}: {len(expand(sweep))} runs in {sweep.directory}"]
     for job in expand(sweep):
-        state = "done" if (run_dir(sweep, job) / DONE_FILE).exists() else "todo"
+        state = "done" if sweep_finished(run_dir(sweep, job)) else "todo"
         lines.append(f"  {job.config}/seed{job.seed}  [{state}]  {json.dumps(job.overrides, default=str)}")
     return "\n".join(lines)
 

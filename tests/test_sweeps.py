@@ -12,7 +12,8 @@ import yaml
 from cltunnel.cli import main as cli_main
 from cltunnel.config import ConfigError, parse_config
 from cltunnel.runs import run_seed
-from cltunnel.sweeps import DONE_FILE, expand, load_sweep, run_sweep
+from cltunnel.store import SWEEP_DONE
+from cltunnel.sweeps import expand, load_sweep, run_sweep
 
 BASE = {"data": {"name": "mnist", "train_per_class": 100, "test_per_class": 50}, "scenario": {"tasks": [5, 5]},
         "model": {"name": "mlp", "width": 0.25, "args": {"depth": 3}},
@@ -72,7 +73,7 @@ def test_killed_sweep_reruns_only_what_was_missing_and_failures_do_not_stop_othe
     reference = all_acc(sweep)
     # Simulate a kill: one run lost its end (resumes from task 0's checkpoint), one never started.
     half = sweep.directory / "split3-7" / "seed0"
-    for name in (DONE_FILE, "task1.pt", "metrics.json"):
+    for name in (SWEEP_DONE, "task1.pt", "metrics.json"):
         (half / name).unlink()
     gone = sweep.directory / "split3-7" / "seed1"
     shutil.rmtree(gone)  # files and the tensorboard folder: as if it never started

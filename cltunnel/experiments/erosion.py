@@ -32,7 +32,8 @@ from cltunnel.models.zoo import make_model, model_spec
 from cltunnel.reports.figures import pyplot, save_figure, write_figure
 from cltunnel.reports.tables import aggregate, write_table
 from cltunnel.experiments.registry import Protocol, register_protocol
-from cltunnel.store import load_run_config, partial_checkpoint_path, save_metrics, save_run_config, seed_dir, seed_dirs
+from cltunnel.store import (EROSION_SUMMARY, load_run_config, partial_checkpoint_path, save_metrics, save_run_config,
+                            seed_dir, seed_dirs)
 from cltunnel.training.checkpoints import (latest_checkpoint, load_checkpoint, load_model_state, load_partial_task,
                                            model_from_checkpoint, save_partial_task, save_task_checkpoint)
 from cltunnel.training.plain_state import decode
@@ -43,7 +44,7 @@ from cltunnel.training.strategies import build_strategy
 
 
 PHASES = ("clean", "squared", "relearn")
-FINISHED = "erosion_summary.json"  # in a seed directory: written after the before/after analyses
+FINISHED = EROSION_SUMMARY  # in a seed directory: written after the before/after analyses
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 OUTPUTS = {  # what the page says under each figure (run, scenario and sweep pages)
     "erosion_curve.png": "Feature erosion (thesis ch. 4): clean and squared test accuracy over the phases' epochs.",

@@ -21,10 +21,8 @@ from cltunnel.expectations import EXPECTATIONS_FILE
 from cltunnel.reports.captions import captions_for, entries_of
 from cltunnel.reports.provenance import load_provenance
 from cltunnel.reports.tables import format_mean_std, markdown_table
-from cltunnel.store import (ANALYSIS_NOTICES, CAPTURE_NOTES, CONFIG_FILE, METRICS_FILE, atomic_write_text, is_sweep_dir,
-                            load_run_config, seed_dirs)
-
-REPORT_MD, REPORT_HTML = "report.md", "report.html"
+from cltunnel.store import (ANALYSIS_NOTICES, CAMPAIGN_REPORT, CAPTURE_NOTES, CONFIG_FILE, METRICS_FILE, REPORT_HTML,
+                            REPORT_MD, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs)
 
 # What each file shows, by name pattern (first match wins), for the files every run and the sweep reports write;
 # the protocols and the analyses declare their own outputs' captions (cltunnel.reports.captions), shown after
@@ -62,7 +60,7 @@ TABLES = [
 # a layer x layer matrix is not a table to read).
 BEHIND_FIGURES = {"history.csv": "history.png", "block_layers_*.csv": "block_structure_layers.png",
                   "block_inner_*.csv": "block_structure_inner.png", "*cross_seed_cka.csv": "the cross-seed CKA figure"}
-SKIPPED = (REPORT_MD, "README.md", "CAMPAIGN.md")
+SKIPPED = (REPORT_MD, "README.md", CAMPAIGN_REPORT)  # README.md: a tables/ folder's own notes
 
 
 def behind_figure(name: str) -> str | None:

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from cltunnel.reports.figures import pyplot, write_figure
-from cltunnel.store import CONFIG_FILE, METRICS_FILE, load_metrics, load_run_config, seed_dirs
+from cltunnel.store import (ACCURACY_FIGURE, ACCURACY_MATRIX, CL_METRICS_TABLE, CONFIG_FILE, EXACT_ROWS, FORGETTING,
+                            METRICS_FILE, load_metrics, load_run_config, seed_dirs)
 
 # Shown in place of FWT in task-incremental runs: before task j, head j has had no gradient, so a[j-1][j] and
 # the untrained model's b[j] are both chance and their difference is noise, not transfer.
@@ -85,14 +86,14 @@ def scenario_mode(run_dir: Path) -> str:
 
 def run_frames(metrics: dict[str, Any], mode: str = "class") -> dict[str, pd.DataFrame]:
     """Every table of one run; the exact-pixel test rows get their own tables when the data has lossy rows."""
-    frames = {"accuracy_matrix": accuracy_frame(metrics["acc"]),
-              "forgetting": forgetting_frame(metrics["acc"], metrics.get("classes")),
-              "cl_metrics": cl_metrics_frame(metrics["acc"], metrics.get("acc_init"), mode)}
+    frames = {ACCURACY_MATRIX: accuracy_frame(metrics["acc"]),
+              FORGETTING: forgetting_frame(metrics["acc"], metrics.get("classes")),
+              CL_METRICS_TABLE: cl_metrics_frame(metrics["acc"], metrics.get("acc_init"), mode)}
     if metrics.get("acc_lossless"):
-        frames["accuracy_matrix_exact_rows"] = accuracy_frame(metrics["acc_lossless"])
-        frames["forgetting_exact_rows"] = forgetting_frame(metrics["acc_lossless"], metrics.get("classes"))
-        frames["cl_metrics_exact_rows"] = cl_metrics_frame(metrics["acc_lossless"], metrics.get("acc_init_lossless"),
-                                                           mode)
+        frames[ACCURACY_MATRIX + EXACT_ROWS] = accuracy_frame(metrics["acc_lossless"])
+        frames[FORGETTING + EXACT_ROWS] = forgetting_frame(metrics["acc_lossless"], metrics.get("classes"))
+        frames[CL_METRICS_TABLE + EXACT_ROWS] = cl_metrics_frame(metrics["acc_lossless"],
+                                                                 metrics.get("acc_init_lossless"), mode)
     return frames
 
 
@@ -160,13 +161,13 @@ def render(directory: str | Path) -> str:
         notes = _notes(name, all_metrics[0], mode) + ([STD_NOTE] if len(runs) > 1 else [])
         out.append(write_table(mean, std, len(runs), directory / name, _title(name, all_metrics[0], seeds), notes,
                                _missing(name, mode)))
-    plot_accuracy_curves(all_metrics, directory / "accuracy.png")
+    plot_accuracy_curves(all_metrics, directory / ACCURACY_FIGURE)
     return "\n".join(out)
 
 
 def _missing(name: str, mode: str) -> dict[str, str] | None:
     """Why a CL-metric table's FWT has no number: the reader sees the reason, not "nan" or a dash."""
-    if not name.startswith("cl_metrics"):
+    if not name.startswith(CL_METRICS_TABLE):
         return None
     return {"FWT": FWT_TASK_IL if mode == "task" else "n/a (no untrained baseline: run made before cltunnel 0.2)"}
 
@@ -177,12 +178,12 @@ def _title(name: str, metrics: dict[str, Any], seeds: list) -> str:
 
 
 def _notes(name: str, metrics: dict[str, Any], mode: str = "class") -> list[str]:
-    key = "n_test_lossless" if name.endswith("exact_rows") else "n_test"
+    key = "n_test_lossless" if name.endswith(EXACT_ROWS) else "n_test"
     notes = [f"test images per task: {metrics.get(key)} (test rows: "
-             f"{'exact-pixel rows only' if name.endswith('exact_rows') else metrics.get('test_rows', 'all')})"]
-    if metrics.get("acc_lossless") and not name.endswith("exact_rows"):
+             f"{'exact-pixel rows only' if name.endswith(EXACT_ROWS) else metrics.get('test_rows', 'all')})"]
+    if metrics.get("acc_lossless") and not name.endswith(EXACT_ROWS):
         notes.append("this dataset's test set mixes exact and JPEG-decoded rows; see the *_exact_rows tables")
-    if name.startswith("cl_metrics"):
+    if name.startswith(CL_METRICS_TABLE):
         fwt = ("FWT is not reported in task-incremental runs: head j has had no gradient before task j, so "
                "a[j-1][j] and the untrained model's accuracy are both chance" if mode == "task" else
                "FWT against the untrained model")

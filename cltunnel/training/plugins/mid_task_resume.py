@@ -12,9 +12,9 @@ from cltunnel.training.checkpoints import load_model_state, load_strategy_state
 
 
 class MidTaskResumePlugin(SupervisedPlugin):
-    """Every ``every`` epochs inside a task, :func:`~cltunnel.training.checkpoints.save_partial_task`; when a task resumes from such a state,
-    puts it back (optimizer, strategy and clock, batch order, RNG) just before its first remaining epoch,
-    after Avalanche has reset the optimizer for the new experience.
+    """Every ``every`` epochs inside a task, ``save`` (:func:`~cltunnel.training.checkpoints.save_partial_task`);
+    when a task resumes from such a state, puts it back (optimizer, strategy and clock, batch order, RNG) just
+    before its first remaining epoch, after Avalanche has reset the optimizer for the new experience.
 
     Both happen at the start of an epoch: by then every plugin has finished the epoch before (the learning
     rate schedule has stepped), so a state is saved and put back at the same point of the loop."""
