@@ -14,9 +14,10 @@ import pandas as pd
 
 from cltunnel.experiments.analyses.block_structure import shown_value
 from cltunnel.experiments.registry import SWEEP_REPORTS, SweepReport
+from cltunnel.reports.captions import declare_written
 from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import markdown_table
-from cltunnel.store import BLOCK_SUMMARY, seed_dirs
+from cltunnel.store import BLOCK_STRUCTURE, BLOCK_SUMMARY, seed_dirs
 
 SUMMARY = BLOCK_SUMMARY
 # The table's columns: the block and its statistics at the body layers' granularity (the layers the tunnel is
@@ -62,7 +63,7 @@ def block_sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
     frame = pd.DataFrame(rows).T
     shown = pd.concat([labels, frame[[c for c in SHOWN if c in frame] + ["seeds"]].rename(columns=SHOWN)], axis=1)
     shown.index.name = "configuration"
-    shown.to_csv(sweep_dir / "block_structure.csv")
+    shown.to_csv(sweep_dir / BLOCK_STRUCTURE)  # the sweep's table, under the per-run table's name
     md = (f"### {manifest['name']}: block structure per configuration (Nguyen et al. 2021, Figures 1-2)\n\n"
           + markdown_table(shown.map(shown_value)) + "\n\n- the block by the rule of the runs' analyses.block_threshold "
           "and block_min_layers over the body layers, each seed's span (seed 0 / seed 1 ...); block share: mean over "
@@ -116,3 +117,10 @@ def plot_grid(sweep_dir: Path, manifest: dict[str, Any], configs: list[str], axe
 
 
 SWEEP_REPORTS.register("block_structure", SweepReport(has_blocks, block_sweep_report, order=30))
+declare_written({
+    "block_structure_grid.png": "Every configuration's CKA map over its intermediate representations, laid out as "
+                                "Nguyen et al. 2021's Figures 1-2 (first seed).",
+    "block_structure_grid_without_pc.png": "The same maps with each representation's first PC removed.",
+}, place=50)
+declare_written({"block_structure.md": "Every configuration of the sweep: accuracies, the block, its CKA with and "
+                                       "without the first PC, first-PC shares and cross-seed CKA."}, place=75)

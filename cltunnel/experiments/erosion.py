@@ -367,4 +367,4 @@ def epochs(cfg: RunConfig) -> int:
 
 
 register_protocol(Protocol("erosion", "erosion", run_erosion, aggregate_erosion, FINISHED, summary, sweep_report,
-                           outputs=OUTPUTS, epochs=epochs))
+                           outputs=OUTPUTS, place=30, epochs=epochs))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from cltunnel.config import PROTOCOL_SECTIONS, ConfigError, RunConfig
 from cltunnel.registry import Registry
-from cltunnel.reports.captions import declare
+from cltunnel.reports.captions import declare_written
 
 TASK_SEQUENCE = "task_sequence"
 
@@ -36,6 +36,7 @@ class Protocol:
     trains_model_section: bool = True  # trains cfg.model with cfg.strategy (checked before any work)
     needs_data: bool = True  # reads cfg.data (False: its data are drawn from the seed; no dataset is loaded)
     outputs: Mapping[str, str] = field(default_factory=dict)  # file name or glob -> its caption on the page
+    place: int = 50  # where those captions go among the files runs and protocols write (the page's order)
     epochs: Callable[[RunConfig], int] | None = None  # cfg -> passes over the training data (campaign's estimate)
 
     def epochs_over_data(self, cfg: RunConfig) -> int:
@@ -55,17 +56,13 @@ class Protocol:
 PROTOCOLS: Registry[Protocol] = Registry("protocol", ConfigError)
 
 
-# Where a protocol's captions go among the page's declared ones: before the analyses' (which start at 10).
-PROTOCOL_CAPTIONS_ORDER = 0
-
-
 def register_protocol(protocol: Protocol) -> Protocol:
     """Make ``protocol`` the one its section selects, and declare its outputs' captions to the page."""
     if protocol.section is not None and protocol.section not in PROTOCOL_SECTIONS:
         raise ValueError(f"protocol {protocol.name}: section '{protocol.section}' is not registered "
                          f"({', '.join(PROTOCOL_SECTIONS)}); register its dataclass first with "
                          "cltunnel.config.register_section")
-    declare(protocol.outputs, PROTOCOL_CAPTIONS_ORDER)
+    declare_written(protocol.outputs, protocol.place)  # shown before every analysis's files
     return PROTOCOLS.register(protocol.name, protocol)
 
 

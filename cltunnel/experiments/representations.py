@@ -325,4 +325,4 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 
 register_protocol(Protocol("representations", "representations", run_representations, aggregate_representations,
-                           FINISHED, summary, trains_model_section=False, outputs=OUTPUTS))
+                           FINISHED, summary, trains_model_section=False, outputs=OUTPUTS, place=80))

@@ -13,6 +13,7 @@ import pandas as pd
 from cltunnel.experiments.analyses import read_swap_meta
 from cltunnel.experiments.registry import SWEEP_REPORTS, SweepReport
 from cltunnel.models.zoo import VGG_STAGES
+from cltunnel.reports.captions import declare_written
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
 from cltunnel.config import parse_tunnel_start
@@ -94,3 +95,5 @@ def plot_depth(mean: pd.DataFrame, std: pd.DataFrame, extractor: int | None, pat
 
 SWEEP_REPORTS.register("depth", SweepReport(lambda sweep_dir, manifest: DEPTH_AXIS in manifest["axes"],
                                             lambda sweep_dir, manifest: depth_report(sweep_dir), order=10))
+declare_written({"shallow_forgetting.png": "Forgetting against network depth (thesis Fig. 5.4.1, shallower "
+                                                  "networks)."}, place=40)

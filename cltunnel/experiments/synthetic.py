@@ -494,4 +494,4 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 
 register_protocol(Protocol("synthetic", "synthetic", run_synthetic, aggregate_synthetic, FINISHED, summary,
-                           trains_model_section=False, outputs=OUTPUTS))
+                           trains_model_section=False, outputs=OUTPUTS, place=90))

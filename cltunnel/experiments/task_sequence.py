@@ -14,6 +14,7 @@ from cltunnel.data.images import ImageData
 from cltunnel.experiments.analyses import aggregate_seeds, run_analyses
 from cltunnel.experiments import block_sweep, shallow, temperature  # noqa: F401  (they register sweep reports)
 from cltunnel.experiments.registry import TASK_SEQUENCE, Protocol, register_protocol, sweep_reports
+from cltunnel.reports.captions import declare_written
 from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.reports.tables import aggregate, forgetting_frame, render, write_table
 from cltunnel.store import CKA_M1_M2, METRICS_FILE, load_manifest, load_metrics, seed_dir, seed_dirs
@@ -63,6 +64,10 @@ def sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
 
 
 register_protocol(Protocol(TASK_SEQUENCE, None, run_seed, aggregate_scenario, METRICS_FILE, summary, sweep_report))
+declare_written({
+    "cka_m1_m2.png": "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2.",
+    "summary.md": "Every configuration of the sweep: average accuracy and forgetting.",
+}, place=60)
 
 
 def summary_frames(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cltunnel.experiments.registry import SWEEP_REPORTS, SweepReport
+from cltunnel.reports.captions import declare_written
 from cltunnel.reports.figures import pyplot, save_figure
 from cltunnel.reports.tables import write_table
 from cltunnel.store import OOD_RHO, TUNNEL_START, load_manifest, load_metrics, load_run_config, seed_dirs
@@ -110,3 +111,7 @@ def plot_temperature(mean: pd.DataFrame, std: pd.DataFrame, path: Path) -> None:
 
 SWEEP_REPORTS.register("temperature", SweepReport(lambda sweep_dir, manifest: TEMPERATURE_AXIS in manifest["axes"],
                                                   lambda sweep_dir, manifest: temperature_report(sweep_dir), order=20))
+declare_written({
+    "table_6_3_1.png": "Softmax temperature T against κ and ρ per architecture (thesis Table 6.3.1, ch. 6).",
+    "table_6_3_1.md": "κ and ρ by architecture and softmax temperature (thesis Table 6.3.1; the reading checked).",
+}, place=70)

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cltunnel.reports.captions import declare_shown_by, declare_written
+from cltunnel.store import HISTORY_FIGURE, HISTORY_FILE
+
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (runs have no display)."""
@@ -58,3 +61,9 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
         for ax in (left, right):
             ax.axvline(boundary, color="grey", ls="--", lw=0.8)
     save_figure(fig, (left, right), path, legend_size=7)
+
+
+# The page's captions of the training curves (the first of a run's figures); the per-epoch log is shown by them.
+declare_written({HISTORY_FIGURE: "Training curves: loss and training accuracy per epoch over the task sequence, and each "
+                                  "task's test accuracy where measured (task boundaries dashed)."}, place=10)
+declare_shown_by({HISTORY_FILE: HISTORY_FIGURE})

@@ -18,65 +18,25 @@ import markdown
 import pandas as pd
 
 from cltunnel.expectations import EXPECTATIONS_FILE
-from cltunnel.reports.captions import captions_for, entries_of
+from cltunnel.reports.captions import captions_for, entries_of, shown_by, view_of
 from cltunnel.reports.provenance import load_provenance
 from cltunnel.reports.tables import format_mean_std, markdown_table
 from cltunnel.store import (ANALYSIS_NOTICES, CAMPAIGN_REPORT, CAPTURE_NOTES, CONFIG_FILE, METRICS_FILE, REPORT_HTML,
                             REPORT_MD, atomic_write_text, is_sweep_dir, load_run_config, seed_dirs)
 
-# What each file shows, by name pattern (first match wins), for the files every run and the sweep reports write;
-# the protocols and the analyses declare their own outputs' captions (cltunnel.reports.captions), shown after
-# these (protocols first) and before the catch-all. Figures first on the page, in this order.
-FIGURES = [
-    ("history.png", "Training curves: loss and training accuracy per epoch over the task sequence, and each task's "
-                    "test accuracy where measured (task boundaries dashed)."),
-    ("accuracy.png", "Accuracy on each task after each training task (rows of the accuracy matrix; mean ± std "
-                     "band over seeds): forgetting is the drop of a line."),
-    ("shallow_forgetting.png", "Forgetting against network depth (thesis Fig. 5.4.1, shallower networks)."),
-    ("block_structure_grid.png", "Every configuration's CKA map over its intermediate representations, laid out as "
-                                 "Nguyen et al. 2021's Figures 1-2 (first seed)."),
-    ("block_structure_grid_without_pc.png", "The same maps with each representation's first PC removed."),
-    ("cka_m1_m2.png", "Linear CKA between layers (thesis §5.6): where the network moved while learning task 2."),
-    ("table_6_3_1.png", "Softmax temperature T against κ and ρ per architecture (thesis Table 6.3.1, ch. 6)."),
-    ("*.png", ""),
-]
-TABLES = [
-    ("accuracy_matrix.md", "Accuracy matrix: row = after training task i, column = test accuracy on task j."),
-    ("accuracy_matrix_exact_rows.md", "The same on the exact-pixel test rows only (CIFAR-10 rows 0-999 here; the "
-                                      "rest were decoded from JPEG)."),
-    ("forgetting.md", "Accuracy right after each task, after the last, and the drop (forgetting)."),
-    ("forgetting_exact_rows.md", "Forgetting on the exact-pixel test rows only."),
-    ("cl_metrics.md", "ACC, BWT, FWT, forgetting (last and max based), average incremental accuracy (README: "
-                      "formulas)."),
-    ("cl_metrics_exact_rows.md", "The same metrics on the exact-pixel test rows only."),
-    ("summary.md", "Every configuration of the sweep: average accuracy and forgetting."),
-    ("table_6_3_1.md", "κ and ρ by architecture and softmax temperature (thesis Table 6.3.1; the reading checked)."),
-    ("block_structure.md", "Every configuration of the sweep: accuracies, the block, its CKA with and without the "
-                           "first PC, first-PC shares and cross-seed CKA."),
-    ("*.md", ""),
-    ("*.csv", ""),
-]
-# CSVs a figure already shows in full (name patterns): named under the tables, not printed (a per-epoch log or
-# a layer x layer matrix is not a table to read).
-BEHIND_FIGURES = {"history.csv": "history.png", "block_layers_*.csv": "block_structure_layers.png",
-                  "block_inner_*.csv": "block_structure_inner.png", "*cross_seed_cka.csv": "the cross-seed CKA figure"}
+# What each file shows comes from the modules that write it (cltunnel.reports.captions); a file none declares
+# is shown under its name alone, by these catch-alls.
+GENERIC = {"figure": [("*.png", "")], "table": [("*.md", ""), ("*.csv", "")]}
 SKIPPED = (REPORT_MD, "README.md", CAMPAIGN_REPORT)  # README.md: a tables/ folder's own notes
 
 
-def behind_figure(name: str) -> str | None:
-    """The figure that shows a CSV in full, if one does (:data:`BEHIND_FIGURES`)."""
-    return next((figure for pattern, figure in BEHIND_FIGURES.items() if fnmatch.fnmatch(name, pattern)), None)
-
-
 def entries(directory: Path, kind: str) -> list[tuple[str, str]]:
-    """(pattern, caption) of one kind (figure, table, note) for a directory, in page order: the protocols' and
-    sweeps' catalogue, then what the analyses declared (:mod:`cltunnel.reports.captions`), then the catch-all."""
+    """(pattern, caption) of one kind (figure, table, note) for a directory, in page order: what the protocols,
+    sweeps and analyses declared (:func:`cltunnel.reports.captions.captions_for`), then the catch-all."""
     declared = entries_of(kind, captions_for(directory))
     if kind == "note":
         return [(CAPTURE_NOTES, "")] + declared + [(ANALYSIS_NOTICES, "")]
-    catalogue = FIGURES if kind == "figure" else TABLES
-    generic = [e for e in catalogue if e[0].startswith("*.")]
-    return [e for e in catalogue if e not in generic] + declared + generic
+    return declared + GENERIC[kind]
 
 
 def caption(name: str, table: list[tuple[str, str]]) -> str:
@@ -162,7 +122,7 @@ def _figures_section(directory: Path) -> list[str]:
 def _tables_section(directory: Path) -> list[str]:
     """Every table once: a written markdown table, else its CSV formatted (two decimals, named columns)."""
     md = [p for p in directory.glob("*.md") if p.name not in SKIPPED]
-    csv = [p for p in directory.glob("*.csv") if not p.with_suffix(".md").exists() and not behind_figure(p.name)]
+    csv = [p for p in directory.glob("*.csv") if not p.with_suffix(".md").exists() and not shown_by(p.name)]
     catalogue = entries(directory, "table")
     tables = _order(md + csv, catalogue)
     if not tables:
@@ -172,8 +132,7 @@ def _tables_section(directory: Path) -> list[str]:
         title, body = _md_table(table) if table.suffix == ".md" else (_label(table), _csv_markdown(table))
         text = caption(table.name, catalogue)
         parts += [f"### Table {i}. {title}", ""] + ([text, ""] if text else []) + [body, ""]
-    behind = [f"`{p.name}` (behind {behind_figure(p.name)})" for p in sorted(directory.glob("*.csv"))
-              if behind_figure(p.name)]
+    behind = [f"`{p.name}` (behind {shown_by(p.name)})" for p in sorted(directory.glob("*.csv")) if shown_by(p.name)]
     if behind:
         parts += ["Also in the directory: " + ", ".join(behind) + ".", ""]
     return parts
@@ -226,8 +185,9 @@ def csv_table(path: Path) -> pd.DataFrame:
         raw = pd.read_csv(path, header=[0, 1], index_col=0)
         return format_mean_std(raw["mean"], raw["std"], 2 if raw["std"].fillna(0).to_numpy().any() else 1)
     frame = pd.read_csv(path)
-    if fnmatch.fnmatch(path.name, "*substitution.csv"):
-        return _substitution_wide(frame)
+    view = view_of(path.name)  # a reshaping the writing module declared
+    if view is not None:
+        return view(frame)
     if str(frame.columns[0]).startswith("Unnamed"):
         frame = frame.set_index(frame.columns[0]).rename_axis(None)
     else:
@@ -241,15 +201,6 @@ def _format_column(column: pd.Series) -> pd.Series:
         return column.map(lambda v: "–" if pd.isna(v) else str(v))
     whole = column.dropna().map(lambda v: float(v).is_integer()).all()
     return column.map(lambda v: "–" if pd.isna(v) else f"{v:.0f}" if whole else f"{v:.2f}")
-
-
-def _substitution_wide(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per x, one column per (direction, task); mean ± std (ddof 1) where the file pools seeds."""
-    frame = frame.assign(curve=frame["direction"] + ", task " + frame["task"].astype(str))
-    grouped = frame.groupby(["x", "curve"])["accuracy"]
-    mean, std = grouped.mean().unstack(), grouped.std(ddof=1).unstack()
-    shown = format_mean_std(mean, std, int(grouped.size().max()))
-    return shown.rename_axis(index="x", columns=None)
 
 
 def _config_section(directory: Path, kind: str, subpages: list[Path]) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cltunnel.reports.captions import declare_written
 from cltunnel.reports.figures import pyplot, write_figure
 from cltunnel.store import (ACCURACY_FIGURE, ACCURACY_MATRIX, CL_METRICS_TABLE, CONFIG_FILE, EXACT_ROWS, FORGETTING,
                             METRICS_FILE, load_metrics, load_run_config, seed_dirs)
@@ -210,3 +211,18 @@ def plot_accuracy_curves(all_metrics: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     write_figure(fig, path)
+
+
+# What the page says under a run's and a scenario's tables and the accuracy figure, first among the tables.
+declare_written({
+    ACCURACY_FIGURE: "Accuracy on each task after each training task (rows of the accuracy matrix; mean ± std band "
+                     "over seeds): forgetting is the drop of a line.",
+    f"{ACCURACY_MATRIX}.md": "Accuracy matrix: row = after training task i, column = test accuracy on task j.",
+    f"{ACCURACY_MATRIX}{EXACT_ROWS}.md": "The same on the exact-pixel test rows only (CIFAR-10 rows 0-999 here; the "
+                                         "rest were decoded from JPEG).",
+    f"{FORGETTING}.md": "Accuracy right after each task, after the last, and the drop (forgetting).",
+    f"{FORGETTING}{EXACT_ROWS}.md": "Forgetting on the exact-pixel test rows only.",
+    f"{CL_METRICS_TABLE}.md": "ACC, BWT, FWT, forgetting (last and max based), average incremental accuracy (README: "
+                              "formulas).",
+    f"{CL_METRICS_TABLE}{EXACT_ROWS}.md": "The same metrics on the exact-pixel test rows only.",
+}, place=20)

@@ -190,7 +190,12 @@ def block_seeds(scenario_dir: Path, out_dir: Path, runs: list[Path], provenance:
     return block_seeds_table(scenario_dir, out_dir, runs, provenance)
 
 
-@analysis("block_structure", order=80, seeds=block_seeds, outputs=OUTPUTS)
+# CSVs a figure shows in full (a layer x layer matrix is not a table to read): named under the page's tables.
+SHOWN_BY = {"block_layers_*.csv": "block_structure_layers.png", "block_inner_*.csv": "block_structure_inner.png",
+            "*cross_seed_cka.csv": "the cross-seed CKA figure"}
+
+
+@analysis("block_structure", order=80, seeds=block_seeds, outputs=OUTPUTS, shown_by=SHOWN_BY)
 def block_structure_analysis(run: LoadedRun) -> dict[str, Any]:
     model = run.model(0)
     grains = measure_granularities(run, model)

@@ -1,9 +1,10 @@
 """Analyses by name, and how what one returns becomes files: the one API the built-in analyses and a user's
 share.
 
-``@analysis(name, caption=...)`` makes a function ``LoadedRun -> result`` an analysis. It owns its name, its
-outputs (file name or glob -> caption, shown on the page; :mod:`cltunnel.reports.captions`) and, optionally,
-its table over a scenario's seeds. What it returns is written into the run directory by :func:`write_result`:
+``@analysis(name, caption=...)`` makes a function ``LoadedRun -> result`` an analysis. It owns its name,
+its outputs (file name or glob -> caption, shown on the page; :mod:`cltunnel.reports.captions`), how the page
+shows its CSVs (``shown_by``: the figure that shows one in full; ``views``: a reshaping for the page) and,
+optionally, its table over a scenario's seeds. What it returns is written into the run directory by :func:`write_result`:
 
 - a pandas ``DataFrame``: ``<name>.csv`` and ``<name>.md`` (the markdown table the page shows);
 - a matplotlib ``Figure``: ``<name>.png`` (through :func:`cltunnel.reports.figures.write_figure`: 120 dpi);
@@ -31,7 +32,7 @@ import pandas as pd
 
 from cltunnel.config import ConfigError
 from cltunnel.registry import Registry
-from cltunnel.reports.captions import declare
+from cltunnel.reports.captions import declare, declare_shown_by, declare_view
 from cltunnel.reports.figures import write_figure
 from cltunnel.reports.tables import markdown_table
 
@@ -50,6 +51,8 @@ class Analysis:
     outputs: Mapping[str, str] = field(default_factory=dict)  # file name or glob -> caption (page)
     seeds: SeedsTable | None = None  # (scenario dir, out dir, seed dirs, provenance) -> markdown or None
     order: int = 100  # its place in the default list (analyses.run empty: every built-in, in this order)
+    shown_by: Mapping[str, str] = field(default_factory=dict)  # CSV glob -> the figure that shows it in full
+    views: Mapping[str, Callable[[pd.DataFrame], pd.DataFrame]] = field(default_factory=dict)  # CSV glob -> page table
 
     @property
     def origin(self) -> str:
@@ -76,21 +79,28 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def analysis(name: str, caption: str = "", outputs: Mapping[str, str] | None = None, seeds: SeedsTable | None = None,
-             order: int = 100) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             order: int = 100, shown_by: Mapping[str, str] | None = None,
+             views: Mapping[str, Callable[[pd.DataFrame], pd.DataFrame]] | None = None
+             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``@analysis("weight_norms", caption="...")`` makes ``f(run)`` the analysis ``weight_norms``.
 
     ``outputs`` maps file names or globs to captions where one caption does not fit all files; ``seeds``
-    combines a scenario's seeds (the built-ins' mean ± std tables). The function is returned unchanged, with
-    its :class:`Analysis` as ``f.analysis``."""
+    combines a scenario's seeds (the built-ins' mean ± std tables); ``shown_by`` names, per CSV glob, the figure
+    that shows such a CSV in full (the page lists it instead of printing it), and ``views`` reshapes a CSV into
+    the table the page prints. The function is returned unchanged, with its :class:`Analysis` as ``f.analysis``."""
     if not isinstance(name, str) or not VALID_NAME.fullmatch(name):
         raise ValueError(f"analysis name {name!r}: letters, digits, '_', '-' and '.', as it names files")
 
     def register(function: Callable[..., Any]) -> Callable[..., Any]:
-        entry = Analysis(name, function, caption, dict(outputs or {}), seeds, order)
+        entry = Analysis(name, function, caption, dict(outputs or {}), seeds, order, dict(shown_by or {}),
+                         dict(views or {}))
         if name in ANALYSES and ANALYSES[name].origin != entry.origin:
             raise ValueError(f"analysis '{name}' is registered twice ({ANALYSES[name].origin} and {entry.origin})")
         ANALYSES.register(name, entry)
         declare(entry.outputs, order)
+        declare_shown_by(entry.shown_by)
+        for pattern, view in entry.views.items():
+            declare_view(pattern, view)
         function.analysis = entry  # type: ignore[attr-defined]
         return function
 

@@ -11,6 +11,7 @@ import pandas as pd
 from cltunnel.experiments.analyses.loading import LoadedRun
 from cltunnel.experiments.analyses.registry import analysis
 from cltunnel.reports.figures import pyplot, write_figure
+from cltunnel.reports.tables import format_mean_std
 from cltunnel.store import SUBSTITUTION
 
 
@@ -57,7 +58,17 @@ def substitution_seeds(scenario_dir: Path, out_dir: Path, runs: list[Path], prov
         plot_substitution(allc, out_dir / f"{scenario_dir.name}_substitution.png", scenario_dir.name)
 
 
-@analysis("substitution", order=30, seeds=substitution_seeds, outputs={
+def substitution_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """The curves as the page prints them: one row per x, one column per (direction, task); mean ± std
+    (ddof 1) where the file pools seeds."""
+    frame = frame.assign(curve=frame["direction"] + ", task " + frame["task"].astype(str))
+    grouped = frame.groupby(["x", "curve"])["accuracy"]
+    mean, std = grouped.mean().unstack(), grouped.std(ddof=1).unstack()
+    shown = format_mean_std(mean, std, int(grouped.size().max()))
+    return shown.rename_axis(index="x", columns=None)
+
+
+@analysis("substitution", order=30, seeds=substitution_seeds, views={"*" + SUBSTITUTION: substitution_wide}, outputs={
     "*substitution.png": "Substitution curves M1[1:x] + M2[x+1:n] (thesis Fig. 5.5.1): from which layer on M2's "
                          "layers serve task 1 as well as M1's.",
     "*" + SUBSTITUTION: "The substitution curves as numbers: accuracy (%) on each task of M1[1:x]+M2[x+1:n] and "
