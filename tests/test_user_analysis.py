@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,16 +34,13 @@ def user_run(tmp_path_factory):
     (work / "scenario.yaml").write_text(yaml.safe_dump(SCENARIO))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
-        start = time.perf_counter()
         rc = cli_main(["run", "scenario.yaml", "--no-progress", "--output-dir", str(work / "runs")])
-        seconds = time.perf_counter() - start
     assert rc == 0
-    return work, work / "runs" / "user_analysis" / "seed0", seconds
+    return work, work / "runs" / "user_analysis" / "seed0"
 
 
 def test_a_user_analysis_is_written_and_shown_under_its_caption(user_run):
-    work, run_dir, seconds = user_run
-    assert seconds < 40, f"the end-to-end run took {seconds:.0f} s"
+    work, run_dir = user_run
     table = pd.read_csv(run_dir / "weight_norms_table.csv", index_col=0)
     assert list(table.index) == [1, 2, 3] and (table["norm after task 1"] > 0).all()
     assert (table["relative change"] > 0).all()  # the second task moved every layer
@@ -65,7 +61,7 @@ def test_a_user_analysis_is_written_and_shown_under_its_caption(user_run):
 
 def test_the_page_keeps_a_user_caption_when_rebuilt_without_the_module(user_run, tmp_path, monkeypatch):
     """``cltunnel report`` in another directory (the module not importable) still captions the user's files."""
-    _, run_dir, _ = user_run
+    _, run_dir = user_run
     monkeypatch.chdir(tmp_path)
     (run_dir / "report.md").unlink()
     assert cli_main(["report", str(run_dir)]) == 0
@@ -101,7 +97,7 @@ def test_wrong_type_and_raising_analyses_cost_one_line_each_and_keep_the_rest(us
     from cltunnel.experiments.analyses import run_analyses
     from cltunnel.reports.page import build_report
 
-    work, run_dir, _ = user_run
+    work, run_dir = user_run
     monkeypatch.chdir(work)
     name = user_module(work, "bad_analyses_31", """
         import pandas as pd
