@@ -47,6 +47,17 @@ from cltunnel.store import atomic_save, atomic_write_text, save_run_config, seed
 from cltunnel.training.checkpoints import safe_load
 
 FINISHED = "narrow_resnet.csv"  # in a seed directory: one row per (task, regime, depth), written last
+OUTPUTS = {  # what the page says under each figure (the scenario's page; the first seed's models)
+    "*_x2.png": "x² (Kuehn, Kuntz & Wöhrer): the first seed's learned maps against x², one panel per depth, and MSE by "
+                "depth per regime (mean ± std over seeds) against the monotone bound 9/160.",
+    "*_regions.png": "Decision regions over the box, one panel per regime and depth: the 0.5 boundary (black), the "
+                     "hidden map's fold curve (det J = 0, dashed green), critical points (+ extremum, × saddle) and "
+                     "the test data; 'unbounded': the predicted disk reaches the box's border (the paper's tunnel).",
+    "*_levels.png": "The authors' level-set figure: 20 level sets of the predicted probability, the 0.5 level in "
+                    "black, the test data on top.",
+    "*_trajectories.png": "The authors' trajectory figure at width 2: test points through the blocks in the hidden "
+                          "plane (dot: after the input layer, cross: after block L) and the output's 0.5 line.",
+}
 MODELS = "models.pt"  # in a seed directory: every trained model with its spec and measures (the resume record)
 MONOTONE_BOUND = 9 / 160  # least MSE of a monotone map against x² on U[-1, 1]
 X2_VARIANCE = 4 / 45  # Var(x²) on U[-1, 1]: the MSE of the best constant
@@ -770,17 +781,14 @@ def _loaded(entry: dict[str, Any]) -> NarrowResNet:
 def plot_regions(task: str, models: dict[str, dict[str, Any]], path: Path, seed_name: str) -> None:
     """Predicted class over the box, one panel per (regime, depth): the decision boundary, the fold curve
     (det J of the hidden map = 0, dashed), critical points (+: extremum, x: saddle) and the test data."""
-    plt = pyplot()
-    entries = [e for e in models.values() if e["spec"]["task"] == task]
-    regimes, depths = list(dict.fromkeys(e["spec"]["name"] for e in entries)), sorted({e["spec"]["depth"] for e in entries})
-    fig, axes = plt.subplots(len(regimes), len(depths), figsize=(3.2 * len(depths), 3.2 * len(regimes)), squeeze=False)
+    fig, axes, entries, regimes, depths = _panels(task, models)
     for entry in entries:
         spec = entry["spec"]
-        ax = axes[regimes.index(spec["name"]), depths.index(spec["depth"])]
-        _draw_regions(ax, _loaded(entry), entry, task)
-    fig.suptitle(f"{task}: decision regions ({seed_name}; box [-{entries[0]['spec']['box']:g}, "
-                 f"{entries[0]['spec']['box']:g}]², data in [-1, 1]²)")
-    write_figure(fig, path, dpi=110)
+        _draw_regions(axes[regimes.index(spec["name"]), depths.index(spec["depth"])], _loaded(entry), entry, task)
+    spec = entries[0]["spec"]
+    data = "standardised data" if spec.get("standardise") else "data in [-1, 1]²"
+    fig.suptitle(f"{task}: decision regions ({seed_name}; box [-{spec['box']:g}, {spec['box']:g}]², {data})")
+    _write_panels(fig, path)
 
 
 def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str) -> None:
@@ -822,7 +830,19 @@ def _panels(task: str, models: dict[str, dict[str, Any]], keep: Any = None) -> t
     entries = [e for e in models.values() if e["spec"]["task"] == task and (keep is None or keep(e))]
     regimes, depths = list(dict.fromkeys(e["spec"]["name"] for e in entries)), sorted({e["spec"]["depth"] for e in entries})
     fig, axes = plt.subplots(len(regimes), len(depths), figsize=(3.2 * len(depths), 3.2 * len(regimes)), squeeze=False)
+    drawn = {(regimes.index(e["spec"]["name"]), depths.index(e["spec"]["depth"])) for e in entries}
+    for (row, col), ax in np.ndenumerate(axes):  # a regime not run at this depth: no empty axes on the page
+        if (row, col) not in drawn:
+            ax.axis("off")
     return fig, axes, entries, regimes, depths
+
+
+def _write_panels(fig: Any, path: Path) -> None:
+    """Lay the panels out below the figure's title (``tight_layout`` alone lets the title run into the first
+    row's panel titles), then write the PNG."""
+    lines = fig.get_suptitle().count("\n") + 1 if fig.get_suptitle() else 0
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * lines / fig.get_figheight()))
+    write_figure(fig, path, dpi=110, tight=False)
 
 
 def _title(spec: dict[str, Any], m: dict[str, float]) -> str:
@@ -850,7 +870,7 @@ def plot_levels(task: str, models: dict[str, dict[str, Any]], path: Path, seed_n
         ax.set(title=_title(spec, entry["measures"]), aspect="equal")
         ax.title.set_fontsize(8)
     fig.suptitle(f"{task}: level sets of the prediction ({seed_name}), test data on top")
-    write_figure(fig, path, dpi=110)
+    _write_panels(fig, path)
 
 
 def hidden_states(model: NarrowResNet, x: torch.Tensor) -> torch.Tensor:
@@ -888,9 +908,9 @@ def plot_trajectories(task: str, models: dict[str, dict[str, Any]], path: Path, 
         ax.set_ylim(h[..., 1].min() - 0.1, h[..., 1].max() + 0.1)
         ax.set(title=_title(spec, entry["measures"]))
         ax.title.set_fontsize(8)
-    fig.suptitle(f"{task}: hidden trajectories at width 2 ({seed_name}; ●: after the input layer, ×: after block L; "
-                 "dashed: the output's 0.5 line)")
-    write_figure(fig, path, dpi=110)
+    fig.suptitle(f"{task}: hidden trajectories at width 2 ({seed_name})\n●: after the input layer, ×: after block L; "
+                 "dashed: the output's 0.5 line", fontsize=10)
+    _write_panels(fig, path)
 
 
 def summary(scenario_dir: Path, cfg: RunConfig) -> str:
@@ -900,4 +920,4 @@ def summary(scenario_dir: Path, cfg: RunConfig) -> str:
 
 
 register_protocol(Protocol("narrow_resnet", "narrow_resnet", run_narrow_resnet, aggregate_narrow_resnet, FINISHED,
-                           summary, trains_model_section=False, needs_data=False))
+                           summary, trains_model_section=False, needs_data=False, outputs=OUTPUTS, place=85))
