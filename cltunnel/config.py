@@ -125,6 +125,10 @@ class AnalysesConfig:
     ood_test_per_class: int = 200  # probe test images per class
     block_threshold: float = 0.9  # block structure: the longest run of layers whose pairwise CKA are all at least this
     block_min_layers: int = 3  # ... spanning at least this many layers (else: no block)
+    block_pc_iterations: int = 30  # whole-set first PCs: at most this many subspace iterations (2 passes each)
+    block_pc_tolerance: float = 1e-6  # ... stopping when every PC's residual |Ku - λu| / λ is below this
+    block_pooled_stages: int = 2  # the pooled first-PC share: over the last this many stages (Fig. D.5)
+    block_residual_probes: bool = True  # probes before and after each residual addition (Fig. E.1)
 
 
 
@@ -493,6 +497,9 @@ def _validate_ranges(cfg: RunConfig) -> None:
         ("analyses.ood_test_per_class", a.ood_test_per_class, a.ood_test_per_class >= 1, "must be at least 1"),
         ("analyses.block_threshold", a.block_threshold, 0 < a.block_threshold <= 1, "is a CKA in (0, 1]"),
         ("analyses.block_min_layers", a.block_min_layers, a.block_min_layers >= 2, "must be at least 2"),
+        ("analyses.block_pc_iterations", a.block_pc_iterations, a.block_pc_iterations >= 1, "must be at least 1"),
+        ("analyses.block_pc_tolerance", a.block_pc_tolerance, 0 < a.block_pc_tolerance < 1, "is a share in (0, 1)"),
+        ("analyses.block_pooled_stages", a.block_pooled_stages, a.block_pooled_stages >= 1, "must be at least 1"),
     ]
     for where, value, ok, rule in checks:
         if not ok:

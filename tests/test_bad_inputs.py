@@ -59,6 +59,8 @@ CASES = [
     ("unknown analysis", {"analyses.run": ["swapp"]}, "analyses.run: unknown analysis 'swapp' (did you mean 'swap'?)"),
     ("analysis module missing", {"analyses.run": ["nowhere_module:norms"]}, "cannot import analysis module 'nowhere_module'"),
     ("tunnel threshold above 1", {"analyses.tunnel_threshold": 1.5}, "analyses.tunnel_threshold"),
+    ("no whole-set PC iteration", {"analyses.block_pc_iterations": 0}, "analyses.block_pc_iterations: must be at least 1"),
+    ("PC tolerance of 1", {"analyses.block_pc_tolerance": 1.0}, "analyses.block_pc_tolerance: is a share in (0, 1)"),
     ("erosion ratio above 1", {"scenario": {"tasks": [10]}, "erosion": {"ratio": 2}}, "erosion.ratio"),
     ("unknown synthetic source", {"synthetic": {"sources": ["gan"]}}, "synthetic.sources: unknown ['gan']"),
     ("unknown representation model", {"representations": {"models": ["GAN"]}}, "representations.models"),

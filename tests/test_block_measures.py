@@ -1,5 +1,6 @@
 """The block-structure measures of Nguyen, Raghu & Kornblith (ICLR 2021) (cltunnel.measures.blocks) and the
-vectorised minibatch CKA under them (cltunnel.measures.similarity), on constructions with known answers."""
+vectorised minibatch CKA under them (cltunnel.measures.similarity), on constructions with known answers: the
+whole-set first PCs against numpy's SVD, the pooled share, the upper-half CKA and ReLU sparsity by hand."""
 import itertools
 import math
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from cltunnel.measures import similarity
-from cltunnel.measures.blocks import (BLOCK_MIN_LAYERS, BLOCK_THRESHOLD, BlockStats, block_summary, centre_gram,
-                                      find_block, first_pc, remove_first_pc)
+from cltunnel.measures.blocks import (BLOCK_MIN_LAYERS, BLOCK_THRESHOLD, BlockStats, ReluSparsity, WholeSetPCs,
+                                      block_summary, find_block, fit_whole_set_pcs, upper_half_cka)
 from cltunnel.measures.similarity import CKAMatrix, _unbiased_hsic, cka_matrix, minibatch_cka
 
 
@@ -120,78 +121,156 @@ def _two_pc_features(n: int, s1: float, s2: float, seed: int, d: int = 15, noise
     return x + 5.0 * _randn(d, seed=seed + 4), max(va, vb) / (va + vb)
 
 
+def _whole_set(features: list[torch.Tensor], parts: list[slice], targets: list[list[int]] | None = None,
+               tolerance: float = 1e-12) -> WholeSetPCs:
+    """The streamed protocol on features held in memory: the moments pass, then the iterations."""
+    pcs = WholeSetPCs(targets or [[i] for i in range(len(features))], len(features[0]))
+
+    def sweep() -> None:
+        for part in parts:
+            for i, f in enumerate(features):
+                pcs.visit(i, part, f[part])
+
+    sweep()
+    fit_whole_set_pcs([pcs], sweep, 300, tolerance)
+    return pcs
+
+
+def _stats(features: list[torch.Tensor], parts: list[slice]) -> BlockStats:
+    """BlockStats as the analysis fills them: CKA, whole-set PCs, then the Grams less their first PC."""
+    stats = BlockStats()
+    for part in parts:
+        stats.add_grams([_gram(f[part]) for f in features])
+    stats.set_first_pcs(_whole_set(features, parts), list(range(len(features))))
+    for part in parts:
+        stats.add_grams_without_first_pc([_gram(f[part]) for f in features], part)
+    return stats
+
+
+def _numpy_pc(x: torch.Tensor) -> tuple[float, np.ndarray, float]:
+    """(share, unit first PC over the rows, λ1 / λ2) of the centred features, by numpy's SVD."""
+    a = x.flatten(1).numpy()
+    u, s, _ = np.linalg.svd(a - a.mean(0), full_matrices=False)
+    return float(s[0] ** 2 / (s ** 2).sum()), u[:, 0], float(s[0] ** 2 / s[1] ** 2)
+
+
+def test_whole_set_first_pc_equals_numpy_svd_and_differs_from_each_minibatch_pc():
+    """A close second PC (λ1 ≈ 1.1·λ2, as in the runs) over four minibatches: the streamed PC is numpy's over
+    all rows; the PC of each minibatch is not (the approximation issue 33 removed)."""
+    scale = torch.cat([torch.tensor([1.05, 1.0]), torch.linspace(0.6, 0.05, 28)]).double()
+    x = _randn(400, 30, seed=80) * scale + 3.0
+    parts = [slice(a, a + 100) for a in range(0, 400, 100)]
+    pcs = _whole_set([x], parts)
+    share, u1, ratio = _numpy_pc(x)
+    assert 1.0 < ratio < 1.3
+    assert pcs.share()[0].item() == pytest.approx(share, abs=1e-10)
+    assert abs(u1 @ pcs.u1[0].numpy()) == pytest.approx(1.0, abs=1e-9)
+    assert pcs.residual.max() < 1e-12 and pcs.iterations < 300
+    per_batch = [_numpy_pc(x[p]) for p in parts]
+    pooled_batch_share = sum(s * float(((x[p] - x[p].mean(0)) ** 2).sum()) for (s, _, _), p in zip(per_batch, parts)
+                             ) / sum(float(((x[p] - x[p].mean(0)) ** 2).sum()) for p in parts)
+    assert abs(pooled_batch_share - share) > 1e-3  # Σλ1 / Σtrace over minibatches, the old estimate
+    for (_, u, _), p in zip(per_batch, parts):  # each minibatch's PC is not the whole set's restricted to it
+        whole = pcs.u1[0][p].numpy()
+        assert abs(u @ whole) / np.linalg.norm(whole) < 0.999
+
+
+def test_pooled_share_is_the_first_pc_of_the_concatenated_features():
+    """Two representations of different widths and scales, pooled: numpy's first PC of their concatenation."""
+    x = _randn(120, 6, seed=81) * torch.linspace(2.0, 0.2, 6, dtype=torch.float64)
+    y = _randn(120, 2, 3, seed=82) * 1.5 + 4.0  # a feature map: flattened, as the analysis's features are
+    pcs = _whole_set([x, y], [slice(0, 60), slice(60, 120)], [[0], [1], [0, 1]])
+    share, _, _ = _numpy_pc(torch.cat([x, y.flatten(1)], 1))
+    assert pcs.share()[2].item() == pytest.approx(share, abs=1e-10)
+    assert pcs.share()[0].item() == pytest.approx(_numpy_pc(x)[0], abs=1e-10)
+    assert pcs.share()[1].item() == pytest.approx(_numpy_pc(y)[0], abs=1e-10)
+    assert pcs.trace()[2].item() == pytest.approx((pcs.trace()[0] + pcs.trace()[1]).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="more than 8 rows"):
+        WholeSetPCs([[0]], 8)
+
+
 def test_first_pc_share_on_known_low_rank_constructions():
     x, share = _two_pc_features(80, 3.0, 1.0, seed=20, noise=1e-9)  # the noise moves the share ~1e-10
     assert 0.7 < share < 0.97
-    lam, trace, u1 = first_pc(centre_gram(_gram(x)))
-    assert lam / trace == pytest.approx(share, abs=1e-8)
-    assert u1.norm().item() == pytest.approx(1.0, abs=1e-12)
-    stats = BlockStats()
-    stats.add_grams([_gram(x)])
-    assert stats.first_pc_share()[0].item() == pytest.approx(share, abs=1e-8)
+    assert _stats([x], [slice(0, 80)]).first_pc_share()[0].item() == pytest.approx(share, abs=1e-8)
     rank1, _ = _two_pc_features(80, 3.0, 0.0, seed=30, noise=1e-9)
-    lam, trace, _ = first_pc(centre_gram(_gram(rank1)))
-    assert lam / trace == pytest.approx(1.0, abs=1e-9)
+    assert _stats([rank1], [slice(0, 80)]).first_pc_share()[0].item() == pytest.approx(1.0, abs=1e-9)
     d = 20
     iso = _randn(500, d, seed=40)
-    lam, trace, _ = first_pc(centre_gram(_gram(iso)))
-    assert 1 / d <= lam / trace < 3 / d  # the first PC always explains at least the mean share
-    stats = BlockStats()
-    for part in (slice(0, 250), slice(250, 500)):
-        stats.add_grams([_gram(iso[part])])
-    assert 1 / d <= stats.first_pc_share()[0].item() < 3 / d
+    assert 1 / d <= _stats([iso], [slice(0, 250), slice(250, 500)]).first_pc_share()[0].item() < 3 / d
 
 
-def test_removing_the_first_pc_leaves_the_second_and_drops_the_rank_by_one():
-    x, _ = _two_pc_features(80, 3.0, 1.0, seed=50)
-    k = centre_gram(_gram(x))
-    lam, _, u1 = first_pc(k)
-    rest = remove_first_pc(k, u1)
-    assert torch.linalg.matrix_rank(k, rtol=1e-8, hermitian=True).item() == 2
-    assert torch.linalg.matrix_rank(rest, rtol=1e-8, hermitian=True).item() == 1
-    lam2, trace2, _ = first_pc(rest)
-    assert lam2 / trace2 == pytest.approx(1.0, abs=1e-9)
-    assert lam2 + lam == pytest.approx(k.trace().item(), rel=1e-10)  # the second PC's variance is what is left
-    assert rest.sum(0).abs().max().item() < 1e-9 * lam  # still the Gram of centred features
+def test_removing_the_first_pc_leaves_the_rest_of_the_cka():
+    """Removing the first PC is the CKA of the features with their whole-set first PC projected out (numpy)."""
+    x, _ = _two_pc_features(120, 3.0, 1.0, seed=50, noise=0.3)
+    y = x @ _randn(15, 10, seed=51) + _randn(120, 10, seed=52)
+    parts = [slice(0, 60), slice(60, 120)]
+    stats = _stats([x, y], parts)
+
+    def projected(f: torch.Tensor) -> torch.Tensor:
+        a = f - f.mean(0)
+        _, _, vt = torch.linalg.svd(a, full_matrices=False)
+        return a - torch.outer(a @ vt[0], vt[0])
+
+    direct = CKAMatrix()
+    for part in parts:
+        direct.add([projected(x)[part], projected(y)[part]])
+    assert torch.allclose(stats.cka_without_first_pc(), direct.matrix(), atol=1e-9)
+    assert not torch.allclose(stats.cka_without_first_pc(), stats.cka(), atol=1e-3)
 
 
 def test_cka_carried_by_one_shared_component_vanishes_without_the_first_pc():
-    """X and Y share only a dominant component (Nguyen et al. §5): high CKA, which removing each
-    minibatch's first PC takes away, and first-PC scores that agree."""
+    """X and Y share only a dominant component (Nguyen et al. §5): high CKA, which removing the first PC
+    takes away, and first-PC scores that agree."""
     z = _randn(400, seed=60)
     vx, vy = _randn(30, seed=61), _randn(40, seed=63)
     x = 10.0 * torch.outer(z, vx / vx.norm()) + _randn(400, 30, seed=62)  # the component: 100 of 130 variance
     y = 10.0 * torch.outer(z, vy / vy.norm()) + _randn(400, 40, seed=64)
-    stats = BlockStats()
-    for part in (slice(0, 200), slice(200, 400)):
-        stats.add_grams([_gram(x[part]), _gram(y[part])])
+    stats = _stats([x, y], [slice(0, 200), slice(200, 400)])
     assert stats.cka()[0, 1].item() > 0.9
     assert abs(stats.cka_without_first_pc()[0, 1].item()) < 0.1
     assert stats.pc_cos2()[0, 1].item() > 0.95
     assert (stats.first_pc_share() > 0.65).all()
 
 
-def test_pc_cos2_is_one_for_shared_first_pc_scores_and_row_weighted_over_minibatches():
+def test_pc_cos2_is_the_squared_correlation_of_whole_set_scores():
     x = _randn(150, 12, seed=70) * torch.linspace(3.0, 0.5, 12, dtype=torch.float64)  # a clear first PC
     rotated = 2.0 * x @ torch.linalg.qr(_randn(12, 12, seed=71))[0] + 7.0  # same scores, up to scale
     other = _randn(150, 9, seed=72)
-    stats = BlockStats()
-    per_batch = []
-    for part in (slice(0, 60), slice(60, 150)):
-        grams = [_gram(f[part]) for f in (x, rotated, other)]
-        stats.add_grams(grams)
-        u = [first_pc(centre_gram(g))[2] for g in grams]
-        per_batch.append((u[0] @ u[2]).item() ** 2)
+    parts = [slice(0, 60), slice(60, 150)]
+    stats = _stats([x, rotated, other], parts)
     cos2 = stats.pc_cos2()
     assert torch.allclose(cos2.diag(), torch.ones(3, dtype=torch.float64), atol=1e-12)
     assert cos2[0, 1].item() == pytest.approx(1.0, abs=1e-10)
-    assert cos2[0, 2].item() == pytest.approx((60 * per_batch[0] + 90 * per_batch[1]) / 150, rel=1e-12)
+    u_x, u_other = _numpy_pc(x)[1], _numpy_pc(other)[1]
+    assert cos2[0, 2].item() == pytest.approx(float(u_x @ u_other) ** 2, abs=1e-9)
     assert cos2[0, 2].item() < 0.2
-    assert stats.rows == 150
-    assert torch.allclose(stats.cka(), cka_matrix([[_gram(f[p]) for f in (x, rotated, other)]
-                                                   for p in (slice(0, 60), slice(60, 150))]), rtol=0, atol=1e-14)
+    assert torch.allclose(stats.cka(), cka_matrix([[_gram(f[p]) for f in (x, rotated, other)] for p in parts]),
+                          rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="at least 50 rows"):
         stats.add_grams([_gram(f[:49]) for f in (x, rotated, other)])
+
+
+def test_upper_half_cka_is_the_mean_over_the_later_half_off_the_diagonal():
+    m = np.arange(25, dtype=float).reshape(5, 5) / 100
+    m = (m + m.T) / 2 + np.eye(5) * 0.5
+    found = upper_half_cka(m, 1 - m)
+    later = [m[i, j] for i in (2, 3, 4) for j in (2, 3, 4) if i != j]  # the last ceil(5 / 2) = 3
+    assert found["upper_half_cka"] == pytest.approx(np.mean(later))
+    assert found["upper_half_cka_without_first_pc"] == pytest.approx(1 - np.mean(later))
+    assert math.isnan(upper_half_cka(np.eye(1), np.eye(1))["upper_half_cka"])
+
+
+def test_relu_sparsity_of_a_known_tensor():
+    """Units: one always zero, one never zero, one zero on 1 of 4 rows; over two minibatches."""
+    out = torch.relu(torch.tensor([[-1.0, 2.0, 0.5], [-2.0, 1.0, -0.5], [-1.0, 3.0, 1.0], [-3.0, 0.1, 2.0]]))
+    relus = ReluSparsity()
+    relus.add(0, out[:2])
+    relus.add(0, out[2:])
+    shares = relus.shares(0)
+    assert shares["zero_share"] == pytest.approx(5 / 12)  # np.mean(act == 0), the reference code's sparsity
+    assert shares["dead_unit_share"] == pytest.approx(1 / 3)
+    assert shares["always_active_unit_share"] == pytest.approx(1 / 3)
 
 
 def _blocky(size: int, runs: list[tuple[int, int]], inside: float = 0.95, outside: float = 0.2) -> np.ndarray:

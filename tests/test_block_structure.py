@@ -217,3 +217,96 @@ def test_sweep_report_lays_the_maps_out(tiny_scenario, tmp_path):
     assert list(table.index) == ["w0.5", "w1"] and "CKA in block" in table.columns
     assert (tmp_path / "block_structure_grid.png").exists() and (tmp_path / "block_structure_grid_without_pc.png").exists()
     assert "tiny_sweep" in md
+
+
+def _numpy_share(features: list[torch.Tensor]) -> float:
+    """First-PC share of the concatenated, centred features by numpy's SVD."""
+    a = torch.cat([f.flatten(1).double() for f in features], 1).numpy()
+    s = np.linalg.svd(a - a.mean(0), compute_uv=False)
+    return float(s[0] ** 2 / (s ** 2).sum())
+
+
+def test_issue33_outputs_whole_set_and_pooled_shares_equal_numpy(tiny_scenario):
+    """The new outputs exist; the per-layer and the pooled first-PC shares (last two stages of a ResNet-8:
+    block2_1 and block3_1) are numpy's SVD over every test row, not a per-minibatch estimate."""
+    from cltunnel.experiments.analyses import load_run
+    from cltunnel.experiments.analyses.block_structure import last_stages
+
+    run_dir = tiny_scenario / "seed0"
+    for name in ("block_deletion_curve.csv", "block_deletion_curve.png", "block_relu_sparsity.csv",
+                 "block_relu_sparsity.png", "block_residual_probes.csv", "block_residual_probes.png"):
+        assert (run_dir / name).exists(), name
+    run = load_run(run_dir, "cpu", progress=False)
+    model = run.model(0).eval()
+    t = run.data.scenario.tasks[0]
+    x = torch.cat([b[0] for b in run.data.batches(t, "test", 100)])
+    assert last_stages(model, x[:2], 2) == {3, 4} and last_stages(model, x[:2], 9) == {1, 2, 3, 4}
+    with torch.no_grad():
+        outs = model.layer_outputs(x)
+    summary = pd.read_csv(run_dir / "block_structure_summary.csv").iloc[0]
+    assert summary["pooled first-PC share, last stages (body layers)"] == pytest.approx(
+        _numpy_share([outs[3], outs[4]]), abs=1e-6)
+    shares = pd.read_csv(run_dir / "block_layers_first_pc_share.csv", index_col=0)
+    assert list(shares["pooled"]) == [False, False, True, True, False]
+    assert np.allclose(shares["first_pc_share"], [_numpy_share([outs[k]]) for k in range(1, 6)], atol=1e-6)
+    upper = pd.read_csv(run_dir / "block_layers_cka.csv", index_col=0).to_numpy()[2:, 2:]
+    assert summary["upper-half CKA (body layers)"] == pytest.approx(upper[~np.eye(3, dtype=bool)].mean())
+    sparsity = pd.read_csv(run_dir / "block_relu_sparsity.csv", index_col=0)
+    assert list(sparsity.index) == ["stem.2"] + [f"block{s}_1.relu{r}" for s in (1, 2, 3) for r in (1, 2)]
+    assert sparsity[["zero_share", "dead_unit_share", "always_active_unit_share"]].stack().between(0, 1).all()
+    assert (sparsity["dead_unit_share"] <= sparsity["zero_share"] + 1e-12).all()
+    with torch.no_grad():
+        assert sparsity.loc["block1_1.relu2", "zero_share"] == pytest.approx((outs[2] == 0).double().mean().item())
+
+
+def test_deleting_an_identity_block_keeps_accuracy_and_its_branch_probes_at_chance(tiny_scenario):
+    """A block whose residual branch is zero (bn2's scale and shift 0) is the identity on its post-ReLU input:
+    deleting it leaves the accuracy as it is, and a probe on its branch (all zeros) predicts one class of ten
+    (30 test rows each: 10 %). The curve's stage-wise deletion is the pruned model's accuracy."""
+    from cltunnel.experiments.analyses import load_run
+    from cltunnel.experiments.analyses.block_structure import deletion_curve, residual_probes
+    from cltunnel.training.accuracy import predict_accuracy
+
+    run = load_run(tiny_scenario / "seed0", "cpu", progress=False)
+    model = run.model(0)
+    with torch.no_grad():
+        model.body.block1_1.bn2.weight.zero_()
+        model.body.block1_1.bn2.bias.zero_()
+    t = run.data.scenario.tasks[0]
+    x = next(iter(run.data.batches(t, "test", 2)))[0]
+    full = 100 * predict_accuracy(model, run.data, t)
+    curve = deletion_curve(run, model, (1, 1)).set_index("layer")
+    assert list(curve.index) == [2]  # ResNet-8: block1_1 is the only block keeping its input's shape
+    assert curve.loc[2, "test acc, block deleted"] == pytest.approx(full)
+    assert curve.loc[2, "in_block"]
+    reps = inner_representations(model, x)
+    probes = residual_probes(run, model, reps, None).set_index("block")
+    assert list(probes.index) == ["block1_1", "block2_1", "block3_1"]
+    assert (probes["before add"] == [f"{b}.bn2" for b in probes.index]).all()
+    assert probes.loc["block1_1", "probe acc before add"] == pytest.approx(10.0)
+    assert probes["probe acc after add"].between(0, 100).all()
+
+
+
+def test_deletion_curve_deletes_backwards_within_each_stage(tiny_scenario):
+    """ResNet-20: the blocks that keep their shape come in three runs (one per stage); the paper's curve at a
+    block deletes it and every block after it in its stage, nothing in the other stages."""
+    from cltunnel.experiments.analyses import load_run
+    from cltunnel.experiments.analyses.block_structure import deletable_runs, deletion_curve
+    from cltunnel.training.accuracy import predict_accuracy
+
+    run = load_run(tiny_scenario / "seed0", "cpu", progress=False)
+    torch.manual_seed(0)
+    deep = build_model("cifar_resnet", [10], (3, 32, 32), 0.5, depth=20).eval()
+    t = run.data.scenario.tasks[0]
+    x = next(iter(run.data.batches(t, "test", 2)))[0]
+    assert deletable_runs(shape_preserving_layers(deep, x)) == [[2, 3, 4], [6, 7], [9, 10]]
+    curve = deletion_curve(run, deep, None).set_index("layer")
+    assert list(curve["stage run"]) == ["2-4"] * 3 + ["6-7"] * 2 + ["9-10"] * 2
+    assert curve.loc[3, "test acc, block to end of stage deleted"] == pytest.approx(
+        100 * predict_accuracy(delete_layers(deep, [3, 4], x), run.data, t))
+    assert curve.loc[6, "test acc, block deleted"] == pytest.approx(
+        100 * predict_accuracy(delete_layers(deep, [6], x), run.data, t))
+    last = curve.loc[[4, 7, 10]]
+    assert (last["test acc, block deleted"] == last["test acc, block to end of stage deleted"]).all()
+    assert not curve["in_block"].any()

@@ -27,6 +27,9 @@ SHOWN = {"train acc": "train acc (%)", "test acc": "test acc (%)", "block (body 
          "CKA in block, first PC removed (body layers)": "CKA in block, PC removed",
          "first-PC share in block (body layers)": "PC share in block",
          "first-PC share outside block (body layers)": "PC share outside",
+         "upper-half CKA (body layers)": "upper-half CKA",
+         "upper-half CKA, first PC removed (body layers)": "upper-half CKA, PC removed",
+         "pooled first-PC share, last stages (body layers)": "pooled PC share",
          "block share of inner representations": "inner block share",
          "cross-seed CKA in block": "cross-seed CKA in block", "cross-seed CKA outside block": "cross-seed CKA outside"}
 
@@ -68,7 +71,9 @@ def block_sweep_report(sweep_dir: Path, manifest: dict[str, Any]) -> str:
           + markdown_table(shown.map(shown_value)) + "\n\n- the block by the rule of the runs' analyses.block_threshold "
           "and block_min_layers over the body layers, each seed's span (seed 0 / seed 1 ...); block share: mean over "
           "seeds; CKA and first-PC share in the block: mean over the seeds that have one; inner block share: the "
-          "same rule over every intermediate representation\n- cross-seed CKA (diagonal of the map between the "
+          "same rule over every intermediate representation; upper-half CKA: mean off-diagonal CKA over the later half "
+          "of the body layers (continuous, beside the rule); pooled PC share: the first PC of the last stages' "
+          "body layers concatenated (Fig. D.5)\n- cross-seed CKA (diagonal of the map between the "
           "first two seeds' layers, in and out of the first seed's block): configurations with two seeds or more\n")
     (sweep_dir / "block_structure.md").write_text(md)
     axes = [a for a in manifest["axes"] if a != "seed"]

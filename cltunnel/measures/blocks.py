@@ -1,15 +1,18 @@
 """The block structure of Nguyen, Raghu & Kornblith (ICLR 2021), "Do Wide and Deep Networks Learn the Same
-Things?", as pure tensor maths on per-minibatch Gram matrices (no models, no data).
+Things?", as pure tensor maths on per-minibatch Gram matrices and features (no models, no data).
 
 A *block* is a long run of consecutive layers whose representations are all alike (minibatch CKA, §2; the
 block structure, §3, Figures 1-2); the paper shows that it is carried by a dominant first principal component:
 inside the block the first PC explains most of the variance, the layers share it, and removing it removes
-most of their similarity (§4.1, Figure 3). :class:`BlockStats` measures these three things over
-minibatches; :func:`find_block` and :func:`block_summary` read a block off the results.
+most of their similarity (§4.1, Figure 3). :class:`WholeSetPCs` finds the first PCs over the whole set
+(streamed), :class:`BlockStats` measures these three things; :func:`find_block`, :func:`block_summary` and
+:func:`upper_half_cka` read a block off the results; :class:`ReluSparsity` checks that the layers inside a
+block still act nonlinearly (Appendix D.6).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,84 +26,181 @@ BLOCK_THRESHOLD = 0.9
 BLOCK_MIN_LAYERS = 3
 
 
-def centre_gram(g: torch.Tensor) -> torch.Tensor:
-    """H G H with H = I - 11ᵀ/n: the Gram of the features with their mean row taken off (the rows' PCA
-    works on centred features, §4.1)."""
-    return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+PC_SUBSPACE = 8  # vectors iterated together: the first PC converges at the rate λ9/λ1, not λ2/λ1 (λ1 ≈ 1.1·λ2 occurs)
 
 
-def first_pc(centred_gram: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(λ1, trace, u1) of a centred Gram K = X Xᵀ (X the centred features): the variance along the first
-    principal component, the total variance, and the unit eigenvector (n,) in sample space. X and K share
-    their non-zero eigenvalues, so λ1 / trace is the share of variance the first PC explains (§4.1), and
-    u1·sqrt(λ1) are the rows' scores on it. The sign of u1 is fixed (largest entry positive) for
-    reproducibility; nothing here depends on it."""
-    values, vectors = torch.linalg.eigh(centred_gram.double())
-    u1 = vectors[:, -1]
-    u1 = u1 * torch.sign(u1[u1.abs().argmax()])
-    return float(values[-1]), float(centred_gram.double().trace()), u1
+class WholeSetPCs:
+    """The first principal component of each *target* over every row of a data set, streamed over minibatches
+    (Nguyen et al.'s PCA is over the whole test set, §4.1, Appendix D.5). A target is one representation, or
+    several concatenated along their features (the paper's first PC of "activations combined from the last 2
+    stages", Figure D.5): concatenation sums their Gram matrices, so a pooled share weighs each member by its
+    variance, as the concatenated activations do.
+
+    Neither the features (rows x features per representation) nor the whole-set Gram (rows²) need fit in
+    memory: subspace iteration on the centred Gram K = X̃X̃ᵀ in sample space keeps, per target, ``PC_SUBSPACE``
+    vectors over the rows (U, n x 8) and, per member, X̃ᵀU (features x 8). One iteration is two passes over the
+    data, each calling :meth:`visit` for every representation of every minibatch:
+
+    - ``phase = "moments"`` (once, first): the features' sums, for the whole-set mean and total variance;
+    - ``"transpose"``: W_m += X̃_bᵀ U_b for each member m; ``"product"``: P_b += Σ_m X̃_b W_m, so P = K U;
+
+    then :meth:`step`: Rayleigh-Ritz on span(U) gives λ1 and u1, the residual ‖K u1 - λ1 u1‖ / λ1 says whether
+    u1 has converged, and U <- orth(P). ``sin`` of u1's error is at most the residual over the relative gap
+    (λ1 - λ2) / λ1. Everything is float64."""
+
+    def __init__(self, targets: list[list[int]], rows: int, seed: int = 0) -> None:
+        if rows < PC_SUBSPACE + 1:
+            raise ValueError(f"whole-set PCs need more than {PC_SUBSPACE} rows, got {rows}")
+        self.targets = targets
+        self.rows = rows
+        self.seed = seed
+        self.phase = "moments"
+        self.iterations = 0
+        self.sums: dict[int, torch.Tensor] = {}  # representation -> Σ rows of its flattened features
+        self.squares: dict[int, float] = {}  # representation -> Σ of its squared features
+        self.seen: dict[int, int] = {}  # representation -> rows visited in the moments pass
+        self.u: list[torch.Tensor] = []  # per target: U (rows x PC_SUBSPACE), orthonormal columns
+        self.w: list[dict[int, torch.Tensor]] = []  # per target, per member: X̃ᵀU
+        self.p: list[torch.Tensor] = []  # per target: K U
+        self.lambda1 = torch.full((len(targets),), math.nan, dtype=torch.float64)
+        self.u1: list[torch.Tensor | None] = [None] * len(targets)  # per target: unit first PC over the rows
+        self.residual = torch.full((len(targets),), math.inf, dtype=torch.float64)
+        self._of: dict[int, list[int]] = {}  # representation -> the targets it is a member of
+        for t, members in enumerate(targets):
+            for m in members:
+                self._of.setdefault(m, []).append(t)
+
+    def visit(self, rep: int, rows: slice, features: torch.Tensor) -> None:
+        """One representation's features (rows x ...) of the minibatch ``rows`` of the data set, in this phase."""
+        if rep not in self._of:
+            return
+        x = features.flatten(1).double()
+        if self.phase == "moments":
+            self.sums[rep] = x.sum(0) + self.sums.get(rep, 0)
+            self.squares[rep] = float((x * x).sum()) + self.squares.get(rep, 0.0)
+            self.seen[rep] = self.seen.get(rep, 0) + len(x)
+            return
+        x = x - self.sums[rep] / self.rows
+        for t in self._of[rep]:
+            if self.phase == "transpose":
+                self.w[t][rep] = self.w[t][rep] + x.T @ self.u[t][rows]
+            else:
+                self.p[t][rows] += x @ self.w[t][rep]
+
+    def trace(self) -> torch.Tensor:
+        """(T,) total variance of each target over the rows (Σ of squared centred features, not / n)."""
+        per_rep = {r: self.squares[r] - float(self.sums[r] @ self.sums[r]) / self.rows for r in self.sums}
+        return torch.tensor([sum(per_rep[m] for m in members) for members in self.targets], dtype=torch.float64)
+
+    def start(self) -> None:
+        """After the moments pass: random orthonormal starting vectors, the first transpose pass next."""
+        short = {r: n for r, n in self.seen.items() if n != self.rows}
+        if short or len(self.seen) != len(self._of):
+            raise ValueError(f"the moments pass saw {self.seen} rows per representation, not {self.rows} each")
+        device = next(iter(self.sums.values())).device
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.u = [torch.linalg.qr(torch.randn(self.rows, PC_SUBSPACE, generator=g, dtype=torch.float64))[0]
+                  .to(device) for _ in self.targets]
+        self._clear()
+
+    def _clear(self) -> None:
+        self.w = [{m: torch.zeros(len(self.sums[m]), PC_SUBSPACE, dtype=torch.float64, device=u.device)
+                   for m in members} for members, u in zip(self.targets, self.u)]
+        self.p = [torch.zeros_like(u) for u in self.u]
+        self.phase = "transpose"
+
+    def step(self) -> float:
+        """After a product pass: Rayleigh-Ritz, the new U, and the largest residual over the targets."""
+        for t, (u, p) in enumerate(zip(self.u, self.p)):
+            values, vectors = torch.linalg.eigh((u.T @ p + p.T @ u) / 2)
+            values, vectors = values.flip(0), vectors.flip(1)  # largest first
+            top = u @ vectors[:, 0]
+            self.lambda1[t] = values[0].item()
+            self.u1[t] = top * torch.sign(top[top.abs().argmax()])  # sign fixed for reproducibility only
+            scale = max(values[0].item(), torch.finfo(torch.float64).tiny)
+            self.residual[t] = (p @ vectors[:, 0] - values[0] * top).norm().item() / scale
+            self.u[t] = torch.linalg.qr(p @ vectors)[0]  # columns in Ritz order: the first stays the best
+        self.iterations += 1
+        self._clear()
+        return float(self.residual.max())
+
+    def share(self) -> torch.Tensor:
+        """(T,) share of variance the first PC explains, λ1 / trace; NaN for a constant target."""
+        return self.lambda1 / self.trace()
+
+    def scores(self, target: int) -> torch.Tensor:
+        """(rows,) every row's score on a target's first PC, X̃v1 = sqrt(λ1)·u1 (centred over the rows)."""
+        return self.u1[target] * math.sqrt(max(self.lambda1[target].item(), 0.0))
 
 
-def remove_first_pc(centred_gram: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
-    """(I - u1u1ᵀ) K (I - u1u1ᵀ): the Gram of the features with their first principal component projected
-    out, the paper's test of whether the block's similarity lives in that component (§4.1). O(n²)."""
-    k = centred_gram.double()
-    w = k @ u1
-    return k - torch.outer(u1, w) - torch.outer(w, u1) + (u1 @ w) * torch.outer(u1, u1)
+def fit_whole_set_pcs(pcs: list[WholeSetPCs], sweep: Callable[[], None], iterations: int, tolerance: float) -> None:
+    """After the moments pass: subspace iterations of every :class:`WholeSetPCs` in ``pcs`` together, each two
+    calls of ``sweep`` (one pass over the data calling every ``visit``), until every first PC's residual is under
+    ``tolerance`` or ``iterations`` are done."""
+    for p in pcs:
+        p.start()
+    for _ in range(iterations):
+        for phase in ("transpose", "product"):
+            for p in pcs:
+                p.phase = phase
+            sweep()
+        if max([p.step() for p in pcs]) < tolerance:
+            break
 
 
 class BlockStats:
-    """Per-layer first-PC statistics and CKA with and without the first PC, streamed over minibatches like
-    :class:`~cltunnel.measures.similarity.CKAMatrix`: each minibatch's Grams are folded into sums and dropped.
-
-    The principal components are those of each minibatch (at least CKA_MIN_ROWS rows, the one minibatch rule
-    of :func:`~cltunnel.measures.similarity.cka_batches`), a stated approximation of the paper's PCA over the
-    full set: it keeps memory at one minibatch's Grams. Shares are ratios of sums over minibatches (Σλ1 /
-    Σtrace), like the CKA's HSIC sums; the first-PC similarity is a row-weighted mean over minibatches."""
+    """Per-representation first-PC statistics and CKA with and without the first PC, streamed over minibatches
+    like :class:`~cltunnel.measures.similarity.CKAMatrix`: each minibatch's Grams are folded into sums and
+    dropped. The CKA comes first (:meth:`add_grams`, the paper's minibatch estimator, §2); the first PCs are
+    those of the whole set (:class:`WholeSetPCs`, given to :meth:`set_first_pcs`), and a second pass over the
+    same minibatches folds each Gram with its representation's first PC removed (:meth:`add_grams_without_first_pc`)."""
 
     def __init__(self) -> None:
         self._cka = CKAMatrix()
         self._cka_no_pc = CKAMatrix()
-        self.lambda1: torch.Tensor | None = None  # (L,) Σ over minibatches of λ1
-        self.trace: torch.Tensor | None = None  # (L,) Σ over minibatches of the total variance
-        self.cos2: torch.Tensor | None = None  # (L, L) Σ over minibatches of n_b · (u_i · u_j)²
-        self.rows = 0
+        self.lambda1: torch.Tensor | None = None  # (L,) variance along each first PC (whole set)
+        self.trace: torch.Tensor | None = None  # (L,) total variance (whole set)
+        self.scores: torch.Tensor | None = None  # (L, rows) every row's score on each first PC
 
     def add_grams(self, grams: list[torch.Tensor]) -> None:
-        """One minibatch: the L layers' uncentred Grams (n x n, float64) of the same n rows."""
-        n = grams[0].shape[0]
-        if n < CKA_MIN_ROWS:
-            raise ValueError(f"a first-PC minibatch needs at least {CKA_MIN_ROWS} rows, got {n}")
-        centred = [centre_gram(g) for g in grams]
-        pcs = [first_pc(k) for k in centred]
-        lambda1 = torch.tensor([pc[0] for pc in pcs], dtype=torch.float64)
-        trace = torch.tensor([pc[1] for pc in pcs], dtype=torch.float64)
-        u = torch.stack([pc[2] for pc in pcs])
-        cos2 = (n * (u @ u.T) ** 2).cpu()
+        """One minibatch: the L representations' uncentred Grams (n x n, float64) of the same n rows."""
+        if grams[0].shape[0] < CKA_MIN_ROWS:
+            raise ValueError(f"a CKA minibatch needs at least {CKA_MIN_ROWS} rows, got {grams[0].shape[0]}")
         self._cka.add_grams(grams)
-        self._cka_no_pc.add_grams([remove_first_pc(k, pc[2]) for k, pc in zip(centred, pcs)])
-        self.lambda1 = lambda1 if self.lambda1 is None else self.lambda1 + lambda1
-        self.trace = trace if self.trace is None else self.trace + trace
-        self.cos2 = cos2 if self.cos2 is None else self.cos2 + cos2
-        self.rows += n
+
+    def set_first_pcs(self, pcs: "WholeSetPCs", targets: list[int]) -> None:
+        """The whole-set first PCs of the L representations: ``targets[i]`` is representation i's target in ``pcs``."""
+        self.lambda1 = pcs.lambda1[targets].clone()
+        self.trace = pcs.trace()[targets]
+        self.scores = torch.stack([pcs.scores(t) for t in targets])
+
+    def add_grams_without_first_pc(self, grams: list[torch.Tensor], rows: slice) -> None:
+        """The same minibatches again (rows ``rows`` of the set): each Gram less its first PC's, G - s sᵀ with s
+        the rows' scores. That is the Gram of the features with the whole-set first PC projected out, up to a
+        translation of the features, which the unbiased HSIC does not see (§4.1, Figure 3)."""
+        scores = self.scores[:, rows].to(grams[0].device)
+        self._cka_no_pc.add_grams([g - torch.outer(s, s) for g, s in zip(grams, scores)])
 
     def cka(self) -> torch.Tensor:
         """(L, L) linear CKA, as :func:`~cltunnel.measures.similarity.cka_matrix` (§2)."""
         return self._cka.matrix()
 
     def cka_without_first_pc(self) -> torch.Tensor:
-        """(L, L) linear CKA of the representations with each minibatch's first PC removed (§4.1, Figure 3)."""
+        """(L, L) linear CKA of the representations with each one's whole-set first PC removed (§4.1, Figure 3)."""
         return self._cka_no_pc.matrix()
 
     def first_pc_share(self) -> torch.Tensor:
-        """(L,) share of variance the first PC explains, Σλ1 / Σtrace (§4.1); NaN for a constant layer."""
+        """(L,) share of variance the first PC explains, λ1 / trace over the whole set (§4.1); NaN for a
+        constant representation."""
         return self.lambda1 / self.trace
 
     def pc_cos2(self) -> torch.Tensor:
-        """(L, L) squared cosine similarity of two layers' first-PC scores, row-weighted over minibatches:
-        whether the layers share their first PC (§4.1); sign-free, as PCs have no sign. The scores are centred
-        (u1 ⟂ 1), so this is their squared correlation."""
-        return self.cos2 / self.rows
+        """(L, L) squared cosine similarity of two representations' first-PC scores over the whole set: whether
+        they share their first PC (§4.1); sign-free, as PCs have no sign. The scores are centred, so this is
+        their squared correlation."""
+        s = self.scores @ self.scores.T
+        norms = s.diag()
+        return s ** 2 / (norms[:, None] * norms[None, :])
 
 
 def find_block(cka: torch.Tensor | np.ndarray, threshold: float = BLOCK_THRESHOLD,
@@ -150,3 +250,37 @@ def _array(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
+
+
+def upper_half_cka(cka: torch.Tensor | np.ndarray, cka_no_pc: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """A continuous reading beside the threshold rule: the mean off-diagonal CKA among the later half of the
+    representations (the last ceil(L/2); the paper's blocks sit "mostly in the later layers", §3), with and
+    without the first PC. The rule's yes/no can flip between seeds whose maps differ by a few hundredths; this
+    moves by as much."""
+    m, m_no_pc = _array(cka), _array(cka_no_pc)
+    later = np.zeros(len(m), dtype=bool)
+    later[len(m) // 2:] = True
+    pairs = later[:, None] & later[None, :] & ~np.eye(len(m), dtype=bool)
+    return {"upper_half_cka": _mean(m[pairs]), "upper_half_cka_without_first_pc": _mean(m_no_pc[pairs])}
+
+
+class ReluSparsity:
+    """How often ReLU outputs are zero, streamed over minibatches (Appendix D.6: inside a block, are the layers
+    near-linear?). Per representation and per unit (a flattened feature: a channel at a position): how many rows
+    give exactly 0. Read as the share of zero outputs (the reference code's sparsity, ``np.mean(act == 0)``),
+    the share of units zero on every row (dead) and of units never zero (linear on this data)."""
+
+    def __init__(self) -> None:
+        self.zeros: dict[int, torch.Tensor] = {}  # representation -> (units,) rows with a zero output
+        self.rows: dict[int, int] = {}
+
+    def add(self, rep: int, outputs: torch.Tensor) -> None:
+        zeros = (outputs.flatten(1) == 0).sum(0).cpu()
+        self.zeros[rep] = zeros + self.zeros.get(rep, 0)
+        self.rows[rep] = self.rows.get(rep, 0) + len(outputs)
+
+    def shares(self, rep: int) -> dict[str, float]:
+        """One representation's zero share, dead-unit share and always-active-unit share."""
+        zeros, rows = self.zeros[rep].double(), self.rows[rep]
+        return {"zero_share": float(zeros.mean() / rows), "dead_unit_share": float((zeros == rows).double().mean()),
+                "always_active_unit_share": float((zeros == 0).double().mean())}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -67,3 +67,28 @@ def hooked(representations: list[InnerRepresentation], visit: Callable[[int, tor
     finally:
         for handle in handles:
             handle.remove()
+
+
+class InnerOutputs:
+    """A model read at chosen inner representations instead of its body layers: ``layer_outputs(x)`` gives
+    representation i (1-based, in the order given) for a forward pass of ``x``, as
+    :meth:`LayeredModel.layer_outputs` gives body layer k. So the probe helpers
+    (:mod:`cltunnel.measures.probes`), which only ask a model for ``eval`` and ``layer_outputs``, train and test
+    probes on them (Nguyen et al. 2021, Figure E.1: before and after each residual addition). Each output is
+    copied as its module runs, before an in-place activation after it could overwrite it."""
+
+    def __init__(self, model: LayeredModel, representations: list[InnerRepresentation]) -> None:
+        self.model = model
+        self.representations = representations
+
+    def eval(self) -> "InnerOutputs":
+        self.model.eval()
+        return self
+
+    def layer_outputs(self, x: torch.Tensor, layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+        wanted = sorted(set(range(1, len(self.representations) + 1) if layers is None else layers))
+        out: dict[int, torch.Tensor] = {}
+        reps = [self.representations[k - 1] for k in wanted]
+        with hooked(reps, lambda i, output: out.__setitem__(wanted[i], output.clone())):
+            self.model.body(x)
+        return out
