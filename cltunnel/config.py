@@ -334,7 +334,18 @@ def _normalise_strategy(raw: dict[str, Any]) -> None:
         raw["strategy"] = {**strategy, "name": None}
 
 
+def _discover_protocols() -> None:
+    """Register the built-in protocols' sections before a config is read: a saved ``config.yaml`` lists every
+    built-in section (``erosion: null``, ...), so a notebook's ``load_config`` must know them without having
+    imported the experiments. Imported by name, once: the protocols sit above this layer and fill its registry
+    (a plugin discovery, not a dependency: this module uses nothing of theirs)."""
+    import importlib
+
+    importlib.import_module("cltunnel.experiments")
+
+
 def parse_config(raw: dict[str, Any], default_name: str = "scenario") -> RunConfig:
+    _discover_protocols()
     if not isinstance(raw, dict):
         raise ConfigError(f"a scenario must be a YAML mapping, got {type(raw).__name__}")
     raw = dict(raw)

@@ -240,7 +240,9 @@ def _argv(command: str, root: Path) -> list[str]:
     else:
         raise ConfigError(f"a reference command starts with 'cltunnel' or 'python benchmarks/NAME.py' (a script of "
                           f"the checkout), got {command!r}")
-    if out[1:2] != ["-m"] and any(a == "--out" and (root / b).exists() for a, b in zip(rest, rest[1:])):
+    outs = [b for a, b in zip(rest, rest[1:]) if a == "--out"] + [w.partition("=")[2] for w in rest
+                                                                 if w.startswith("--out=")]
+    if out[1:2] != ["-m"] and any((root / o).exists() for o in outs):  # either form: never the committed file
         raise ConfigError(f"{command!r}: --out names a file of the checkout; a re-run writes where it runs (give "
                           "the file's name alone, and 'output')")
     for word in rest:

@@ -137,7 +137,8 @@ def test_a_sweep_checks_each_configurations_bands_over_its_seeds(tmp_path, capsy
     own (``expect:``, replacing the base's); a band one configuration
     will not write refuses the sweep before any run; after the runs each configuration's bands are read over
     the sweep's seeds (each or mean), written for its page and the sweep's, printed, and exit 3."""
-    from cltunnel.sweeps import DONE_FILE, evaluate_sweep, expand, job_config, load_sweep
+    from cltunnel.store import SWEEP_DONE
+    from cltunnel.sweeps import evaluate_sweep, expand, job_config, load_sweep
 
     base = scenario(tmp_path, {"over": "mean", "ACC": [55, 60]})
     short = {"scenario.tasks": [5, 5], "expect.a[0][0]": {"band": [50, 70], "over": "each"}}
@@ -154,7 +155,7 @@ def test_a_sweep_checks_each_configurations_bands_over_its_seeds(tmp_path, capsy
     sweep = load_sweep(path)
     for job in expand(sweep):  # finished runs (as fake_seed writes them): the sweep runs nothing
         acc = [[0.6, 0.1], [0.4, 0.8]] if job.seed == 0 else [[0.75, 0.1], [0.45, 0.65]]  # ACC 60, 55
-        (fake_seed(job_config(sweep, job), job.seed, acc) / DONE_FILE).write_text("{}")
+        (fake_seed(job_config(sweep, job), job.seed, acc) / SWEEP_DONE).write_text("{}")
     assert cli_main(["sweep", str(path), "--no-progress"]) == EXIT_VIOLATED
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("expect: ")]
     assert printed == [

@@ -93,6 +93,7 @@ def test_a_benchmark_script_is_a_reference_command_and_its_markdown_table_is_com
     argv = _argv("python benchmarks/rank_rule_check.py --out rank_rule_check.md", REPO)
     assert argv == [sys.executable, str(REPO / "benchmarks" / "rank_rule_check.py"), "--out", "rank_rule_check.md"]
     for command, message in [("python benchmarks/rank_rule_check.py --out tables/rank_rule_check.md", "--out names a file"),
+                             ("python benchmarks/rank_rule_check.py --out=tables/rank_rule_check.md", "--out names a file"),
                              ("python benchmarks/nosuch.py", "starts with 'cltunnel' or 'python benchmarks/NAME.py'"),
                              ("python -c 'print(1)'", "starts with"), ("bash x.sh", "starts with")]:
         with pytest.raises(ConfigError, match=message):

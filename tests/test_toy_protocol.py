@@ -14,7 +14,7 @@ import yaml
 from cltunnel.cli import main as cli_main
 from cltunnel.config import PROTOCOL_SECTIONS, ConfigError, parse_config
 from cltunnel.experiments import PROTOCOLS, protocol_for
-from cltunnel.reports.captions import DECLARED
+from cltunnel.reports.captions import WRITTEN
 
 TASK_SEQUENCE = {"data": {"name": "mnist"}, "scenario": {"tasks": [5, 5]}}
 
@@ -28,7 +28,7 @@ def toy():
     PROTOCOL_SECTIONS.unregister("toy")
     PROTOCOLS.unregister("toy")
     for pattern in module.OUTPUTS:
-        DECLARED.unregister(pattern)
+        WRITTEN.unregister(pattern)
     sys.modules.pop("toy_protocol", None)
 
 

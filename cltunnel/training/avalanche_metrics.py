@@ -37,7 +37,8 @@ assert set(METRICS) == set(EVAL_METRICS)  # the config names what this module bu
 
 def _logger(name: str, run_dir: Path, writer: Any) -> Any:
     if name == "tensorboard":  # the run's one stream: its writer, or one of its own when curves are off
-        return RunTensorboardLogger(writer or open_tensorboard(run_dir, True))
+        return RunTensorboardLogger(writer, owns_writer=False) if writer else \
+            RunTensorboardLogger(open_tensorboard(run_dir, True), owns_writer=True)
     folder = run_dir / AVALANCHE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     if name == "text":

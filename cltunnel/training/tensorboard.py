@@ -5,6 +5,7 @@ TensorBoard shows the run as one run with every scalar, not a second run in Aval
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ class RunTensorboardLogger(TensorboardLogger):
     """Avalanche's TensorBoard logger writing through the run's writer instead of a second one of its own
     (which would be a second event file, and in Avalanche's layout a second folder)."""
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: Any, owns_writer: bool = False) -> None:
         self.shared_writer = writer
         super().__init__(tb_log_dir=writer.log_dir)
+        if owns_writer:  # its own writer (the curves are off): closed, and flushed, when the logger goes, as Avalanche's
+            weakref.finalize(self, writer.close)
 
     def _make_writer(self, tb_log_dir: Any, filename_suffix: str) -> Any:
         return self.shared_writer
