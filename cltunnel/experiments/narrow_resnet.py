@@ -794,10 +794,7 @@ def plot_regions(task: str, models: dict[str, dict[str, Any]], path: Path, seed_
 def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str) -> None:
     spec, m = entry["spec"], entry["measures"]
     n, box = spec["grid"], spec["box"]
-    grid = box_grid(box, n, 2)
-    with torch.no_grad():
-        prob = torch.sigmoid(model(grid)).view(n, n).numpy()
-    axis = np.linspace(-box, box, n)
+    axis, grid, prob = _prediction(model, spec)
     ax.imshow(prob, origin="lower", extent=(-box, box, -box, box), cmap="coolwarm", vmin=0, vmax=1, alpha=0.6)
     ax.contour(axis, axis, prob, levels=[0.5], colors="black", linewidths=1)
     if spec["width"] == 2:
@@ -809,14 +806,29 @@ def _draw_regions(ax: Any, model: NarrowResNet, entry: dict[str, Any], task: str
     for value, marker in ((1, "P"), (-1, "X")):
         rows, cols = np.nonzero(index == value)
         ax.scatter(centre[cols], centre[rows], marker=marker, s=40, color="gold", edgecolor="black", zorder=3)
-    data = spec_data(spec)
-    x, y = data["x_test"].numpy(), data["y_test"].numpy()
-    ax.scatter(x[:, 0], x[:, 1], c=np.where(y > 0, "darkred", "navy"), s=1.5, alpha=0.5)
+    _scatter_test(ax, spec, alpha=0.5)
     tunnel = "" if np.isnan(m["unbounded"]) else (", unbounded" if m["unbounded"] else ", bounded")
     ax.set(title=f"{spec['name']} (ε={spec['eps']:g}, δ={spec['delta']:.3g}, w={spec['width']}), L={spec['depth']}\n"
                  f"error {m['error']:.1f}%, {m['critical_points']:.0f} crit.{tunnel}",
            xticks=[-box, -1, 0, 1, box], yticks=[-box, -1, 0, 1, box])
     ax.title.set_fontsize(8)
+
+
+def _prediction(model: NarrowResNet, spec: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """The box's axis, its grid of points and the predicted probability on it (grid x grid), for the region and
+    level-set figures."""
+    n, box = spec["grid"], spec["box"]
+    grid = box_grid(box, n, 2)
+    with torch.no_grad():
+        prob = torch.sigmoid(model(grid)).view(n, n).numpy()
+    return np.linspace(-box, box, n), grid, prob
+
+
+def _scatter_test(ax: Any, spec: dict[str, Any], alpha: float) -> None:
+    """The model's test points on a panel, coloured by class."""
+    data = spec_data(spec)
+    x, y = data["x_test"].numpy(), data["y_test"].numpy()
+    ax.scatter(x[:, 0], x[:, 1], c=np.where(y > 0, "darkred", "navy"), s=1.5, alpha=alpha)
 
 
 def spec_data(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -858,15 +870,10 @@ def plot_levels(task: str, models: dict[str, dict[str, Any]], path: Path, seed_n
     for entry in entries:
         spec = entry["spec"]
         ax = axes[regimes.index(spec["name"]), depths.index(spec["depth"])]
-        n, box = spec["grid"], spec["box"]
-        with torch.no_grad():
-            prob = torch.sigmoid(_loaded(entry)(box_grid(box, n, 2))).view(n, n).numpy()
-        axis = np.linspace(-box, box, n)
+        axis, _, prob = _prediction(_loaded(entry), spec)
         ax.contourf(axis, axis, prob, levels=np.linspace(0, 1, 21), cmap="coolwarm", alpha=0.8)
         ax.contour(axis, axis, prob, levels=[0.5], colors="black", linewidths=1.2)
-        data = spec_data(spec)
-        x, y = data["x_test"].numpy(), data["y_test"].numpy()
-        ax.scatter(x[:, 0], x[:, 1], c=np.where(y > 0, "darkred", "navy"), s=1.5, alpha=0.6)
+        _scatter_test(ax, spec, alpha=0.6)
         ax.set(title=_title(spec, entry["measures"]), aspect="equal")
         ax.title.set_fontsize(8)
     fig.suptitle(f"{task}: level sets of the prediction ({seed_name}), test data on top")
