@@ -124,5 +124,13 @@ def test_a_rank_at_its_sample_cap_is_named():
 
     profile = pd.DataFrame({"rank": [1999, 1200, 40], "rank_cap": [1999, 1999, 511]}, index=[1, 2, 3])
     notices = rank_cap_notices(profile)
-    assert len(notices) == 1 and "layer(s) 1 " in notices[0] and "rank_samples" in notices[0]
+    assert len(notices) == 1 and "layer(s) 1 (cap 1999)" in notices[0] and "raise analyses.rank_samples" in notices[0]
     assert rank_cap_notices(profile.assign(rank=[10, 10, 10])) == []
+    # a task with fewer training rows than rank_samples: raising it cannot help, and each layer's own cap is named
+    small = pd.DataFrame({"rank": [499, 499, 128], "rank_cap": [499, 499, 128]}, index=[3, 4, 8])
+    [notice] = rank_cap_notices(small, rows=500, rank_samples=10_000)
+    assert "3 (cap 499), 4 (cap 499), 8 (cap 128)" in notice and "only 500 training rows" in notice
+    assert "raise analyses.rank_samples" not in notice
+    # capped only by the layers' widths: full rank, not a sampling limit
+    [wide] = rank_cap_notices(small.iloc[2:], rows=500, rank_samples=10_000)
+    assert "full rank" in wide and "rank_samples" not in wide.split(":")[-1]

@@ -69,7 +69,8 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame
     on the profile (also printed) and its files (CSV and figure, for the analysis to return)."""
     acc, ranks = profile_series(profile)
     starts, chosen = rule_starts(acc, ranks), run.rule_start(acc, ranks)
-    notices = profile_notices(acc, starts, run.depth) + rank_cap_notices(profile)
+    rows = min(len(run.data.scenario.tasks[0].train_idx), run.options.rank_samples)
+    notices = profile_notices(acc, starts, run.depth) + rank_cap_notices(profile, rows, run.options.rank_samples)
     for notice in notices if not run.notices_shown else []:
         print(f"notice ({run.run_dir}): {notice}", flush=True)
     run.notices_shown = True
@@ -79,16 +80,27 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame
     return chosen, starts, notices, files
 
 
-def rank_cap_notices(profile: pd.DataFrame) -> list[str]:
-    """Layers whose rank reached what the sampled rows allow (``analyses.rank_samples``)."""
+def rank_cap_notices(profile: pd.DataFrame, rows: int | None = None, rank_samples: int | None = None) -> list[str]:
+    """Layers whose rank reached what the sampled rows or the features allow, each with its own cap, and the
+    remedy that applies: where the cap is ``rows`` - 1 and the task has fewer training rows than
+    ``analyses.rank_samples``, raising that option changes nothing (the review of issue 33 found the notice
+    advising it on a 500-row task); where the cap is the layer's width, the layer is simply full rank."""
     if "rank_cap" not in profile:
         return []
-    capped = [int(k) for k, row in profile.iterrows() if row["rank"] >= row["rank_cap"]]
+    capped = {int(k): int(row["rank_cap"]) for k, row in profile.iterrows() if row["rank"] >= row["rank_cap"]}
     if not capped:
         return []
-    return [f"the numerical rank reached its cap at layer(s) {', '.join(map(str, capped))} (cap "
-            f"{int(profile['rank_cap'].min())}: analyses.rank_samples rows minus one, or the features sampled): "
-            "there the rank measures the sample; raise analyses.rank_samples"]
+    layers = ", ".join(f"{k} (cap {cap})" for k, cap in capped.items())
+    if rows is None or any(cap == rows - 1 for cap in capped.values()):
+        if rows is not None and rank_samples is not None and rows < rank_samples:
+            remedy = (f"the task has only {rows} training rows (analyses.rank_samples is {rank_samples}), so the "
+                      "rank there measures the sample; only more training rows lift the cap")
+        else:
+            remedy = "there the rank measures the sample; raise analyses.rank_samples"
+    else:
+        remedy = "there the rank is the layer's width (or the features sampled): the layer is full rank"
+    return [f"the numerical rank reached its cap at layer(s) {layers} (a cap: rows sampled minus one, the "
+            f"layer's features or the features sampled): {remedy}"]
 
 
 def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule: str, depth: int):
