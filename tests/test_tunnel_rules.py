@@ -128,9 +128,13 @@ def test_a_rank_at_its_sample_cap_is_named():
     assert rank_cap_notices(profile.assign(rank=[10, 10, 10])) == []
     # a task with fewer training rows than rank_samples: raising it cannot help, and each layer's own cap is named
     small = pd.DataFrame({"rank": [499, 499, 128], "rank_cap": [499, 499, 128]}, index=[3, 4, 8])
-    [notice] = rank_cap_notices(small, rows=500, rank_samples=10_000)
-    assert "3 (cap 499), 4 (cap 499), 8 (cap 128)" in notice and "only 500 training rows" in notice
-    assert "raise analyses.rank_samples" not in notice
-    # capped only by the layers' widths: full rank, not a sampling limit
-    [wide] = rank_cap_notices(small.iloc[2:], rows=500, rank_samples=10_000)
-    assert "full rank" in wide and "rank_samples" not in wide.split(":")[-1]
+    rows_capped, width_capped = rank_cap_notices(small, rows=500, rank_samples=10_000)
+    assert "3 (cap 499), 4 (cap 499);" in rows_capped and "only 500 training rows" in rows_capped
+    assert "raise analyses.rank_samples" not in rows_capped
+    # the width-capped layer gets its own cause, not the rows' remedy (the review of issue 33: one remedy for all)
+    assert "8 (cap 128);" in width_capped and "full rank" in width_capped and "rank_samples" not in width_capped
+    # a cap set by the features sampled says so
+    from cltunnel.measures.probes import RANK_MAX_FEATURES
+    sampled = pd.DataFrame({"rank": [RANK_MAX_FEATURES], "rank_cap": [RANK_MAX_FEATURES]}, index=[2])
+    [features] = rank_cap_notices(sampled, rows=20_000, rank_samples=10_000)
+    assert "feature sample" in features and "full rank" not in features

@@ -81,8 +81,9 @@ def layer_ranks(model: LayeredModel, data: DeviceData, task: Task, rows: torch.T
 
 def rank_cap(n_rows: int, n_features: int) -> int:
     """The largest numerical rank ``n_rows`` centred rows of ``n_features`` features can show (features above
-    RANK_MAX_FEATURES are subsampled): where a layer's rank reaches it, the rank measures the sample, not the
-    layer, and ``analyses.rank_samples`` should grow."""
+    RANK_MAX_FEATURES are subsampled): where a layer's rank reaches a cap set by the rows or the features
+    sampled, the rank measures the sample, not the layer (more rows, or a larger ``analyses.rank_samples``
+    where the task has them, lift a row cap); a cap set by the layer's width means the layer is full rank."""
     return min(n_rows - 1, n_features, RANK_MAX_FEATURES)
 
 

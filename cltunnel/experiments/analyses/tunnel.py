@@ -11,7 +11,7 @@ import pandas as pd
 from cltunnel.config import parse_tunnel_start
 from cltunnel.experiments.analyses.loading import LoadedRun, layer_widths, log_profile
 from cltunnel.experiments.analyses.registry import analysis
-from cltunnel.measures.probes import layer_ranks, rank_cap, train_probes
+from cltunnel.measures.probes import RANK_MAX_FEATURES, layer_ranks, rank_cap, train_probes
 from cltunnel.measures.tunnel import (check_tunnel_start, describe_rule, format_layer, kappa, profile_notices,
                                       rule_starts, tunnel_start)
 from cltunnel.reports.figures import finish_axes, pyplot
@@ -20,8 +20,9 @@ from cltunnel.store import TUNNEL_PROFILE, TUNNEL_START, load_metrics, load_run_
 PROFILE_OUTPUTS = {
     "tunnel_profile.png": "Linear-probe accuracy and numerical rank per layer of the model after task 1 (thesis "
                           "Figs. 5.2.x); shaded: the tunnel from the start the rule picked.",
-    TUNNEL_PROFILE: "Per layer of the model after task 1: linear-probe accuracy (%), numerical rank and the cap the "
-                    "sample count puts on it, intra- and inter-class variance.",
+    TUNNEL_PROFILE: "Per layer of the model after task 1: linear-probe accuracy (%), numerical rank and its cap (the "
+                    "rows sampled minus one, the layer's width or the features sampled, whichever is least), intra- "
+                    "and inter-class variance.",
 }
 
 
@@ -81,26 +82,29 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame
 
 
 def rank_cap_notices(profile: pd.DataFrame, rows: int | None = None, rank_samples: int | None = None) -> list[str]:
-    """Layers whose rank reached what the sampled rows or the features allow, each with its own cap, and the
-    remedy that applies: where the cap is ``rows`` - 1 and the task has fewer training rows than
-    ``analyses.rank_samples``, raising that option changes nothing (the review of issue 33 found the notice
-    advising it on a 500-row task); where the cap is the layer's width, the layer is simply full rank."""
+    """Layers whose rank reached its cap, grouped by what sets the cap, each group with its own cap and remedy:
+    the rows sampled (``rows`` - 1: raise ``analyses.rank_samples``, or, where the task has fewer training rows
+    than that, only more rows help; the review of issue 33 found a notice advising the option on a 500-row
+    task), the features sampled (``RANK_MAX_FEATURES``: the rank measures the feature sample) or the layer's
+    width (the layer is full rank). Without ``rows`` every capped layer is read as row-capped."""
     if "rank_cap" not in profile:
         return []
     capped = {int(k): int(row["rank_cap"]) for k, row in profile.iterrows() if row["rank"] >= row["rank_cap"]}
-    if not capped:
-        return []
-    layers = ", ".join(f"{k} (cap {cap})" for k, cap in capped.items())
-    if rows is None or any(cap == rows - 1 for cap in capped.values()):
-        if rows is not None and rank_samples is not None and rows < rank_samples:
-            remedy = (f"the task has only {rows} training rows (analyses.rank_samples is {rank_samples}), so the "
-                      "rank there measures the sample; only more training rows lift the cap")
+    groups: dict[str, list[str]] = {}
+    for k, cap in capped.items():
+        if rows is None or cap == rows - 1:
+            if rows is not None and rank_samples is not None and rows < rank_samples:
+                remedy = (f"the task has only {rows} training rows (analyses.rank_samples is {rank_samples}), so "
+                          "the rank there measures the sample; only more training rows lift the cap")
+            else:
+                remedy = "the rows sampled: there the rank measures the sample; raise analyses.rank_samples"
+        elif cap == RANK_MAX_FEATURES:
+            remedy = f"the {RANK_MAX_FEATURES} features sampled: there the rank measures the feature sample"
         else:
-            remedy = "there the rank measures the sample; raise analyses.rank_samples"
-    else:
-        remedy = "there the rank is the layer's width (or the features sampled): the layer is full rank"
-    return [f"the numerical rank reached its cap at layer(s) {layers} (a cap: rows sampled minus one, the "
-            f"layer's features or the features sampled): {remedy}"]
+            remedy = "the layer's width: the layer is full rank"
+        groups.setdefault(remedy, []).append(f"{k} (cap {cap})")
+    return [f"the numerical rank reached its cap at layer(s) {', '.join(layers)}; the cap is {remedy}"
+            for remedy, layers in groups.items()]
 
 
 def _plot_tunnel(profile: pd.DataFrame, start: int, starts: dict[str, int], rule: str, depth: int):
