@@ -502,10 +502,15 @@ def block_vs_tunnel_figure(frame: pd.DataFrame, row: dict[str, Any], depth: int)
     return fig
 
 
-def _shade_block(ax, x: np.ndarray, inside: np.ndarray) -> None:
-    """The block's span shaded on a per-block or per-ReLU axis (positions ``x``; ``inside``: in the block)."""
+def _finish_per_item(ax, x: np.ndarray, inside: np.ndarray, names: Any, rotation: int, fontsize: int) -> None:
+    """The common finish of the per-block and per-ReLU figures (positions ``x``, one tick per item named
+    ``names``): the block's span shaded (``inside``: in the block), grid and legend."""
     if inside.any():
         ax.axvspan(x[inside].min() - 0.5, x[inside].max() + 0.5, color="C2", alpha=0.12, label="block (CKA rule)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=rotation, fontsize=fontsize)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def deletion_figure(curve: pd.DataFrame, full_acc: float):
@@ -521,11 +526,8 @@ def deletion_figure(curve: pd.DataFrame, full_acc: float):
     ax.axhline(full_acc, color="grey", lw=1, label="full model")
     for pos in np.flatnonzero(curve["stage run"].to_numpy()[1:] != curve["stage run"].to_numpy()[:-1]) + 0.5:
         ax.axvline(pos, color="g", lw=0.8)
-    _shade_block(ax, x, curve["in_block"].to_numpy(dtype=bool))
-    ax.set(xticks=x, xlabel="deleted block", ylabel="test accuracy (%)", title="deleting residual blocks (Fig. E.2)")
-    ax.set_xticklabels(curve["name"], rotation=60, fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set(xlabel="deleted block", ylabel="test accuracy (%)", title="deleting residual blocks (Fig. E.2)")
+    _finish_per_item(ax, x, curve["in_block"].to_numpy(dtype=bool), curve["name"], 60, 7)
     return fig
 
 
@@ -537,11 +539,8 @@ def sparsity_figure(sparsity: pd.DataFrame):
     for column, label in (("zero_share", "zero outputs"), ("always_active_unit_share", "units never zero"),
                           ("dead_unit_share", "units always zero")):
         ax.plot(x, sparsity[column], marker=".", label=label)
-    _shade_block(ax, x, sparsity["in_block"].to_numpy(dtype=bool))
-    ax.set(xticks=x, xlabel="ReLU", ylabel="share", ylim=(0, 1), title="ReLU sparsity on the test rows (Fig. D.6)")
-    ax.set_xticklabels(sparsity.index, rotation=75, fontsize=6)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set(xlabel="ReLU", ylabel="share", ylim=(0, 1), title="ReLU sparsity on the test rows (Fig. D.6)")
+    _finish_per_item(ax, x, sparsity["in_block"].to_numpy(dtype=bool), sparsity.index, 75, 6)
     return fig
 
 
@@ -552,12 +551,9 @@ def residual_probes_figure(probes: pd.DataFrame):
     x = np.arange(len(probes))
     ax.plot(x, probes["probe acc after add"], marker="o", color="C0", label="after the addition")
     ax.plot(x, probes["probe acc before add"], marker="s", color="C1", label="before (the residual branch)")
-    _shade_block(ax, x, probes["in_block"].to_numpy(dtype=bool))
-    ax.set(xticks=x, xlabel="residual block", ylabel="probe accuracy (%)",
+    ax.set(xlabel="residual block", ylabel="probe accuracy (%)",
            title="linear probes around the residual addition (Fig. E.1)")
-    ax.set_xticklabels(probes["block"], rotation=60, fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish_per_item(ax, x, probes["in_block"].to_numpy(dtype=bool), probes["block"], 60, 7)
     return fig
 
 
