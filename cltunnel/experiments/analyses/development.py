@@ -26,7 +26,7 @@ def tunnel_development(run: LoadedRun, task: int = 0) -> pd.DataFrame:
     if not paths:
         raise FileNotFoundError(f"{run.run_dir}: no epoch checkpoints; set training.checkpoint_every and retrain")
     t = run.data.scenario.tasks[task]
-    rows_idx = t.train_idx[: run.options.rank_samples]
+    rows_idx = run.rank_rows(task)
     records, previous = [], None
     for path in tqdm(paths, desc="development", disable=not run.progress, leave=False):
         state = load_checkpoint(path)

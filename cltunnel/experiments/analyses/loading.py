@@ -65,6 +65,11 @@ class LoadedRun:
     def task(self, task: int | Task) -> Task:
         return self.tasks[task] if isinstance(task, int) else task
 
+    def rank_rows(self, task: int | Task = 0) -> torch.Tensor:
+        """The training rows a task's numerical ranks are taken on: its first ``analyses.rank_samples``, fewer
+        where the task has fewer (then the rank caps at their count - 1 whatever the option says)."""
+        return self.task(task).train_idx[: self.options.rank_samples]
+
     def batches(self, task: int | Task = 0, split: str = "test", batch_size: int = 500, rows: torch.Tensor | None = None):
         """(images, labels, rows) batches of a task's rows on the device, unaugmented and in order
         (``split``: ``test`` or ``eval_train``), normalised as the network saw them."""

@@ -33,10 +33,9 @@ def tunnel_profile(run: LoadedRun, model_index: int = 0, task: int = 0) -> pd.Da
     model = run.models[model_index]
     t = run.data.scenario.tasks[task]
     acc = train_probes(model, run.data, t, cfg=run.probe_config(), progress=run.progress)
-    ranks, variances = layer_ranks(model, run.data, t, t.train_idx[: run.options.rank_samples],
-                                   run.options.probe_protocol, run.options.rank_threshold)
-    rows = len(t.train_idx[: run.options.rank_samples])
-    caps = {k: rank_cap(rows, n) for k, n in layer_widths(model, run.data, t).items()}
+    rows = run.rank_rows(task)
+    ranks, variances = layer_ranks(model, run.data, t, rows, run.options.probe_protocol, run.options.rank_threshold)
+    caps = {k: rank_cap(len(rows), n) for k, n in layer_widths(model, run.data, t).items()}
     profile = pd.DataFrame({"layer": list(acc), "name": model.layer_names,
                             "probe_acc": [100 * a for a in acc.values()], "rank": [ranks[k] for k in acc],
                             "rank_cap": [caps[k] for k in acc],
@@ -70,8 +69,8 @@ def write_tunnel_profile(run: LoadedRun, profile: pd.DataFrame
     on the profile (also printed) and its files (CSV and figure, for the analysis to return)."""
     acc, ranks = profile_series(profile)
     starts, chosen = rule_starts(acc, ranks), run.rule_start(acc, ranks)
-    rows = min(len(run.data.scenario.tasks[0].train_idx), run.options.rank_samples)
-    notices = profile_notices(acc, starts, run.depth) + rank_cap_notices(profile, rows, run.options.rank_samples)
+    notices = (profile_notices(acc, starts, run.depth)
+               + rank_cap_notices(profile, len(run.rank_rows()), run.options.rank_samples))
     for notice in notices if not run.notices_shown else []:
         print(f"notice ({run.run_dir}): {notice}", flush=True)
     run.notices_shown = True
